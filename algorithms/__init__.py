@@ -1,0 +1,1 @@
+"""Pure training math and data: losses, advantages, datum building, chat rendering, datasets."""

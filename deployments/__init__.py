@@ -1,0 +1,1 @@
+"""Prefect deployments of the recipe flows: schedules, parameters, work pools."""

@@ -1,0 +1,1 @@
+"""The `fireloop` command line: the top of the stack, allowed to import every layer."""

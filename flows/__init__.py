@@ -1,0 +1,1 @@
+"""One Prefect flow per recipe, sharing one lifecycle and the run ledger."""
