@@ -1,0 +1,389 @@
+"""`TrainableModel`: one tinker training run on PyTorch (full-parameter, LoRA or frozen base).
+
+Plain typed Python in and out, no HTTP: the protocol layer decodes JSON into `Datum`s, calls
+these methods in seq-id order (the engine is not thread-safe) and maps `UserError` to a
+`category: "user"` failure. Every method validates its whole input before touching state, so a
+rejected request leaves weights, gradients and counters as they were.
+"""
+
+# ruff: noqa: N806  (shape-suffixed tensor names; style.md point 12)
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from backend.trainer import export, modeling, state
+from backend.trainer.batching import pack, target_logprobs
+from backend.trainer.datum import Datum, validate_datums
+from backend.trainer.errors import UserError
+from backend.trainer.losses import LossFn, LossOutput, get_loss
+from backend.trainer.settings import AdamSettings, CheckpointType, GradNormalization, LoraSettings
+
+logger = logging.getLogger(__name__)
+
+# Micro-batch budget: logits are B·T·V fp32 (plus their log-softmax and gradient), so the
+# padded-token budget shrinks with the vocabulary: 16,384 tokens for tiny, ~5,400 for SmolLM2.
+_MAX_BATCH_TOKENS = 16_384
+_MAX_BATCH_LOGITS = 1 << 28
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Per datum (input order): target `logprobs` and `elementwise_loss`, each (N,) fp32 CPU,
+    plus `name:reduction` metrics (tinker-protocol.md §6)."""
+
+    logprobs: list[torch.Tensor]
+    elementwise_loss: list[torch.Tensor]
+    metrics: dict[str, float]
+
+
+class TrainableModel:
+    """One training run over a base model directory; gradients accumulate until `optim_step`."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        base_model: str,
+        lora: LoraSettings | None = None,
+        base_only: bool = False,
+        device: str | torch.device = "cpu",
+        context_length: int | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        """Load `model_dir` (an HF causal LM) as fp32 weights on `device`.
+
+        `base_model` is the canonical name recorded in (and checked against) saved states;
+        `lora=None` trains every parameter, `base_only` freezes them (forward only).
+        `context_length` defaults to the config's `max_position_embeddings`;
+        `max_batch_tokens` (padded tokens per micro-batch) to a budget set by the vocabulary.
+        """
+        if base_only and lora is not None:
+            raise UserError("lora_config must be absent for a base_only model")
+        self._model_dir = model_dir
+        self._base_model = base_model
+        self._lora = lora
+        self._base_only = base_only
+        self._device = torch.device(device)
+        hf_model = modeling.load_hf_model(model_dir, self._device)
+        self._hf_model = hf_model
+        self.vocab_size = int(hf_model.config.vocab_size)
+        self.context_length = context_length or int(hf_model.config.max_position_embeddings)
+        self._max_batch_tokens = max_batch_tokens or min(
+            _MAX_BATCH_TOKENS, max(self.context_length, _MAX_BATCH_LOGITS // self.vocab_size)
+        )
+        self._model = modeling.attach_lora(hf_model, lora) if lora else hf_model
+        if base_only:
+            self._model.requires_grad_(False)
+        # No dropout anywhere: both custom-loss phases must see identical logprobs (§8).
+        self._model.eval()
+        self._trainable = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
+        self._generator = torch.Generator().manual_seed(lora.seed if lora else 0)
+        self._optimizer = self._new_optimizer()
+        self._step = 0
+        self._loss_tokens = 0
+        self._sequences = 0
+        self._last_export: tuple[Path, export.Tensors] | None = None
+        logger.info(
+            "loaded %s from %s on %s: %s, %d trainable parameters",
+            base_model,
+            model_dir,
+            self._device,
+            "base only" if base_only else f"LoRA rank {lora.rank}" if lora else "full-parameter",
+            self.num_trainable_params,
+        )
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied to these weights (restored by `load_state`)."""
+        return self._step
+
+    @property
+    def is_lora(self) -> bool:
+        return self._lora is not None
+
+    @property
+    def lora_rank(self) -> int:
+        """The LoRA rank, 0 for a full-parameter or base-only model (tinker's convention)."""
+        return self._lora.rank if self._lora else 0
+
+    @property
+    def lora_settings(self) -> LoraSettings | None:
+        return self._lora
+
+    @property
+    def base_model(self) -> str:
+        return self._base_model
+
+    @property
+    def base_only(self) -> bool:
+        return self._base_only
+
+    @property
+    def num_trainable_params(self) -> int:
+        return sum(p.numel() for _, p in self._trainable)
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trainable parameters by name (LoRA: the adapter only)."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self._trainable}
+
+    def forward(
+        self, datums: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None
+    ) -> ForwardResult:
+        """Logprobs and loss metrics at the current weights; no gradients."""
+        return self._run(datums, loss_fn, loss_fn_config, backward=False)
+
+    def forward_backward(
+        self, datums: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None
+    ) -> ForwardResult:
+        """Like `forward`, and adds d(summed loss)/d(weights) to the accumulated gradients."""
+        if self._base_only:
+            raise UserError("this model is base_only (frozen reference): forward_backward refused")
+        return self._run(datums, loss_fn, loss_fn_config, backward=True)
+
+    def optim_step(
+        self, adam: AdamSettings, normalization: GradNormalization | None = None
+    ) -> dict[str, float]:
+        """Normalise, clip and apply the accumulated gradients with AdamW, then zero them (§9)."""
+        optimizer = self._require_optimizer("optim_step")
+        params = [p for _, p in self._trainable]
+        grads = [p.grad for p in params if p.grad is not None]
+        counts = {"num_loss_tokens": self._loss_tokens, "num_sequences": self._sequences}
+        divisor = counts.get(normalization or "none", 0)
+        if divisor > 0:  # a zero count leaves the gradient unchanged (§9)
+            for grad in grads:
+                grad.div_(divisor)
+        grad_norm = _total_norm(grads)
+        if adam.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
+        for group in optimizer.param_groups:
+            # Hyper-parameters may change every step; AdamW's bias correction uses its own step.
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        optimizer.step()
+        metrics = {
+            "grad_norm:mean": float(grad_norm),
+            "learning_rate:mean": adam.learning_rate,
+            "num_loss_tokens:sum": float(self._loss_tokens),
+            "num_sequences:sum": float(self._sequences),
+        }
+        self._clear_gradients()
+        self._step += 1
+        return metrics
+
+    def save_state(self, directory: Path, *, overwrite: bool = False) -> None:
+        """Write trainable weights, AdamW state, step, LoRA settings and RNG state atomically."""
+        optimizer = self._require_optimizer("save_state")
+        optimizer_state = {
+            name: {key: value.detach().cpu() for key, value in optimizer.state[p].items()}
+            for name, p in self._trainable
+            if p in optimizer.state
+        }
+        meta = state.StateMeta(
+            base_model=self._base_model,
+            step=self._step,
+            lora=self._lora,
+            has_optimizer=True,
+            rng_state=self._generator.get_state().tolist(),
+        )
+        weights = {name: p.detach().cpu() for name, p in self._trainable}
+        state.write_state(directory, meta, weights, optimizer_state, overwrite=overwrite)
+
+    def load_state(self, directory: Path, *, with_optimizer: bool) -> None:
+        """Replace the trainable weights (and AdamW state if asked, else reset it) from a
+        complete `save_state` directory; clears accumulated gradients."""
+        self._require_optimizer("load_state")
+        saved = state.read_state(directory, with_optimizer=with_optimizer)
+        state.check_compatible(
+            saved, directory=directory, base_model=self._base_model, lora=self._lora
+        )
+        state.check_shapes(saved, directory=directory, trainable=dict(self._trainable))
+        with torch.no_grad():
+            for name, p in self._trainable:
+                p.copy_(saved.weights[name])
+        self._optimizer = optimizer = self._require_optimizer("load_state", fresh=True)
+        if saved.optimizer is not None:
+            for name, p in self._trainable:
+                if name in saved.optimizer:
+                    # `step` stays a CPU scalar as AdamW keeps it; moments follow the param.
+                    optimizer.state[p] = {
+                        key: value if key == "step" else value.to(p.device)
+                        for key, value in saved.optimizer[name].items()
+                    }
+        self._step = saved.meta.step
+        self._generator.set_state(torch.tensor(saved.meta.rng_state, dtype=torch.uint8))
+        self._clear_gradients()
+
+    def load_adapter(self, directory: Path) -> None:
+        """Load HF PEFT adapter weights into this LoRA model (weights only; optimizer reset)."""
+        if self._lora is None:
+            raise UserError("load_adapter needs a LoRA model; this model is full-parameter")
+        current = {name: p for name, p in self._trainable}
+        weights = modeling.read_adapter(directory, self._lora, current)
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                current[name].copy_(tensor)
+        self._optimizer = self._require_optimizer("load_adapter", fresh=True)
+        self._clear_gradients()
+
+    def export_for_sampler(
+        self,
+        directory: Path,
+        checkpoint_type: CheckpointType = "base",
+        previous: Path | None = None,
+        *,
+        export_dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write a sampler snapshot (platform-api.md §10.1) named by the directory.
+
+        LoRA: `base` = the PEFT adapter, `merged_base` = adapter folded into full weights.
+        Full-parameter: `base` = full weights, `delta` = XOR against `previous` (a snapshot of
+        this run). `export_dtype` defaults to the serving dtype: float32 on CPU, bf16 on CUDA.
+        """
+        dtype = export_dtype or (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
+        meta: dict[str, Any] = {
+            "checkpoint_type": checkpoint_type,
+            "base_model": self._base_model,
+            "step": self._step,
+            "dtype": export.dtype_name(dtype),
+        }
+        if self._lora is not None and checkpoint_type == "base":
+            meta.update(format="peft_adapter", dtype=export.dtype_name(self._trainable[0][1].dtype))
+            write = partial(modeling.save_adapter, self._model)
+            export.write_snapshot(directory, meta, write, overwrite=overwrite)
+            return directory
+        if checkpoint_type == "merged_base" and self._lora is None:
+            raise UserError("checkpoint_type 'merged_base' needs a LoRA model; use 'base'")
+        if checkpoint_type == "delta" and self._lora is not None:
+            raise UserError("checkpoint_type 'delta' is for full-parameter models; use 'base'")
+        if checkpoint_type == "delta" and previous is None:
+            raise UserError("checkpoint_type 'delta' needs the previous sampler snapshot")
+        merge_lora = checkpoint_type == "merged_base"
+        tensors = modeling.full_tensors(self._model, dtype, merge_lora=merge_lora)
+        config_json = modeling.config_json(self._hf_model, dtype)
+        if previous is not None and checkpoint_type == "delta":
+            delta = export.xor_delta(tensors, self._previous_export(previous))
+            meta.update(export.delta_meta(tensors, previous.name))
+            weights, write_weights = delta, export.write_delta_weights
+        else:
+            meta["format"] = "hf"
+            weights, write_weights = tensors, export.write_full_weights
+        write = partial(
+            write_weights, weights=weights, config_json=config_json, model_dir=self._model_dir
+        )
+        export.write_snapshot(directory, meta, write, overwrite=overwrite)
+        if checkpoint_type != "merged_base":
+            self._last_export = (directory.resolve(), tensors)
+        return directory
+
+    def _run(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, Any] | None,
+        *,
+        backward: bool,
+    ) -> ForwardResult:
+        loss = get_loss(loss_fn)
+        config = loss.parse_config(loss_fn_config)
+        validate_datums(datums, context_length=self.context_length, vocab_size=self.vocab_size)
+        for index, datum in enumerate(datums):
+            loss.check_inputs(datum.loss_fn_inputs, f"data[{index}]")
+        results: dict[int, tuple[torch.Tensor, LossOutput]] = {}
+        for group in pack([d.num_tokens for d in datums], self._max_batch_tokens):
+            with torch.set_grad_enabled(backward):
+                outputs = self._group_losses([datums[i] for i in group], loss, config)
+                if backward:
+                    total = torch.stack([out.loss for _, out in outputs]).sum()
+                    torch.autograd.backward(total)
+            results.update(zip(group, map(_detached, outputs), strict=True))
+        ordered = [results[i] for i in range(len(datums))]
+        loss_tokens = sum(int(loss.loss_token_mask(d.loss_fn_inputs).sum()) for d in datums)
+        if backward:
+            self._loss_tokens += loss_tokens
+            self._sequences += len(datums)
+        return ForwardResult(
+            logprobs=[lp_N for lp_N, _ in ordered],
+            elementwise_loss=[out.loss_N for _, out in ordered],
+            metrics=_metrics(datums, [out for _, out in ordered], loss_tokens),
+        )
+
+    def _group_losses(
+        self, datums: Sequence[Datum], loss: LossFn[Any], config: Any
+    ) -> list[tuple[torch.Tensor, LossOutput]]:
+        """Per datum of one micro-batch: its target logprobs and loss (graph kept for backward)."""
+        logprobs = target_logprobs(self._model, datums, self._device)
+        results = []
+        for lp_N, datum in zip(logprobs, datums, strict=True):
+            inputs = {k: v.to(self._device) for k, v in datum.loss_fn_inputs.items()}
+            results.append((lp_N, loss(lp_N, inputs, config)))
+        return results
+
+    def _previous_export(self, previous: Path) -> export.Tensors:
+        """The full tensors of snapshot `previous`: the last export's, else read from disk."""
+        cached = self._last_export
+        if cached is not None and cached[0] == previous.resolve():
+            return cached[1]
+        return export.load_snapshot_tensors(previous)
+
+    def _new_optimizer(self) -> torch.optim.AdamW | None:
+        if self._base_only:
+            return None
+        # Hyper-parameters are set from each optim_step request; lr here is a placeholder.
+        return torch.optim.AdamW([p for _, p in self._trainable], lr=0.0)
+
+    def _require_optimizer(self, operation: str, *, fresh: bool = False) -> torch.optim.AdamW:
+        optimizer = self._new_optimizer() if fresh else self._optimizer
+        if optimizer is None:
+            raise UserError(f"this model is base_only (frozen reference): {operation} refused")
+        return optimizer
+
+    def _clear_gradients(self) -> None:
+        for _, p in self._trainable:
+            p.grad = None
+        self._loss_tokens = 0
+        self._sequences = 0
+
+
+def _detached(output: tuple[torch.Tensor, LossOutput]) -> tuple[torch.Tensor, LossOutput]:
+    """CPU fp32 copies without the graph, so a micro-batch's activations are freed at once."""
+    lp_N, loss = output
+    metrics = {key: value.detach().cpu() for key, value in loss.metrics.items()}
+    cpu_loss = LossOutput(loss.loss_N.detach().float().cpu(), metrics)
+    return lp_N.detach().float().cpu(), cpu_loss
+
+
+def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm over all gradients (the pre-clip `grad_norm`)."""
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    return cast(torch.Tensor, torch.linalg.vector_norm(norms))
+
+
+def _metrics(
+    datums: Sequence[Datum], outputs: Sequence[LossOutput], loss_tokens: int
+) -> dict[str, float]:
+    metrics = {
+        "loss:sum": float(sum(float(out.loss) for out in outputs)),
+        "num_tokens:sum": float(sum(d.num_tokens for d in datums)),
+        "num_loss_tokens:sum": float(loss_tokens),
+        "num_sequences:sum": float(len(datums)),
+    }
+    # Per-datum extras (clip_frac, ratio_mean) average over datums, as the client's `mean`
+    # reduction weights chunks by their datum counts.
+    for key in outputs[0].metrics:
+        metrics[f"{key}:mean"] = float(torch.stack([out.metrics[key] for out in outputs]).mean())
+    return metrics

@@ -1,0 +1,49 @@
+"""Typed settings of a training run: LoRA shape, AdamW hyper-parameters, step options.
+
+Field names match the tinker 0.23 wire (`LoraConfig`, `AdamParams`) so the protocol layer maps
+JSON to these models one to one; pydantic's `ValidationError` is a `ValueError`, reported as a
+user error like `UserError`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GradNormalization = Literal["num_loss_tokens", "num_sequences", "none"]
+CheckpointType = Literal["base", "delta", "merged_base"]
+
+# tinker-protocol.md §10: lora_alpha when the request has none (fireloop choice, the SDK default).
+DEFAULT_LORA_ALPHA = 32
+
+
+class LoraSettings(BaseModel):
+    """A LoRA adapter over the base model (tinker `LoraConfig` plus Firetitan `alpha`).
+
+    `seed` seeds the adapter initialisation; tinker's "no seed" maps to 0 so runs are
+    reproducible by default.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int = Field(gt=0)
+    alpha: int = Field(default=DEFAULT_LORA_ALPHA, gt=0)
+    seed: int = 0
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+
+
+class AdamSettings(BaseModel):
+    """AdamW hyper-parameters of one `optim_step` (tinker `AdamParams`, same names and defaults)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    learning_rate: float = Field(default=1e-4, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    # 0 disables clipping.
+    grad_clip_norm: float = Field(default=0.0, ge=0)
