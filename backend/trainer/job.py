@@ -1,0 +1,101 @@
+"""What one running trainer job holds in memory: its fixed context and its models.
+
+Shared by the service (which creates and looks these up on request threads) and the operations
+(which run on the job's worker thread). Kept free of torch so the platform imports quickly;
+the engine is loaded with the first model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from backend.trainer.checkpoints import CheckpointStore
+from backend.trainer.errors import UserError
+from backend.trainer.sequencer import ModelSequencer
+
+if TYPE_CHECKING:
+    from backend.trainer.engine import TrainableModel
+
+__all__ = ["CheckpointRowType", "JobContext", "ModelEntry", "TrainerHost"]
+
+# The control plane's checkpoint types (platform-api.md §3.4).
+CheckpointRowType = Literal[
+    "CHECKPOINT_TYPE_TRAINING",
+    "CHECKPOINT_TYPE_TRAINING_LORA",
+    "CHECKPOINT_TYPE_INFERENCE_BASE",
+    "CHECKPOINT_TYPE_INFERENCE_LORA",
+    "CHECKPOINT_TYPE_INFERENCE_ARC_V2",
+]
+
+
+class TrainerHost(Protocol):
+    """What the trainer needs from the platform it runs in (`PlatformState` provides it)."""
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    def record_checkpoint(
+        self, job_id: str, name: str, checkpoint_type: CheckpointRowType
+    ) -> object:
+        """Publish a completed save as a control-plane checkpoint row."""
+        ...
+
+    def record_optim_step(self, job_id: str, count: int) -> bool:
+        """Report the optimizer step count (it may preempt the job: fault injection)."""
+        ...
+
+    def on_job_lost(self, callback: Callable[[str], None]) -> None:
+        """Register `callback(job_id)` for jobs leaving RUNNING."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """The fixed facts of one trainer job, as its operations need them."""
+
+    job_id: str
+    base_model: str  # canonical registry name: what checkpoints record
+    lora_rank: int  # the job's LoRA rank; 0 = full-parameter
+    context_length: int  # the job's max_context_length
+    device: str  # `auto`, `cpu`, `cuda`, …: resolved when a model loads
+    host: TrainerHost
+    checkpoints: CheckpointStore
+    model_owner: Callable[[str], str | None]  # model id → job id, for tinker://<model>/… paths
+
+
+@dataclass
+class ModelEntry:
+    """One model of a session: registered at `create_model`, loaded by the worker.
+
+    `last_snapshot` is the previous `base`/`delta` sampler snapshot of this model: the base a
+    `delta` export XORs against.
+    """
+
+    model_id: str
+    session_id: str
+    requested_base_model: str  # as the client spelled it (get_info echoes it)
+    base_only: bool
+    lora_rank: int
+    sequencer: ModelSequencer
+    engine: TrainableModel | None = None
+    failure: str | None = None
+    unloaded_because: str | None = None
+    last_snapshot: Path | None = field(default=None)
+
+    def require_engine(self) -> TrainableModel:
+        """The loaded engine, or a `UserError` saying why the model cannot be used."""
+        if self.unloaded_because is not None:
+            raise UserError(f"model {self.model_id!r} was unloaded: {self.unloaded_because}")
+        if self.failure is not None:
+            raise UserError(f"model {self.model_id!r} failed to load: {self.failure}")
+        if self.engine is None:
+            raise UserError(f"model {self.model_id!r} is not loaded")
+        return self.engine
+
+    def unload(self, reason: str) -> None:
+        """Drop the engine (its memory goes with the last reference); later operations fail."""
+        self.unloaded_because = reason
+        self.engine = None

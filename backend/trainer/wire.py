@@ -1,0 +1,247 @@
+"""The JSON shapes of the tinker 0.23 protocol as the trainer gateway reads and answers them.
+
+Requests ignore unknown fields: later tinker clients and the Firetitan extensions add fields, and
+a trainer must not refuse a client for sending more than it needs (tinker-protocol.md §17).
+Ordered requests are parsed on the worker (`parse`), not in the route, so that a malformed one
+still consumes its sequence id and fails as a `category: "user"` future instead of stalling the
+operations queued behind it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from backend.errors import describe_validation_errors
+from backend.trainer.errors import UserError
+
+JsonDict = dict[str, Any]
+M = TypeVar("M", bound=BaseModel)
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, protected_namespaces=())
+
+
+def parse(model: type[M], body: object) -> M:
+    """`body` as `model`, or a `UserError` naming every invalid field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise UserError(describe_validation_errors(errors)) from None
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+class CreateSessionRequest(WireModel):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str = ""
+
+
+class SessionRequest(WireModel):
+    session_id: str
+
+
+class LoraConfigWire(WireModel):
+    rank: StrictInt = Field(ge=0)
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+    alpha: float | None = Field(default=None, gt=0)  # Firetitan extension
+
+
+class CreateModelRequest(WireModel):
+    session_id: str
+    model_seq_id: StrictInt = Field(ge=0)
+    base_model: str
+    user_metadata: dict[str, Any] | None = None
+    lora_config: LoraConfigWire | None = None
+    base_only: bool = False  # Firetitan extension: a frozen reference model
+
+
+class ModelRequest(WireModel):
+    model_id: str
+
+
+class LossInput(WireModel):
+    data: list[dict[str, Any]]
+    loss_fn: str
+    loss_fn_config: dict[str, Any] | None = None
+
+
+class ForwardRequest(WireModel):
+    forward_input: LossInput
+
+
+class ForwardBackwardRequest(WireModel):
+    forward_backward_input: LossInput
+
+
+class OptimStepRequest(WireModel):
+    adam_params: dict[str, Any] = {}
+    grad_accumulation_normalization: Literal["num_loss_tokens", "num_sequences", "none"] | None = (
+        None
+    )
+
+
+class SaveWeightsRequest(WireModel):
+    path: str | None = None
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+
+
+class LoadWeightsRequest(WireModel):
+    path: str
+    optimizer: bool = False
+    weights_access_token: str | None = None
+
+
+class SaveForSamplerRequest(WireModel):
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    ttl_seconds: int | None = None
+    checkpoint_type: str | None = None  # Firetitan extension: base | delta | merged_base
+
+
+class LoadAdapterRequest(WireModel):
+    adapter_path: str
+
+
+class WeightsInfoRequest(WireModel):
+    tinker_path: str
+
+
+class RetrieveFutureRequest(WireModel):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+# -- answers -------------------------------------------------------------------------------
+
+
+class ClientConfig(WireModel):
+    """tinker-protocol.md §3's recommended local answer: JSON, no JWT, plain httpx."""
+
+    pjwt_auth_enabled: bool = False
+    credential_default_source: str = "api_key"
+    use_pyqwest_transport: bool = False
+    parallel_fwdbwd_chunks: bool = True
+    proto_write_fwdbwd: bool = False
+    proto_compress_fwdbwd: bool = False
+    fwd_via_fwdbwd: bool = False
+    sample_no_retries: bool = False
+    sample_use_retrieve_futures: bool = False
+    custom_loss_server_side: bool = False
+    sample_join_sampling_session: bool = False
+
+
+class CreateSessionResponse(WireModel):
+    type: Literal["create_session"] = "create_session"
+    session_id: str
+
+
+class HeartbeatResponse(WireModel):
+    type: Literal["session_heartbeat"] = "session_heartbeat"
+
+
+class TelemetryResponse(WireModel):
+    status: Literal["accepted"] = "accepted"
+
+
+class SupportedModel(WireModel):
+    model_name: str
+    max_context_length: int
+
+
+class ServerCapabilities(WireModel):
+    supported_models: list[SupportedModel]
+
+
+class UntypedFuture(WireModel):
+    request_id: str
+    model_id: str | None = None
+
+
+class TryAgainResponse(WireModel):
+    type: Literal["try_again"] = "try_again"
+    request_id: str
+    queue_state: Literal["active"] = "active"
+
+
+class ModelData(WireModel):
+    model_name: str
+    tokenizer_id: str | None = None
+    arch: str | None = None
+
+
+class GetInfoResponse(WireModel):
+    type: Literal["get_info"] = "get_info"
+    model_id: str
+    model_data: ModelData
+    is_lora: bool
+    lora_rank: int | None = None
+    model_name: str
+
+
+class WeightsInfoResponse(WireModel):
+    base_model: str
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
+
+
+class CheckpointListResponse(WireModel):
+    checkpoints: list[str]
+
+
+# -- sampling (stock tinker clients; tinker-protocol.md §13) -------------------------------
+
+
+class CreateSamplingSessionRequest(WireModel):
+    session_id: str
+    sampling_session_seq_id: StrictInt = Field(ge=0)
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class CreateSamplingSessionResponse(WireModel):
+    type: Literal["create_sampling_session"] = "create_sampling_session"
+    sampling_session_id: str
+
+
+class GetSamplerResponse(WireModel):
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None
+
+
+class PromptWire(WireModel):
+    chunks: list[dict[str, Any]]
+
+
+class SamplingParamsWire(WireModel):
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    # None: stop at EOS; []: never stop early; strings: stop strings; ints: stop token ids.
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = Field(default=1.0, ge=0)
+    top_k: int = -1
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class SampleRequest(WireModel):
+    num_samples: int = Field(default=1, ge=1, le=64)
+    prompt: PromptWire
+    sampling_params: SamplingParamsWire = SamplingParamsWire()
+    sampling_session_id: str | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = Field(default=0, ge=0)
