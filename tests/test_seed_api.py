@@ -6,44 +6,12 @@ tables. A rename or a changed default breaks users' code silently; this test mak
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import pytest
 
 import sdk
 
-# TrainerJobConfig reference table of the seed: field -> default (... = required).
-TRAINER_JOB_CONFIG: dict[str, Any] = {
-    "base_model": ...,
-    "lora_rank": 0,
-    "max_context_length": 4096,
-    "learning_rate": 1e-5,
-    "gradient_accumulation_steps": 1,
-    "node_count": 1,
-    "display_name": None,
-    "hot_load_deployment_id": None,
-    "region": None,
-    "custom_image_tag": None,
-    "extra_args": None,
-    "accelerator_type": None,
-    "accelerator_count": None,
-    "skip_validations": False,
-    "forward_only": False,
-}
-
-# DeploymentConfig reference table of the seed.
-DEPLOYMENT_CONFIG: dict[str, Any] = {
-    "deployment_id": ...,
-    "base_model": ...,
-    "deployment_shape": None,
-    "region": "US_VIRGINIA_1",
-    "min_replica_count": 0,
-    "max_replica_count": 1,
-    "accelerator_type": "NVIDIA_H200_141GB",
-    "hot_load_bucket_type": "FW_HOSTED",
-    "skip_shape_validation": False,
-    "extra_args": None,
-}
+# The configs' fields and defaults are checked against the seed in tests/sdk/test_configs.py.
 
 # Resource setup & teardown table of the seed.
 MANAGER_METHODS = {
@@ -57,25 +25,6 @@ MANAGER_METHODS = {
     ],
     "DeploymentManager": ["create_or_get", "wait_for_ready", "scale_to_zero", "delete"],
 }
-
-
-def _defaults(model: Any) -> dict[str, Any]:
-    return {
-        name: (... if field.is_required() else field.get_default(call_default_factory=True))
-        for name, field in model.model_fields.items()
-    }
-
-
-@pytest.mark.parametrize(
-    ("config_name", "table"),
-    [("TrainerJobConfig", TRAINER_JOB_CONFIG), ("DeploymentConfig", DEPLOYMENT_CONFIG)],
-)
-def test_config_fields_and_defaults_match_the_seed(config_name: str, table: dict[str, Any]) -> None:
-    defaults = _defaults(getattr(sdk, config_name))
-    missing = sorted(set(table) - set(defaults))
-    assert not missing, f"{config_name} lacks seed fields {missing}"
-    wrong = {k: (defaults[k], v) for k, v in table.items() if defaults[k] != v}
-    assert not wrong, f"{config_name} defaults differ from the seed (have, want): {wrong}"
 
 
 @pytest.mark.parametrize("manager", sorted(MANAGER_METHODS))

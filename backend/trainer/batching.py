@@ -8,7 +8,7 @@ pass up to fp32 rounding. The packing depends only on the lengths: same input, s
 floating-point operations, bitwise-identical results on CPU.
 """
 
-# ruff: noqa: N806  (shape-suffixed tensor names: logits_BTV, targets_BT; style.md point 12)
+
 
 from __future__ import annotations
 

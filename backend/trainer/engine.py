@@ -6,7 +6,7 @@ these methods in seq-id order (the engine is not thread-safe) and maps `UserErro
 rejected request leaves weights, gradients and counters as they were.
 """
 
-# ruff: noqa: N806  (shape-suffixed tensor names; style.md point 12)
+
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-# ruff: noqa: N803, N806, N815  (shape-suffixed tensor names: lp_N, loss_N; style.md point 12)
+# ruff: noqa: N815  (shape-suffixed tensor names: lp_N, loss_N; style.md point 12)
 """The built-in tinker losses (tinker-protocol.md §8) as small pure functions of one datum.
 
 Each takes `lp_N` (fp32 target logprobs of the current weights, with grad), the datum's loss

@@ -1,7 +1,7 @@
 """`TrainableModel` on the tiny model: learning, batching, accumulation, normalisation, clipping,
 resume determinism, atomic checkpoints, sampler exports and the user errors of bad input."""
 
-# ruff: noqa: N806  (shape-suffixed tensor names)
+
 
 from __future__ import annotations
 

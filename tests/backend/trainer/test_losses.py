@@ -1,7 +1,7 @@
 """The built-in losses against independent references written token by token from the formulas
 of tinker-protocol.md §8, plus hand-computed values, clipping and the registry's user errors."""
 
-# ruff: noqa: N803, N806  (shape-suffixed tensor names)
+
 
 from __future__ import annotations
 

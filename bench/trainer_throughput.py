@@ -1,0 +1,195 @@
+"""Trainer throughput: the local trainer driven through the SDK vs a plain PyTorch loop.
+
+Both sides run the same math on the same model, batch and step count: forward, fp32
+log-softmax, summed cross-entropy, backward, AdamW. The SDK side goes through everything a
+pipeline pays for — FiretitanTrainingClient, tinker's JSON wire, the gateway, futures, the
+sequencer and the trainer's worker thread; the plain side is transformers + torch.optim in
+this process. Rounds are interleaved so machine noise hits both alike. Prints a table and the
+ratio SDK/plain (goal ≥ 0.9). Measures only; asserts nothing.
+
+    .venv/bin/python bench/trainer_throughput.py                       # tiny, full + LoRA
+    .venv/bin/python bench/trainer_throughput.py --models tiny,smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tinker import types
+from transformers import AutoModelForCausalLM
+
+from backend import LocalPlatform, PlatformTimings
+from backend.models.store import ensure_model_dir
+from sdk import FiretitanServiceClient, TrainerJobConfig, TrainerJobManager
+
+LORA_RANK = 16
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAM = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    steps: int  # timed steps per round and side
+    rounds: int
+
+
+SHAPES = {
+    "tiny": Shape(batch=16, seq_len=64, steps=20, rounds=3),
+    "smollm2-135m": Shape(batch=4, seq_len=128, steps=2, rounds=2),
+}
+
+
+def make_batch(shape: Shape, vocab: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab - 3, (shape.batch, shape.seq_len + 1), generator=generator)
+
+
+def sdk_step_fn(
+    platform: LocalPlatform, model: str, lora_rank: int, tokens_BT1: torch.Tensor
+) -> tuple[Callable[[], float], Callable[[], None]]:
+    """One SDK training step (returns its loss) and a cleanup."""
+    trainers = TrainerJobManager(api_key=platform.api_key, base_url=platform.base_url)
+    config = TrainerJobConfig(
+        base_model=f"fireloop/{model}", lora_rank=lora_rank, max_context_length=512
+    )
+    endpoint = trainers.create_and_wait(config, poll_interval_s=0.05, timeout_s=120)
+    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=platform.api_key)
+    client = service.create_training_client(f"fireloop/{model}", lora_rank=lora_rank, seed=0)
+    datums = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={
+                "target_tokens": types.TensorData.from_torch(row[1:].clone()),
+                "weights": types.TensorData.from_torch(torch.ones(row.numel() - 1)),
+            },
+        )
+        for row in tokens_BT1
+    ]
+    adam = types.AdamParams(**ADAM)
+
+    def step() -> float:
+        output = client.forward_backward(datums, "cross_entropy").result(timeout=600)
+        client.optim_step(adam).result(timeout=600)
+        return float(output.metrics["loss:sum"])
+
+    def close() -> None:
+        service.close()
+        trainers.delete(endpoint.job_id)
+        trainers.close()
+
+    return step, close
+
+
+def plain_step_fn(model_dir: Path, lora_rank: int, tokens_BT1: torch.Tensor) -> Callable[[], float]:
+    """The same step written directly on transformers + torch."""
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora_rank > 0:
+        config = LoraConfig(r=lora_rank, lora_alpha=32, target_modules=LORA_TARGETS)
+        model = get_peft_model(model, config)
+    model.eval()  # no dropout: the trainer runs in eval mode as well
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=ADAM["learning_rate"],
+        betas=(ADAM["beta1"], ADAM["beta2"]),
+        eps=ADAM["eps"],
+        weight_decay=ADAM["weight_decay"],
+    )
+    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+
+    def step() -> float:
+        logits_BTV = model(input_ids=inputs_BT).logits
+        logprobs_BT = torch.log_softmax(logits_BTV.float(), dim=-1)
+        target_lp_BT = logprobs_BT.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+        loss = -target_lp_BT.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def timed(step: Callable[[], float], steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - started
+
+
+def measure(
+    model: str, lora_rank: int, data_dir: Path, platform: LocalPlatform
+) -> dict[str, float]:
+    shape = SHAPES[model]
+    model_dir = ensure_model_dir(model, data_dir)
+    vocab = int(AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size)
+    tokens_BT1 = make_batch(shape, vocab)
+    sdk_step, close = sdk_step_fn(platform, model, lora_rank, tokens_BT1)
+    plain_step = plain_step_fn(model_dir, lora_rank, tokens_BT1)
+    first_sdk, first_plain = sdk_step(), plain_step()  # warm-up, and a same-math check
+    sdk_s: list[float] = []
+    plain_s: list[float] = []
+    for _ in range(shape.rounds):
+        sdk_s.append(timed(sdk_step, shape.steps))
+        plain_s.append(timed(plain_step, shape.steps))
+    close()
+    tokens = shape.batch * shape.seq_len * shape.steps
+    sdk_tps = tokens / statistics.median(sdk_s)
+    plain_tps = tokens / statistics.median(plain_s)
+    return {
+        "sdk_tps": sdk_tps,
+        "plain_tps": plain_tps,
+        "ratio": sdk_tps / plain_tps,
+        "first_loss_sdk": first_sdk,
+        "first_loss_plain": first_plain,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny", help="comma-separated: tiny,smollm2-135m")
+    parser.add_argument("--modes", default="full,lora", help="comma-separated: full,lora")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        timings = PlatformTimings(job_pending_s=0.01, job_creating_s=0.01)
+        with LocalPlatform(data_dir=data_dir, timings=timings) as platform:
+            for model in args.models.split(","):
+                for mode in args.modes.split(","):
+                    rank = LORA_RANK if mode == "lora" else 0
+                    result = measure(model, rank, data_dir, platform)
+                    rows.append((model, mode, result))
+                    print(f"done {model} {mode}: ratio {result['ratio']:.3f}", flush=True)
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, device cpu")
+    header = ["model", "mode", "batch × len", "SDK tokens/s", "plain tokens/s", "ratio"]
+    print("| " + " | ".join([*header, "1st loss SDK / plain"]) + " |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for model, mode, r in rows:
+        shape = SHAPES[model]
+        print(
+            f"| {model} | {mode} | {shape.batch} × {shape.seq_len} | {r['sdk_tps']:,.0f} | "
+            f"{r['plain_tps']:,.0f} | {r['ratio']:.3f} | "
+            f"{r['first_loss_sdk']:.2f} / {r['first_loss_plain']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
