@@ -8,8 +8,6 @@ pass up to fp32 rounding. The packing depends only on the lengths: same input, s
 floating-point operations, bitwise-identical results on CPU.
 """
 
-
-
 from __future__ import annotations
 
 from collections.abc import Sequence

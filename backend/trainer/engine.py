@@ -6,8 +6,6 @@ these methods in seq-id order (the engine is not thread-safe) and maps `UserErro
 rejected request leaves weights, gradients and counters as they were.
 """
 
-
-
 from __future__ import annotations
 
 import logging

@@ -64,6 +64,8 @@ class JobContext:
     host: TrainerHost
     checkpoints: CheckpointStore
     model_owner: Callable[[str], str | None]  # model id → job id, for tinker://<model>/… paths
+    # (session id, sampling session seq id, snapshot path) → a new sampling session's id
+    register_sampler: Callable[[str, int, str], str]
 
 
 @dataclass

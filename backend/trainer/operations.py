@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -155,10 +156,7 @@ def save_weights_for_sampler(ctx: JobContext, entry: ModelEntry, body: JsonDict)
     """Export a sampler snapshot of the job (§11; platform-api.md §9.4, §10.1)."""
     request = parse(SaveForSamplerRequest, body)
     if request.path is None:
-        raise UserError(
-            "save_weights_for_sampler needs a path (snapshot name): the local trainer does not "
-            "create ephemeral sampling sessions"
-        )
+        return _ephemeral_snapshot(ctx, entry, request)
     engine = entry.require_engine()
     name = validate_name(request.path, "snapshot name")
     kind = _checkpoint_type(request.checkpoint_type)
@@ -172,6 +170,22 @@ def save_weights_for_sampler(ctx: JobContext, entry: ModelEntry, body: JsonDict)
     # == hotload identity. Stock tinker clients get a tinker path they can sample from.
     path = name if request.checkpoint_type is not None else _sampler_uri(ctx.job_id, name)
     return {"path": path, "type": "save_weights_for_sampler"}
+
+
+def _ephemeral_snapshot(
+    ctx: JobContext, entry: ModelEntry, request: SaveForSamplerRequest
+) -> JsonDict:
+    """Stock `save_weights_and_get_sampling_client`: a snapshot read by a new sampling session."""
+    if request.sampling_session_seq_id is None:
+        raise UserError("save_weights_for_sampler without a path needs sampling_session_seq_id")
+    engine = entry.require_engine()
+    name = f"ephemeral-{uuid.uuid4().hex[:12]}"
+    engine.export_for_sampler(ctx.checkpoints.snapshot_dir(ctx.job_id, name), "base")
+    # Not a named save: no checkpoint row, and it does not join the model's delta chain.
+    sampler_id = ctx.register_sampler(
+        entry.session_id, request.sampling_session_seq_id, _sampler_uri(ctx.job_id, name)
+    )
+    return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
 
 def load_adapter(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:

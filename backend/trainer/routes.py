@@ -83,8 +83,8 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
         return registry.trainer(running(account, job_id, touch=False))
 
     # Type aliases of the two dependencies, named like types.
-    Active = Annotated[JobTrainer, Depends(active_trainer)]  # noqa: N806
-    Background = Annotated[JobTrainer, Depends(background_trainer)]  # noqa: N806
+    Active = Annotated[JobTrainer, Depends(active_trainer)]
+    Background = Annotated[JobTrainer, Depends(background_trainer)]
 
     @router.post("/client/config")
     def client_config(trainer: Background) -> ClientConfig:

@@ -6,8 +6,6 @@ Logprobs use the trainer's fp32 log-softmax, so at temperature 1 without top-k/t
 token's logprob equals the trainer's `forward` logprob of it at the same weights.
 """
 
-# ruff: noqa: N803, N806  (shape-suffixed tensor names; style.md point 12)
-
 from __future__ import annotations
 
 import inspect

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.control.jobs import JobRecord
-from backend.models.registry import canonical_model_name
+from backend.models.registry import canonical_model_name, resolve_model
 from backend.trainer.checkpoints import CheckpointStore
 from backend.trainer.errors import ServerError, UserError
 from backend.trainer.futures import FutureRecord, FutureStore
@@ -104,11 +104,14 @@ class JobTrainer:
             job_id=job.job_id,
             base_model=canonical_model_name(config.base_model),
             lora_rank=config.lora_rank,
-            context_length=config.max_context_length or 0,
+            # The control plane fills max_context_length at creation; older records may lack it.
+            context_length=config.max_context_length
+            or resolve_model(config.base_model).context_length,
             device=settings.device,
             host=host,
             checkpoints=store,
             model_owner=self._model_owner,
+            register_sampler=self._register_sampler,
         )
         self._settings = settings
         self.futures = FutureStore(ttl_s=settings.future_ttl_s)
@@ -256,6 +259,9 @@ class JobTrainer:
         self._worker.dispatch(_sample, record)
         return record.request_id
 
+    def _register_sampler(self, session_id: str, seq_id: int, model_path: str) -> str:
+        return self.samplers.create(session_id, seq_id, None, model_path)
+
     def _sampler_source(self, body: JsonDict) -> SamplerInfo:
         session = body.get("sampling_session_id")
         if isinstance(session, str) and session:
@@ -341,10 +347,6 @@ class TrainerRegistry:
         self._trainers: dict[str, JobTrainer] = {}
         self._lock = threading.Lock()
         host.on_job_lost(self.job_lost)
-
-    @property
-    def checkpoints(self) -> CheckpointStore:
-        return self._store
 
     def trainer(self, job: JobRecord) -> JobTrainer:
         """The trainer of a RUNNING job, created on first use (and anew after a resume)."""

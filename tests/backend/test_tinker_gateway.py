@@ -7,6 +7,7 @@ that is not running. Bad inputs go through the Firetitan client, as a training l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -127,8 +128,20 @@ def test_the_stock_tinker_client_trains_and_saves(tp: TrainerPlatform) -> None:
         sampler = client.save_weights_for_sampler("sampler-5").result()
         assert sampler.path == "tinker://stock-tinker/sampler_weights/sampler-5"
         _check_sampling(service, client, sampler.path)
+        ephemeral = client.save_weights_and_get_sampling_client()
+        assert ephemeral.sample(
+            BATCH[0].model_input, 1, types.SamplingParams(max_tokens=2)
+        ).result()
+        # A new client from the saved state (weights_info, create_model, load_weights).
+        restored = service.create_training_client_from_state(saved.path)
+        assert _forward_logprobs(restored) == _forward_logprobs(client)
     finally:
         service.holder.close()  # type: ignore[no-untyped-call]  # stops the heartbeat
+
+
+def _forward_logprobs(client: tinker.TrainingClient) -> list[list[float]]:
+    output = client.forward(BATCH, "cross_entropy").result()
+    return [list(out["logprobs"].data) for out in output.loss_fn_outputs]
 
 
 def _check_sampling(
@@ -174,6 +187,10 @@ def test_out_of_order_seq_ids_run_in_order_and_resubmissions_run_once(tp: Traine
         for model in (in_order, shuffled)
     }
     assert check[in_order] == check[shuffled]
+    # Unloading frees the model; what comes after fails clearly.
+    raw.result(raw.post("unload_model", {"model_id": shuffled})["request_id"])
+    gone = raw.result(raw.submit("forward", shuffled, 6, **_raw_batch("forward_input")))
+    assert gone["category"] == "user" and "unloaded" in gone["error"]
     # An invalid seq id fails its future as a user error; it never blocks the queue.
     invalid = raw.result(raw.submit("forward", shuffled, 0, **_raw_batch("forward_input")))
     assert invalid["category"] == "user" and "seq_id" in invalid["error"]
@@ -244,6 +261,12 @@ def test_a_trainer_that_is_not_running_answers_404_json(tp: TrainerPlatform) -> 
     tp.create_job("lost")
     raw = RawTinker(tp, "lost")
     model_id = raw.create_model(0)
+    config = raw.post("client/config", {"sdk_version": "0.23.0"})
+    assert config["use_pyqwest_transport"] is False and config["proto_write_fwdbwd"] is False
+    assert raw.post("telemetry", {"events": []}) == {"status": "accepted"}
+    assert raw.post("session_heartbeat", {"session_id": raw.session_id})["type"] == (
+        "session_heartbeat"
+    )
     raw.post("retrieve_future", {"request_id": "req-unknown"}, status=404)
     assert raw.http.post("/no_such_route", json={}).status_code == 404
     tp.platform.preempt("lost")
@@ -285,3 +308,35 @@ def test_logprobs_are_fp32_per_target_token(tp: TrainerPlatform) -> None:
     assert output.metrics["loss:sum"] == pytest.approx(
         float(-(logprobs * torch.tensor(BATCH[0].loss_fn_inputs["weights"].data)).sum()), rel=1e-5
     )
+
+
+def test_http_stays_responsive_while_the_worker_computes(
+    tp: TrainerPlatform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backend.trainer import operations
+
+    started, release = threading.Event(), threading.Event()
+    real_optim_step = operations.optim_step
+
+    def slow_optim_step(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        started.set()
+        release.wait(30)
+        return real_optim_step(*args, **kwargs)
+
+    monkeypatch.setattr(operations, "optim_step", slow_optim_step)
+    tp.create_job("busy")
+    raw = RawTinker(tp, "busy")
+    model_id = raw.create_model(0)
+    raw.submit("forward_backward", model_id, 1, **_raw_batch())
+    busy = raw.submit("optim_step", model_id, 2, adam_params={"learning_rate": 1e-2})
+    assert started.wait(30)
+    try:
+        began = time.monotonic()
+        assert raw.http.get("/healthz").status_code == 200
+        raw.post("session_heartbeat", {"session_id": raw.session_id})
+        raw.http.get("/get_server_capabilities").raise_for_status()
+        assert raw.post("retrieve_future", {"request_id": busy})["type"] == "try_again"
+        assert time.monotonic() - began < 5  # the hold (0.5 s) dominates; no compute waits
+    finally:
+        release.set()
+    assert "grad_norm:mean" in raw.result(busy)["metrics"]

@@ -198,7 +198,40 @@ def test_resume_after_preemption_matches_an_uninterrupted_run(tp: TrainerPlatfor
         reference = client.resolve_checkpoint_path("step-2", source_job_id="resume-cut")
         assert reference == "cross_job://resume-cut/step-2"
         client.load_state_with_optimizer(reference).result()
+        by_path = service.create_training_client("tiny", seed=5)  # weights only, absolute path
+        by_path.load_state(str(tp.state_dir("resume-cut", "step-2"))).result()
+        assert _all_equal(_logprobs(by_path), _logprobs(client))
         assert _train(client, 2) == straight[2:]
+
+
+def test_rl_losses_take_their_inputs_over_the_wire(tp: TrainerPlatform) -> None:
+    with _connect(tp, "rl-losses") as service:
+        client = service.create_training_client("tiny")
+        old_logprobs = _logprobs(client)
+        data = [
+            types.Datum(
+                model_input=d.model_input,
+                loss_fn_inputs={
+                    "target_tokens": d.loss_fn_inputs["target_tokens"],
+                    "logprobs": types.TensorData.from_torch(lp),
+                    "advantages": types.TensorData.from_torch(torch.ones_like(lp)),
+                },
+            )
+            for d, lp in zip(BATCH, old_logprobs, strict=True)
+        ]
+        tokens = sum(len(lp) for lp in old_logprobs)
+        logprob_sum = float(sum(lp.sum() for lp in old_logprobs))
+        # At the sampling weights every ratio is 1 and every advantage is 1: ratio losses give
+        # -sum(advantages); cispo and dro weigh the logprobs themselves.
+        expected: dict[str, float] = {"importance_sampling": -tokens, "ppo": -tokens}
+        expected |= {"dapo": -tokens}
+        expected |= {"gspo": -tokens, "cispo": -logprob_sum, "dro": -logprob_sum}
+        for loss_fn, loss in expected.items():
+            output = client.forward(data, loss_fn).result()  # type: ignore[arg-type]
+            assert output.metrics["loss:sum"] == pytest.approx(loss, rel=1e-5), loss_fn
+        ppo = client.forward_backward(data, "ppo", {"clip_low_threshold": 0.9}).result()
+        assert ppo.metrics["ratio_mean:mean"] == pytest.approx(1.0)
+        client.optim_step(ADAM).result()
 
 
 def test_sampler_snapshots_are_suffixed_typed_and_listed(tp: TrainerPlatform) -> None:
@@ -279,6 +312,8 @@ def test_client_guards_and_clear_errors(
     with _connect(tp, "guards") as service:
         with pytest.raises(tinker.RequestFailedError, match="lora_rank"):
             service.create_training_client("tiny", lora_rank=4)  # the job is full-parameter
+        with pytest.raises(tinker.RequestFailedError, match="one base model"):
+            service.create_training_client("smollm2-135m")
         client = service.create_training_client("tiny")  # the failed settings did not stick
         with pytest.raises(ValueError, match="already exists"):
             service.create_training_client("tiny")

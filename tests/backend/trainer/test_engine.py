@@ -1,8 +1,6 @@
 """`TrainableModel` on the tiny model: learning, batching, accumulation, normalisation, clipping,
 resume determinism, atomic checkpoints, sampler exports and the user errors of bad input."""
 
-
-
 from __future__ import annotations
 
 import shutil

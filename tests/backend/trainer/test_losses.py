@@ -1,8 +1,6 @@
 """The built-in losses against independent references written token by token from the formulas
 of tinker-protocol.md §8, plus hand-computed values, clipping and the registry's user errors."""
 
-
-
 from __future__ import annotations
 
 import math
