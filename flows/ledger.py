@@ -1,0 +1,355 @@
+"""The run ledger: the append-only JSONL at `<run_dir>/ledger.jsonl` that resume trusts.
+
+design.md: the ledger is the truth, Prefect state is advisory. Line 1 is the run header; every
+later row records something already durable (a checkpoint saved and read back, a verified
+hotload, an evaluation) and a checkpoint row names the *next* step and the raw-row data cursor
+after its step (recipes.md §10-§11; failure-modes R1, R3, R4, R9, C4). A ledger of another run
+is refused before any compute and never touched. `run_dir` is a local path or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from flows.ledger_storage import LedgerStorage, storage_for
+
+logger = logging.getLogger(__name__)
+
+LEDGER_FILENAME: Final = "ledger.jsonl"
+# Header fields that identify a run: a ledger whose header differs in any of them is another
+# run's (failure-modes R9). `time` is deliberately absent: a retry opens the same run later.
+IDENTITY_FIELDS: Final = (
+    "run_id",
+    "recipe",
+    "config_hash",
+    "base_model",
+    "tokenizer_model",
+    "renderer_name",
+    "lora_rank",
+    "dataset_fingerprint",
+)
+
+
+class LedgerError(Exception):
+    """Base of ledger failures; none is retryable (a retry would meet the same file)."""
+
+    retryable: ClassVar[bool] = False
+
+
+class LedgerMismatchError(LedgerError, ValueError):
+    """The ledger in `run_dir` belongs to another run: `field` differs."""
+
+    def __init__(self, path: str, field: str, existing: object, requested: object) -> None:
+        self.path, self.field, self.existing, self.requested = path, field, existing, requested
+        hint = " (or set allow_dataset_change)" if field == "dataset_fingerprint" else ""
+        super().__init__(
+            f"{path} belongs to another run: {field} is {existing!r} in the ledger but "
+            f"{requested!r} in this run; use another run_dir or the original config{hint}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.field, self.existing, self.requested))
+
+
+class LedgerCorruptError(LedgerError):
+    """A ledger line other than a torn last line does not parse, or line 1 is no header."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    time: datetime = Field(default_factory=_now)
+
+
+class RunHeader(_Row):
+    """Line 1: which run this ledger belongs to (`time` = when it was created)."""
+
+    kind: Literal["run"] = "run"
+    run_id: str = Field(min_length=1)
+    recipe: str = Field(min_length=1)
+    config_hash: str = Field(min_length=1)
+    base_model: str = Field(min_length=1)
+    tokenizer_model: str = Field(min_length=1)
+    renderer_name: str | None = None
+    lora_rank: int = Field(ge=0)
+    dataset_fingerprint: str = Field(min_length=1)
+
+
+class CheckpointRow(_Row):
+    """A saved checkpoint, appended only after the save completed and its name was read back.
+
+    `step` is the 0-based optimizer step just completed and `next_step = step + 1` the one to
+    run after loading it; `data_cursor` counts raw rows consumed after `step` (R1, R4). The run's
+    identity fields are repeated so a resume re-resolves them from the row (R9).
+    """
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = Field(min_length=1)  # the server's name (a trainer may rename a save, C3)
+    requested_name: str | None = None
+    step: int = Field(ge=0)
+    next_step: int = Field(ge=1)
+    data_cursor: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    state_path: str = Field(min_length=1)  # what `load_state_with_optimizer` takes
+    job_id: str | None = None
+    snapshot_identity: str | None = None  # sampler snapshot saved with it, if any
+    resumable: bool = True
+    promotable: bool = False
+    wandb_run_id: str | None = None
+    config_hash: str
+    base_model: str
+    tokenizer_model: str
+    renderer_name: str | None = None
+    lora_rank: int = Field(ge=0)
+    dataset_fingerprint: str
+
+    @model_validator(mode="after")
+    def _next_step_follows_step(self) -> CheckpointRow:
+        if self.next_step != self.step + 1:
+            raise ValueError(f"next_step must be step + 1, got {self.step=} {self.next_step=}")
+        return self
+
+
+# The identity fields a checkpoint row repeats from the header.
+_CHECKPOINT_IDENTITY: Final = tuple(f for f in IDENTITY_FIELDS if f in CheckpointRow.model_fields)
+
+
+class HotloadRow(_Row):
+    """A hotload whose snapshot identity the deployment was seen serving (`verified`)."""
+
+    kind: Literal["hotload"] = "hotload"
+    identity: str = Field(min_length=1)
+    deployment: str = Field(min_length=1)
+    verified: bool
+    step: int | None = Field(default=None, ge=0)
+
+
+class EvaluationRow(_Row):
+    """Evaluation metrics at `step` (the weights before that step ran, tinker convention)."""
+
+    kind: Literal["evaluation"] = "evaluation"
+    step: int = Field(ge=0)
+    metrics: dict[str, float]
+
+
+class RunEndRow(_Row):
+    """The run finished its loop and final save (recipes.md §1 step 6)."""
+
+    kind: Literal["run_end"] = "run_end"
+    next_step: int = Field(ge=0)
+    data_cursor: int = Field(ge=0)
+
+
+LedgerRow = Annotated[
+    RunHeader | CheckpointRow | HotloadRow | EvaluationRow | RunEndRow,
+    Field(discriminator="kind"),
+]
+_ROW: Final[TypeAdapter[LedgerRow]] = TypeAdapter(LedgerRow)
+
+
+def config_hash(config: BaseModel) -> str:
+    """`sha256:<hex>` of the config's canonical JSON (sorted keys, no whitespace)."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def ledger_path(run_dir: str | Path) -> str:
+    """Where the ledger of `run_dir` lives (as given: a path or URL)."""
+    return f"{str(run_dir).rstrip('/')}/{LEDGER_FILENAME}"
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    rows: list[LedgerRow]
+    valid_bytes: int  # length of the prefix that holds complete rows
+    torn: bytes  # an unparseable unterminated last line (a crash mid-append), else b""
+    unterminated: bool  # the last row parsed but lacks its newline
+
+
+def _parse(data: bytes, where: str) -> _Parsed:
+    """Rows of a ledger file; only a torn *last* line is tolerated (with a warning)."""
+    rows: list[LedgerRow] = []
+    offset = 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        is_last = number == len(lines)
+        if is_last and not line:  # the file ended with a newline
+            break
+        if not line.strip():
+            offset += len(line) + (0 if is_last else 1)
+            continue
+        try:
+            row = _ROW.validate_json(line)
+        except ValidationError as exc:
+            if is_last:
+                logger.warning("%s:%d: ignoring a torn last line (crash mid-append)", where, number)
+                return _Parsed(rows, offset, line, unterminated=False)
+            detail = exc.errors()[0]
+            raise LedgerCorruptError(
+                f"{where}:{number}: malformed ledger row ({detail['msg']} at {detail['loc']})"
+            ) from None
+        if isinstance(row, RunHeader) and rows:
+            raise LedgerCorruptError(f"{where}:{number}: a second run header")
+        rows.append(row)
+        offset += len(line) + (0 if is_last else 1)
+        if is_last:
+            return _Parsed(rows, offset, b"", unterminated=True)
+    return _Parsed(rows, offset, b"", unterminated=False)
+
+
+def read_ledger(run_dir: str | Path) -> list[LedgerRow]:
+    """Every complete row of the ledger in `run_dir` ([] when there is none); read-only."""
+    path = ledger_path(run_dir)
+    data = storage_for(path).read()
+    return [] if data is None else _parse(data, path).rows
+
+
+class Ledger:
+    """An open run ledger: its rows (read at open, then appended) and durable appends.
+
+    One writer per run (the run's flow); rows are never rewritten, only appended.
+    """
+
+    def __init__(self, storage: LedgerStorage, header: RunHeader, rows: list[LedgerRow]) -> None:
+        self._storage = storage
+        self.header = header  # this run's identity; new rows are stamped with it
+        self._rows = rows
+
+    @classmethod
+    def open(
+        cls, run_dir: str | Path, header: RunHeader, *, allow_dataset_change: bool = False
+    ) -> Ledger:
+        """Create the ledger of `run_dir`, or reopen it if its header is this run's.
+
+        A ledger of another run (any of `IDENTITY_FIELDS` differs; the dataset fingerprint
+        only unless `allow_dataset_change`) raises `LedgerMismatchError` and the file is left
+        untouched. A torn last line is moved to `ledger.jsonl.torn-<time>` beside it.
+        """
+        storage = storage_for(ledger_path(run_dir))
+        data = storage.read()
+        if data is None:
+            storage.create(_line(header))
+            logger.info("created ledger %s for run %s", storage.path, header.run_id)
+            return cls(storage, header, [header])
+        parsed = _parse(data, storage.path)
+        if parsed.rows:
+            _check_same_run(storage.path, parsed.rows[0], header, allow_dataset_change)
+        _repair_tail(storage, parsed)
+        if not parsed.rows:  # an empty or torn-only file: the header write never completed
+            storage.append(_line(header))
+            return cls(storage, header, [header])
+        logger.info("reopened ledger %s (%d rows)", storage.path, len(parsed.rows))
+        return cls(storage, header, parsed.rows)
+
+    @property
+    def path(self) -> str:
+        return self._storage.path
+
+    @property
+    def rows(self) -> tuple[LedgerRow, ...]:
+        """Every row, the header first, in file order."""
+        return tuple(self._rows)
+
+    def append(self, row: LedgerRow) -> None:
+        """Append one row durably; append it only once what it records is durable."""
+        if isinstance(row, RunHeader):
+            raise ValueError("the run header is written by Ledger.open only")
+        if isinstance(row, CheckpointRow):
+            for field in _CHECKPOINT_IDENTITY:
+                if getattr(row, field) != getattr(self.header, field):
+                    raise ValueError(f"checkpoint row {field} differs from this run's header")
+        self._storage.append(_line(row))
+        self._rows.append(row)
+
+    def append_checkpoint(
+        self,
+        *,
+        name: str,
+        step: int,
+        data_cursor: int,
+        epoch: int,
+        state_path: str,
+        **extra: Any,
+    ) -> CheckpointRow:
+        """Append a checkpoint row stamped with this run's identity; `next_step = step + 1`.
+
+        `extra`: the optional `CheckpointRow` fields (`requested_name`, `job_id`,
+        `snapshot_identity`, `resumable`, `promotable`, `wandb_run_id`).
+        """
+        identity = {field: getattr(self.header, field) for field in _CHECKPOINT_IDENTITY}
+        row = CheckpointRow(
+            name=name,
+            step=step,
+            next_step=step + 1,
+            data_cursor=data_cursor,
+            epoch=epoch,
+            state_path=state_path,
+            **identity,
+            **extra,
+        )
+        self.append(row)
+        return row
+
+    def checkpoints(self, *, resumable_only: bool = True) -> list[CheckpointRow]:
+        """Checkpoint rows in file order (by default only resumable ones)."""
+        return [
+            row
+            for row in self._rows
+            if isinstance(row, CheckpointRow) and (row.resumable or not resumable_only)
+        ]
+
+    def last_checkpoint(self, available: Collection[str] | None = None) -> CheckpointRow | None:
+        """The newest resumable checkpoint row, or None for a fresh start.
+
+        With `available` (the checkpoint names the trainer job lists), rows naming a checkpoint
+        the job does not have are skipped in favour of older ones (failure-modes C4).
+        """
+        for row in reversed(self.checkpoints()):
+            if available is None or row.name in available:
+                return row
+            logger.warning("ledger checkpoint %s is not listed by the trainer; skipped", row.name)
+        return None
+
+
+def _line(row: BaseModel) -> bytes:
+    return (row.model_dump_json() + "\n").encode("utf-8")
+
+
+def _check_same_run(
+    path: str, existing: LedgerRow, requested: RunHeader, allow_dataset_change: bool
+) -> None:
+    """Raise unless `existing` is the header of the run `requested` describes."""
+    if not isinstance(existing, RunHeader):
+        raise LedgerCorruptError(f"{path}:1: expected the run header, got a {existing.kind!r} row")
+    for field in IDENTITY_FIELDS:
+        old, new = getattr(existing, field), getattr(requested, field)
+        if old == new:
+            continue
+        if field == "dataset_fingerprint" and allow_dataset_change:
+            logger.warning("%s: dataset changed (%s -> %s), allowed by config", path, old, new)
+            continue
+        raise LedgerMismatchError(path, field, old, new)
+
+
+def _repair_tail(storage: LedgerStorage, parsed: _Parsed) -> None:
+    """Set a torn last line aside and cut it off, or end an unterminated last row."""
+    if parsed.torn:
+        stamp = _now().strftime("%Y%m%dT%H%M%S%fZ")
+        aside = storage.write_aside(f".torn-{stamp}", parsed.torn)
+        storage.truncate(parsed.valid_bytes)
+        logger.warning("%s: moved a torn last line to %s", storage.path, aside)
+    elif parsed.unterminated:
+        storage.append(b"\n")
