@@ -18,9 +18,11 @@ import os
 import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,40 +61,57 @@ def make_batch(shape: Shape, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab - 3, (shape.batch, shape.seq_len + 1), generator=generator)
 
 
-def sdk_step_fn(
-    platform: LocalPlatform, model: str, lora_rank: int, tokens_BT1: torch.Tensor
-) -> tuple[Callable[[], float], Callable[[], None]]:
-    """One SDK training step (returns its loss) and a cleanup."""
-    trainers = TrainerJobManager(api_key=platform.api_key, base_url=platform.base_url)
-    config = TrainerJobConfig(
-        base_model=f"fireloop/{model}", lora_rank=lora_rank, max_context_length=512
-    )
-    endpoint = trainers.create_and_wait(config, poll_interval_s=0.05, timeout_s=120)
-    service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=platform.api_key)
-    client = service.create_training_client(f"fireloop/{model}", lora_rank=lora_rank, seed=0)
-    datums = [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={
-                "target_tokens": types.TensorData.from_torch(row[1:].clone()),
-                "weights": types.TensorData.from_torch(torch.ones(row.numel() - 1)),
-            },
+class SdkTrainer:
+    """The same training step through the SDK against a trainer job of the local platform."""
+
+    def __init__(
+        self, platform: LocalPlatform, model: str, lora_rank: int, tokens_BT1: torch.Tensor
+    ) -> None:
+        self._trainers = TrainerJobManager(api_key=platform.api_key, base_url=platform.base_url)
+        config = TrainerJobConfig(
+            base_model=f"fireloop/{model}", lora_rank=lora_rank, max_context_length=512
         )
-        for row in tokens_BT1
-    ]
-    adam = types.AdamParams(**ADAM)
+        self._endpoint = self._trainers.create_and_wait(config, poll_interval_s=0.05, timeout_s=120)
+        self._service = FiretitanServiceClient(
+            base_url=self._endpoint.base_url, api_key=platform.api_key
+        )
+        self._client = self._service.create_training_client(
+            f"fireloop/{model}", lora_rank=lora_rank, seed=0
+        )
+        self._datums = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_torch(row[1:].clone()),
+                    "weights": types.TensorData.from_torch(torch.ones(row.numel() - 1)),
+                },
+            )
+            for row in tokens_BT1
+        ]
+        self._adam = types.AdamParams(**ADAM)
 
-    def step() -> float:
-        output = client.forward_backward(datums, "cross_entropy").result(timeout=600)
-        client.optim_step(adam).result(timeout=600)
-        return float(output.metrics["loss:sum"])
+    def run(self, steps: int, depth: int) -> list[float]:
+        """`steps` optimizer steps with up to `depth` steps in flight; their losses.
 
-    def close() -> None:
-        service.close()
-        trainers.delete(endpoint.job_id)
-        trainers.close()
+        depth 1 submits forward_backward and optim_step together and waits for both (the
+        tinker-cookbook pattern); depth 2 also submits the next step before waiting, so the
+        trainer never idles while results travel back.
+        """
+        in_flight: deque[tuple[Any, Any]] = deque()
+        losses: list[float] = []
+        for _ in range(steps):
+            fwd_bwd_future = self._client.forward_backward(self._datums, "cross_entropy")
+            in_flight.append((fwd_bwd_future, self._client.optim_step(self._adam)))
+            while len(in_flight) >= depth or (in_flight and len(losses) + len(in_flight) == steps):
+                fwd_bwd, optim = in_flight.popleft()
+                losses.append(float(fwd_bwd.result(timeout=600).metrics["loss:sum"]))
+                optim.result(timeout=600)
+        return losses
 
-    return step, close
+    def close(self) -> None:
+        self._service.close()
+        self._trainers.delete(self._endpoint.job_id)
+        self._trainers.close()
 
 
 def plain_step_fn(model_dir: Path, lora_rank: int, tokens_BT1: torch.Tensor) -> Callable[[], float]:
@@ -125,29 +144,28 @@ def plain_step_fn(model_dir: Path, lora_rank: int, tokens_BT1: torch.Tensor) -> 
     return step
 
 
-def timed(step: Callable[[], float], steps: int) -> float:
+def timed(run: Callable[[], object]) -> float:
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
+    run()
     return time.perf_counter() - started
 
 
 def measure(
-    model: str, lora_rank: int, data_dir: Path, platform: LocalPlatform
+    model: str, lora_rank: int, depth: int, data_dir: Path, platform: LocalPlatform
 ) -> dict[str, float]:
     shape = SHAPES[model]
     model_dir = ensure_model_dir(model, data_dir)
     vocab = int(AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size)
     tokens_BT1 = make_batch(shape, vocab)
-    sdk_step, close = sdk_step_fn(platform, model, lora_rank, tokens_BT1)
+    sdk = SdkTrainer(platform, model, lora_rank, tokens_BT1)
     plain_step = plain_step_fn(model_dir, lora_rank, tokens_BT1)
-    first_sdk, first_plain = sdk_step(), plain_step()  # warm-up, and a same-math check
+    first_sdk, first_plain = sdk.run(1, 1)[0], plain_step()  # warm-up, and a same-math check
     sdk_s: list[float] = []
     plain_s: list[float] = []
     for _ in range(shape.rounds):
-        sdk_s.append(timed(sdk_step, shape.steps))
-        plain_s.append(timed(plain_step, shape.steps))
-    close()
+        sdk_s.append(timed(lambda: sdk.run(shape.steps, depth)))
+        plain_s.append(timed(lambda: [plain_step() for _ in range(shape.steps)]))
+    sdk.close()
     tokens = shape.batch * shape.seq_len * shape.steps
     sdk_tps = tokens / statistics.median(sdk_s)
     plain_tps = tokens / statistics.median(plain_s)
@@ -164,28 +182,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny", help="comma-separated: tiny,smollm2-135m")
     parser.add_argument("--modes", default="full,lora", help="comma-separated: full,lora")
+    parser.add_argument("--depths", default="1", help="steps in flight on the SDK side: 1,2")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows: list[tuple[str, str, dict[str, float]]] = []
+    rows: list[tuple[str, str, int, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         timings = PlatformTimings(job_pending_s=0.01, job_creating_s=0.01)
         with LocalPlatform(data_dir=data_dir, timings=timings) as platform:
             for model in args.models.split(","):
                 for mode in args.modes.split(","):
-                    rank = LORA_RANK if mode == "lora" else 0
-                    result = measure(model, rank, data_dir, platform)
-                    rows.append((model, mode, result))
-                    print(f"done {model} {mode}: ratio {result['ratio']:.3f}", flush=True)
+                    for depth in [int(d) for d in args.depths.split(",")]:
+                        rank = LORA_RANK if mode == "lora" else 0
+                        result = measure(model, rank, depth, data_dir, platform)
+                        rows.append((model, mode, depth, result))
+                        print(f"done {model} {mode} depth {depth}: {result['ratio']:.3f}")
     print(f"\ntorch {torch.__version__}, {args.threads} threads, device cpu")
-    header = ["model", "mode", "batch × len", "SDK tokens/s", "plain tokens/s", "ratio"]
+    header = ["model", "mode", "depth", "batch × len", "SDK tokens/s", "plain tokens/s", "ratio"]
     print("| " + " | ".join([*header, "1st loss SDK / plain"]) + " |")
-    print("|---|---|---|---:|---:|---:|---|")
-    for model, mode, r in rows:
+    print("|---|---|---:|---|---:|---:|---:|---|")
+    for model, mode, depth, r in rows:
         shape = SHAPES[model]
         print(
-            f"| {model} | {mode} | {shape.batch} × {shape.seq_len} | {r['sdk_tps']:,.0f} | "
+            f"| {model} | {mode} | {depth} | {shape.batch} × {shape.seq_len} | "
+            f"{r['sdk_tps']:,.0f} | "
             f"{r['plain_tps']:,.0f} | {r['ratio']:.3f} | "
             f"{r['first_loss_sdk']:.2f} / {r['first_loss_plain']:.2f} |"
         )

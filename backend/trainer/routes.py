@@ -74,11 +74,11 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
             # 404, not 503: tinker retries 5xx for minutes; a lost trainer should fail fast.
             raise ApiError.not_found(exc.message, reason="TRAINER_NOT_RUNNING") from None
 
-    def active_trainer(account: str, job_id: str) -> JobTrainer:
+    async def active_trainer(account: str, job_id: str) -> JobTrainer:
         """The job's trainer; the request counts as activity (inactivity timeout)."""
         return registry.trainer(running(account, job_id, touch=True))
 
-    def background_trainer(account: str, job_id: str) -> JobTrainer:
+    async def background_trainer(account: str, job_id: str) -> JobTrainer:
         """For background traffic (heartbeats, telemetry, config) that is not use of the job."""
         return registry.trainer(running(account, job_id, touch=False))
 
@@ -95,13 +95,13 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
         return CreateSessionResponse(session_id=trainer.create_session())
 
     @router.post("/session_heartbeat")
-    def session_heartbeat(body: SessionRequest, trainer: Background) -> HeartbeatResponse:
+    async def session_heartbeat(body: SessionRequest, trainer: Background) -> HeartbeatResponse:
         if not trainer.has_session(body.session_id):
             raise ApiError.not_found(f"unknown session {body.session_id!r}", "SESSION_NOT_FOUND")
         return HeartbeatResponse()
 
     @router.post("/telemetry")
-    def telemetry(body: Annotated[Any, Body()], trainer: Background) -> TelemetryResponse:
+    async def telemetry(body: Annotated[Any, Body()], trainer: Background) -> TelemetryResponse:
         # Accepted and dropped: events may carry request headers, so they are never logged.
         return TelemetryResponse()
 
@@ -204,7 +204,7 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
 def _ordered_handler(kind: OrderedKind, trainer_dependency: Any) -> Any:
     """A route handler that hands one ordered request to the trainer and answers its future."""
 
-    def handler(
+    async def handler(
         body: Annotated[dict[str, Any], Body()],
         trainer: Annotated[JobTrainer, Depends(trainer_dependency)],
     ) -> UntypedFuture:
