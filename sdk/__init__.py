@@ -1,14 +1,21 @@
 """fireloop's open, wire-compatible Fireworks Training SDK: the client side of the platform.
 
 Control plane: `TrainerJobManager` (service-mode trainers) and `DeploymentManager` (inference
-deployments), their config models and result types, one error tree (`sdk.errors`) and one HTTP
-layer (`sdk._http`). Importing `sdk` pulls in httpx and pydantic only.
+deployments, hotload), their config models and result types; the loop's serving side:
+`WeightSyncer` (checkpoint → hotload → verify) and `DeploymentSampler` (token-in sampling) with
+its concurrency controllers; one error tree (`sdk.errors`) and one HTTP layer (`sdk._http`).
+Importing `sdk` pulls in httpx and pydantic only; the tinker-based clients load on first use.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from sdk._http import RetryPolicy
 from sdk.checkpoint_refs import qualify_snapshot_name, resolve_checkpoint_path
+from sdk.concurrency import (
+    AdaptiveConcurrencyController,
+    ConcurrencyController,
+    FixedConcurrencyController,
+)
 from sdk.deployment import DeploymentConfig, DeploymentInfo, DeploymentManager
 from sdk.errors import (
     APIConnectionError,
@@ -19,17 +26,22 @@ from sdk.errors import (
     ConfigError,
     ConflictError,
     DeploymentError,
+    DeploymentSamplerTimeoutError,
     FireworksError,
+    HotloadError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     RequestTimeoutError,
+    SamplingRequestError,
     ServerError,
+    StaleDeploymentError,
     TrainerJobError,
     TrainingShapeError,
     WaitTimeoutError,
 )
 from sdk.firetitan_types import GradAccNormalization, GradNormMetricsMode, SaveSamplerResult
+from sdk.hotload_types import HotloadAck, HotloadStatus, IncrementalSnapshotMetadata, ReplicaStatus
 from sdk.resources import (
     CheckpointInfo,
     CreatedTrainerJob,
@@ -37,21 +49,28 @@ from sdk.resources import (
     TrainerServiceEndpoint,
     TrainingShapeProfile,
 )
+from sdk.sampling import DeploymentSampler, SamplerRetryPolicy
+from sdk.sampling_types import CompletionResult, SampledCompletion, ServerMetrics
 from sdk.settings import FireworksSettings
 from sdk.trainer import TrainerJobManager
 from sdk.trainer_config import TrainerJobConfig
+from sdk.weight_syncer import WeightSyncer
 
 if TYPE_CHECKING:
     from sdk.firetitan import FiretitanServiceClient
+    from sdk.firetitan_sampling import FiretitanSamplingClient
     from sdk.firetitan_training import FiretitanTrainingClient
 
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AdaptiveConcurrencyController",
     "AuthenticationError",
     "BadRequestError",
     "CheckpointInfo",
+    "CompletionResult",
+    "ConcurrencyController",
     "ConfigError",
     "ConflictError",
     "CreatedTrainerJob",
@@ -59,19 +78,33 @@ __all__ = [
     "DeploymentError",
     "DeploymentInfo",
     "DeploymentManager",
+    "DeploymentSampler",
+    "DeploymentSamplerTimeoutError",
+    "FiretitanSamplingClient",
     "FiretitanServiceClient",
     "FiretitanTrainingClient",
     "FireworksError",
     "FireworksSettings",
+    "FixedConcurrencyController",
     "GradAccNormalization",
     "GradNormMetricsMode",
+    "HotloadAck",
+    "HotloadError",
+    "HotloadStatus",
+    "IncrementalSnapshotMetadata",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ReplicaStatus",
     "RequestTimeoutError",
     "RetryPolicy",
+    "SampledCompletion",
+    "SamplerRetryPolicy",
+    "SamplingRequestError",
     "SaveSamplerResult",
     "ServerError",
+    "ServerMetrics",
+    "StaleDeploymentError",
     "TrainerJob",
     "TrainerJobConfig",
     "TrainerJobError",
@@ -80,6 +113,7 @@ __all__ = [
     "TrainingShapeError",
     "TrainingShapeProfile",
     "WaitTimeoutError",
+    "WeightSyncer",
     "qualify_snapshot_name",
     "resolve_checkpoint_path",
 ]
@@ -87,6 +121,7 @@ __all__ = [
 # The Firetitan (tinker) clients import tinker, which imports torch: they load on first use
 # (PEP 562), so that `import sdk` stays light.
 _LAZY_CLIENTS = {
+    "FiretitanSamplingClient": "sdk.firetitan_sampling",
     "FiretitanServiceClient": "sdk.firetitan",
     "FiretitanTrainingClient": "sdk.firetitan_training",
 }

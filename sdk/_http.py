@@ -1,16 +1,20 @@
 """The one module in `sdk/` that owns httpx: clients, auth headers, timeouts, retries, errors.
 
-Every control-plane, hotload and inference call goes through `HttpClient.request` (with the
-retry loop) or `HttpClient.probe` (one attempt, a yes/no answer). Callers get a successful
-`httpx.Response` or a typed error from `sdk.errors`; they never see an httpx exception.
+Every control-plane, hotload and warmup call goes through `HttpClient.request` (with the retry
+loop) or `HttpClient.probe` (one attempt, a yes/no answer). Sampling goes through
+`AsyncHttpClient.post`: one attempt per call, because the sampler owns its retry loop (spec
+§2.4, §11.5). Callers get an `httpx.Response` or a typed error from `sdk.errors`; they never see
+an httpx exception.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -32,6 +36,7 @@ from sdk.errors import (
 from sdk.settings import normalize_url
 
 __all__ = [
+    "AsyncHttpClient",
     "HttpClient",
     "RetryPolicy",
     "parse_retry_after",
@@ -44,6 +49,18 @@ logger = logging.getLogger(__name__)
 _TIMEOUT_BY_VERB: Mapping[str, float] = {"GET": 30.0}
 _DEFAULT_TIMEOUT_S = 60.0  # POST, DELETE, PATCH (spec §2.1)
 _MAX_BACKOFF_EXPONENT = 32  # 2**32 s is past any cap; stops float growth on long budgets
+# The sampling client of spec §2.1: long reads (a completion may take minutes), many connections.
+_ASYNC_CONNECT_S = 30.0
+_ASYNC_READ_S = 600.0
+_ASYNC_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+# Transport failures worth another attempt: no answer yet, or the answer was cut off.
+RETRYABLE_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.TimeoutException,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
 
 
 class RetryPolicy(ConfigModel):
@@ -63,13 +80,7 @@ class RetryPolicy(ConfigModel):
     max_delay_s: float = Field(default=30.0, ge=0)
     jitter: float = Field(default=0.5, ge=0, le=1)
     retry_statuses: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
-    retry_exceptions: tuple[type[Exception], ...] = (
-        httpx.ConnectError,
-        httpx.TimeoutException,
-        httpx.RemoteProtocolError,
-        httpx.ReadError,
-        httpx.WriteError,
-    )
+    retry_exceptions: tuple[type[Exception], ...] = RETRYABLE_TRANSPORT_ERRORS
 
     def backoff_s(
         self, attempt: int, *, retry_after_s: float | None = None, u: float = 0.5
@@ -126,6 +137,37 @@ def tls_verify_default(url: str) -> bool:
     return False
 
 
+def auth_headers(
+    api_key: str,
+    additional: Mapping[str, str],
+    extra: Mapping[str, str] | None,
+    *,
+    bearer: bool,
+) -> dict[str, str]:
+    """Spec §2.2: JSON, `X-Api-Key`, the constructor's headers, per-call extras, then Bearer."""
+    headers = {"Content-Type": "application/json", "X-Api-Key": api_key}
+    headers.update(additional)
+    headers.update(extra or {})
+    if bearer:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def transport_error(exc: Exception, what: str, api_key: str) -> APIConnectionError:
+    """The typed error for a request that got no (complete) answer, the key scrubbed.
+
+    A failure off the retry list (a proxy or local protocol error) is not `retryable`.
+    """
+    detail = str(exc).replace(api_key, "***") if api_key else str(exc)
+    text = f"({type(exc).__name__}: {detail})"
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"{what} timed out {text}")
+    error = APIConnectionError(f"{what} got no answer {text}")
+    if not isinstance(exc, RETRYABLE_TRANSPORT_ERRORS):
+        error.retryable = False  # an instance flag, as ServerError does for 501
+    return error
+
+
 class _Budget:
     """Time left for retries. Counts the larger of wall time and time slept, so an injected
     no-op `sleep` still runs the budget down instead of looping forever."""
@@ -177,6 +219,21 @@ class HttpClient:
 
     def __repr__(self) -> str:
         return f"HttpClient(base_url={self.base_url!r})"
+
+    @property
+    def api_key(self) -> str:
+        """The key, for clients built from this one (e.g. a sampler); never logged."""
+        return self._api_key
+
+    @property
+    def additional_headers(self) -> dict[str, str]:
+        """A copy of the constructor's extra headers."""
+        return dict(self._additional_headers)
+
+    @property
+    def verify_ssl(self) -> bool | None:
+        """The explicit TLS setting (None: decided per URL)."""
+        return self._verify_ssl
 
     def __enter__(self) -> Self:
         return self
@@ -252,12 +309,7 @@ class HttpClient:
         return status_error(response, what, advice=advice, redact=(self._api_key,))
 
     def _headers(self, extra: Mapping[str, str] | None, *, bearer: bool) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Api-Key": self._api_key}
-        headers.update(self._additional_headers)
-        headers.update(extra or {})
-        if bearer:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        return headers
+        return auth_headers(self._api_key, self._additional_headers, extra, bearer=bearer)
 
     @staticmethod
     def _timeout_for(method: str) -> float:
@@ -333,7 +385,82 @@ class HttpClient:
         logger.warning("%s: %s; retry %d in %.2fs", what, reason, attempt + 1, delay)
 
     def _connection_error(self, exc: Exception, what: str) -> APIConnectionError:
-        detail = str(exc).replace(self._api_key, "***") if self._api_key else str(exc)
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(f"{what} timed out ({type(exc).__name__}: {detail})")
-        return APIConnectionError(f"{what} got no answer ({type(exc).__name__}: {detail})")
+        return transport_error(exc, what, self._api_key)
+
+
+class AsyncHttpClient:
+    """The sampler's authenticated async client: one attempt per `post`, no retry loop.
+
+    httpx's async connection pool belongs to the event loop that opened it, and a sampler may be
+    driven from several loops over its life (one `asyncio.run` per evaluation, a background loop
+    in `FiretitanSamplingClient`), so one pooled client is kept per running loop. An injected
+    `http_client` is used as it is (and is the caller's to close).
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str,
+        *,
+        additional_headers: Mapping[str, str] | None = None,
+        verify_ssl: bool | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = normalize_url(base_url, field="inference_url")
+        self._api_key = api_key
+        self._additional_headers = dict(additional_headers or {})
+        self._verify = verify_ssl if verify_ssl is not None else tls_verify_default(base_url)
+        self._transport = transport
+        self._injected = http_client
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"AsyncHttpClient(base_url={self.base_url!r})"
+
+    async def post(
+        self,
+        path: str,
+        *,
+        json: Any,
+        headers: Mapping[str, str] | None = None,
+        read_timeout_s: float = _ASYNC_READ_S,
+    ) -> httpx.Response:
+        """POST once and read the whole body; any status comes back, transport failures raise
+        the typed errors of `transport_error`."""
+        url = f"{self.base_url}/{path.lstrip('/')}"
+        timeout = httpx.Timeout(_ASYNC_CONNECT_S, read=read_timeout_s)
+        sent_headers = auth_headers(self._api_key, self._additional_headers, headers, bearer=True)
+        try:
+            return await self._client().post(url, json=json, headers=sent_headers, timeout=timeout)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise ConfigError(f"invalid URL for POST {url}: {exc}") from None
+        except httpx.TransportError as exc:
+            raise transport_error(exc, f"POST {httpx.URL(url).path}", self._api_key) from exc
+
+    def error_for(self, response: httpx.Response, what: str) -> APIStatusError:
+        """The typed error for a non-2xx `response`, with the API key scrubbed."""
+        return status_error(response, what, redact=(self._api_key,))
+
+    async def aclose(self) -> None:
+        """Close the pooled client of the running loop (others close with their loops)."""
+        client = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._injected is not None:
+            return self._injected
+        loop = asyncio.get_running_loop()
+        client = self._by_loop.get(loop)
+        if client is None:
+            client = httpx.AsyncClient(
+                transport=self._transport,
+                verify=self._verify,
+                limits=_ASYNC_LIMITS,
+                timeout=httpx.Timeout(_ASYNC_CONNECT_S, read=_ASYNC_READ_S),
+            )
+            self._by_loop[loop] = client
+        return client

@@ -1,7 +1,8 @@
 """`DeploymentManager`: create or reuse, wait for, update, scale down and delete deployments.
 
-Implements the control-plane half of spec §7 (D1-D5) plus the I1 readiness probe. Hotload and
-sampling build on this class in their own modules.
+Implements spec §7: the control plane (D1-D5), the I1 readiness and warmup probes, re-attaching
+a deployment to another trainer, and the hotload methods of §10, whose logic lives in
+`sdk.hotload` (this class is their public surface).
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from sdk._account import ACCOUNT_ID_REMOVED, FireworksClient
 from sdk._http import RetryPolicy, response_json
 from sdk._ids import check_id
 from sdk._polling import Done, Pending, check_interval, poll_until
+from sdk.concurrency import ConcurrencyController
 from sdk.deployment_config import DeploymentConfig, build_deployment_request
 from sdk.errors import ConfigError, DeploymentError, FireworksError, WaitTimeoutError
+from sdk.hotload import Hotloader, reattach_trainer
+from sdk.hotload_types import DeltaMetadata, HotloadAck, HotloadStatus
 from sdk.resources import DeploymentInfo
+from sdk.sampling import DeploymentSampler
+from sdk.sampling_types import Tokenizer
 from sdk.settings import DEFAULT_BASE_URL, normalize_url
 from sdk.states import DEPLOYMENT_CREATING, DEPLOYMENT_READY, is_bad_deployment
 
@@ -29,6 +35,9 @@ __all__ = ["DeploymentConfig", "DeploymentInfo", "DeploymentManager"]
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
+WARMUP_TIMEOUT_S = 30.0
+# Token ids every served vocabulary has (§15 item 14): the probe's answer, not its text, matters.
+_PROBE_PROMPT = [1, 2]
 _SNAKE_CASE_FIELD = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 
 
@@ -70,6 +79,14 @@ class DeploymentManager(FireworksClient):
         self.inference_url = self._url_or_base(inference_url, "inference_url")
         self.hotload_api_url = self._url_or_base(hotload_api_url, "hotload_api_url")
         self.boot_time_s: float | None = None
+        self._hotloader = Hotloader(
+            self._http, self.hotload_api_url, self._deployment_name, sleep=sleep, clock=clock
+        )
+
+    @property
+    def last_hotload_error_message(self) -> str | None:
+        """Why the last `wait_for_hotload` returned False (None after a success)."""
+        return self._hotloader.last_error_message
 
     def _url_or_base(self, url: str | None, field: str) -> str:
         return self.base_url if url is None else normalize_url(url, field=field)
@@ -168,9 +185,28 @@ class DeploymentManager(FireworksClient):
     def _answers_completions(self, info: DeploymentInfo) -> bool:
         """Whether the deployment already serves a tiny completion (I1, one attempt)."""
         model = info.inference_model or self._deployment_name(info.deployment_id)
-        body = {"model": model, "prompt": [1, 2], "max_tokens": 4, "temperature": 0.0}
+        return self._probe_completion(model, PROBE_TIMEOUT_S)
+
+    def _probe_completion(self, model: str, timeout_s: float) -> bool:
+        body = {"model": model, "prompt": _PROBE_PROMPT, "max_tokens": 4, "temperature": 0.0}
         url = f"{self.inference_url}/inference/v1/completions"
-        return self._http.probe("POST", url, json=body, timeout=PROBE_TIMEOUT_S)
+        return self._http.probe("POST", url, json=body, timeout=timeout_s)
+
+    def warmup(self, model: str, max_retries: int = 30, retry_interval_s: float = 10.0) -> bool:
+        """Send a tiny completion to `model` (`accounts/<a>/deployments/<d>`) until one answers
+        200, at most `max_retries` times: the first requests after a hotload can be slow or fail
+        (§10.4). False when none succeeded; never raises."""
+        for attempt in range(1, max_retries + 1):
+            try:
+                if self._probe_completion(model, WARMUP_TIMEOUT_S):
+                    logger.info("warmup of %s succeeded on attempt %d", model, attempt)
+                    return True
+            except FireworksError as exc:  # e.g. a malformed URL: reported, never raised
+                logger.warning("warmup of %s: %s", model, exc)
+            if attempt < max_retries:
+                self._sleep(retry_interval_s)
+        logger.warning("warmup of %s failed %d times; continuing without it", model, max_retries)
+        return False
 
     def get(self, deployment_id: str) -> DeploymentInfo | None:
         """The deployment (D2), or None if it does not exist."""
@@ -215,9 +251,154 @@ class DeploymentManager(FireworksClient):
         else:
             logger.info("deleted deployment %s", deployment_id)
 
+    def create_sampler(
+        self,
+        deployment_id: str,
+        *,
+        tokenizer: Tokenizer | str | None = None,
+        concurrency_controller: ConcurrencyController | None = None,
+        **kwargs: Any,
+    ) -> DeploymentSampler:
+        """A `DeploymentSampler` for the deployment at `inference_url`, with this manager's key,
+        headers and TLS policy (`kwargs`: the sampler's keyword-only options)."""
+        return DeploymentSampler(
+            self.inference_url,
+            self._deployment_name(deployment_id),
+            self._http.api_key,
+            tokenizer,
+            concurrency_controller,
+            additional_headers=self._http.additional_headers,
+            verify_ssl=self._http.verify_ssl,
+            **kwargs,
+        )
+
+    def reattach_trainer(
+        self,
+        deployment: str | DeploymentInfo,
+        *,
+        base_model: str,
+        trainer_job_name: str,
+        timeout_s: float,
+        poll_interval_s: float = 5,
+    ) -> DeploymentInfo:
+        """Point the deployment's hotload bucket at `trainer_job_name` (`accounts/<a>/
+        rlorTrainerJobs/<j>`) and wait until the restarted pod no longer serves the old
+        trainer's snapshot. Already attached → returned as is, with no PATCH (W11). Reset the
+        delta chain of any syncer on this deployment afterwards."""
+        deployment_id = deployment if isinstance(deployment, str) else deployment.deployment_id
+        return reattach_trainer(
+            self,
+            self._hotloader,
+            deployment_id,
+            base_model=base_model,
+            trainer_job_name=trainer_job_name,
+            timeout_s=timeout_s,
+            poll_interval_s=poll_interval_s,
+        )
+
+    # -- hotload (spec §10; the logic is in sdk.hotload) ---------------------------------------
+
+    def hotload(
+        self,
+        deployment_id: str,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: DeltaMetadata | None = None,
+        reset_prompt_cache: bool = True,
+        timeout: float = 60,
+        path: str | None = None,
+    ) -> HotloadAck:
+        """Ask the deployment to load a snapshot (H1); a delta when metadata is given. `path`
+        (an object-store URI) travels in `x-fireworks-hot-load-source-url`. Returns once the
+        request is accepted; loading is asynchronous (see `wait_for_hotload`)."""
+        return self._hotloader.hotload(
+            deployment_id,
+            base_model,
+            snapshot_identity,
+            incremental_snapshot_metadata,
+            reset_prompt_cache,
+            timeout,
+            path,
+        )
+
+    def hotload_check_status(self, deployment_id: str, base_model: str) -> HotloadStatus:
+        """The deployment's hotload status (H2): per replica, what it serves and its stage."""
+        return self._hotloader.check_status(deployment_id, base_model)
+
+    def wait_for_hotload(
+        self,
+        deployment_id: str,
+        base_model: str,
+        expected_identity: str,
+        timeout_seconds: float = 400,
+        poll_interval: float = 5,
+    ) -> bool:
+        """True once replica 0 is ready and serves `expected_identity`; False when its load
+        failed or the time ran out (reason in `last_hotload_error_message`). Replica 0 only, as
+        on the platform: use `verify_hotload` before sampling a multi-replica deployment."""
+        return self._hotloader.wait(
+            deployment_id, base_model, expected_identity, timeout_seconds, poll_interval
+        )
+
+    def hotload_and_wait(
+        self,
+        deployment_id: str,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: DeltaMetadata | None = None,
+        reset_prompt_cache: bool = True,
+        timeout_seconds: float = 400,
+        path: str | None = None,
+        poll_interval: float = 5,
+    ) -> bool:
+        """`hotload` (60 s request timeout), then `wait_for_hotload`."""
+        self.hotload(
+            deployment_id,
+            base_model,
+            snapshot_identity,
+            incremental_snapshot_metadata,
+            reset_prompt_cache,
+            path=path,
+        )
+        return self.wait_for_hotload(
+            deployment_id, base_model, snapshot_identity, timeout_seconds, poll_interval
+        )
+
+    def verify_hotload(
+        self,
+        deployment_id: str,
+        base_model: str,
+        expected_identity: str,
+        *,
+        timeout_s: float = 60,
+        poll_interval_s: float = 1,
+    ) -> HotloadStatus:
+        """Wait until every replica is ready and serves `expected_identity`; otherwise
+        `StaleDeploymentError` naming the expected and the served identity (W7)."""
+        return self._hotloader.verify(
+            deployment_id,
+            base_model,
+            expected_identity,
+            timeout_s=timeout_s,
+            poll_interval_s=poll_interval_s,
+        )
+
+    def wait_for_hotload_ready(
+        self,
+        deployment_id: str,
+        base_model: str,
+        timeout_s: float = 300,
+        poll_interval_s: float = 5,
+    ) -> HotloadStatus:
+        """Wait until the hotload status lists replicas (W5: loading earlier can crash them)."""
+        return self._hotloader.wait_for_replicas(
+            deployment_id, base_model, timeout_s=timeout_s, poll_interval_s=poll_interval_s
+        )
+
     def _deployment_path(self, deployment_id: str) -> str:
         check_id("deployment_id", deployment_id)  # before the account lookup
         return f"/v1/accounts/{self.account_id}/deployments/{deployment_id}"
 
     def _deployment_name(self, deployment_id: str) -> str:
+        check_id("deployment_id", deployment_id)
         return f"accounts/{self.account_id}/deployments/{deployment_id}"

@@ -23,7 +23,11 @@ Hierarchy:
   + WaitTimeoutError            (also TimeoutError) a wait's deadline passed
   + TrainerJobError             (also RuntimeError) a trainer job failed or was deleted
   + DeploymentError             (also RuntimeError) a deployment failed or was deleted
+  |  + HotloadError             a hotload was refused, failed or did not finish in time
+  |  + StaleDeploymentError     after a hotload, a replica serves another snapshot
   + TrainingShapeError          (also RuntimeError) a training shape has no usable version
+  + SamplingRequestError        (also RuntimeError) a completion failed after its retries; retryable
+     + DeploymentSamplerTimeoutError  (also TimeoutError) ... and the last failure was a timeout
 
 No message ever carries request headers; the HTTP layer (`sdk/_http.py`) scrubs the API key
 out of server messages before they reach this module's constructors.
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -46,12 +50,17 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DeploymentError",
+    "DeploymentSamplerTimeoutError",
     "FireworksError",
+    "HotloadError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTimeoutError",
+    "SamplingErrorKind",
+    "SamplingRequestError",
     "ServerError",
+    "StaleDeploymentError",
     "TrainerJobError",
     "TrainingShapeError",
     "WaitTimeoutError",
@@ -60,13 +69,17 @@ __all__ = [
 ]
 
 REDACTED = "***"
+SamplingErrorKind = Literal["http_status", "sse_truncation", "connection", "timeout"]
 _MAX_TEXT_CHARS = 200
 _REQUEST_ID_HEADERS = ("x-request-id", "x-fireworks-request-id")
 
 
 def _rebuild(cls: type[FireworksError], message: str, state: dict[str, Any]) -> FireworksError:
     """Unpickle without calling `__init__`, whose keyword-only fields pickle can't pass."""
-    error = cls.__new__(cls)
+    # A class with both a RuntimeError and an OSError branch (DeploymentSamplerTimeoutError) is
+    # allocated by OSError, whose instance layout it has; `cls.__new__` finds RuntimeError's.
+    allocate = OSError.__new__ if issubclass(cls, OSError) else cls.__new__
+    error = allocate(cls)
     Exception.__init__(error, message)
     error.__dict__.update(state)
     return error
@@ -200,8 +213,83 @@ class DeploymentError(FireworksError, RuntimeError):
         self.state = state
 
 
+class HotloadError(DeploymentError):
+    """A hotload was refused or failed (stage `error` for this snapshot), or did not finish in
+    time. The delta chain is then unknown: reset it and load a `base` next."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        deployment_id: str,
+        snapshot_identity: str,
+        state: str | None = None,
+    ) -> None:
+        super().__init__(message, deployment_id=deployment_id, state=state)
+        self.snapshot_identity = snapshot_identity
+
+
+class StaleDeploymentError(DeploymentError):
+    """After a hotload, a replica still serves another snapshot, or is not ready: sampling from
+    the deployment would evaluate the wrong weights (failure-modes W7)."""
+
+    def __init__(
+        self,
+        expected_identity: str,
+        served_identity: str | None,
+        *,
+        deployment_id: str = "",
+        replica_index: int = 0,
+    ) -> None:
+        served = repr(served_identity) if served_identity else "no snapshot"
+        message = (
+            f"deployment {deployment_id or '<unknown>'} replica {replica_index} serves {served}, "
+            f"expected {expected_identity!r} (ready); do not sample from it"
+        )
+        super().__init__(message, deployment_id=deployment_id, state=None)
+        self.expected_identity = expected_identity
+        self.served_identity = served_identity
+        self.replica_index = replica_index
+
+
 class TrainingShapeError(FireworksError, RuntimeError):
     """A training shape exists but has no validated version to resolve to."""
+
+
+class SamplingRequestError(FireworksError, RuntimeError):
+    """One logical completion failed after its retries (spec §11.5). Retryable: every failure
+    the sampler retries is transient, so a later attempt (a task retry) may succeed.
+
+    `final_status` is the last HTTP status (None when no answer came), `request_id` the server's
+    id of the last attempt, `context` the sampler's `request_context` (session, run, step...).
+    """
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        logical_request_id: str,
+        model: str,
+        attempts: int,
+        final_status: int | None,
+        final_error_kind: SamplingErrorKind,
+        request_id: str | None = None,
+        context: Mapping[str, str | int] | None = None,
+    ) -> None:
+        super().__init__(message, status_code=final_status, request_id=request_id)
+        self.logical_request_id = logical_request_id
+        self.model = model
+        self.attempts = attempts
+        self.final_status = final_status
+        self.final_error_kind = final_error_kind
+        self.context = dict(context or {})
+
+
+class DeploymentSamplerTimeoutError(SamplingRequestError, TimeoutError):
+    """A `SamplingRequestError` whose last failure was a timeout (HTTP 408/504 or no answer in
+    time)."""
 
 
 _STATUS_CLASSES: Mapping[int, type[APIStatusError]] = {

@@ -36,7 +36,11 @@ from tinker.lib.client_connection_pool_type import ClientConnectionPoolType
 from tinker.lib.public_interfaces.service_client import ServiceClient
 from tinker.lib.queue_state_logger import QueueStateLogger
 
+from sdk.concurrency import ConcurrencyController
+from sdk.firetitan_sampling import FiretitanSamplingClient
 from sdk.firetitan_training import FiretitanTrainingClient
+from sdk.sampling import DeploymentSampler
+from sdk.sampling_types import Tokenizer
 from sdk.settings import FireworksSettings, normalize_url, resolve_api_key
 
 __all__ = ["FIRETITAN_CLIENT_CONFIG", "FiretitanServiceClient"]
@@ -248,12 +252,41 @@ class FiretitanServiceClient(ServiceClient):
         client.load_state_with_optimizer(path).result()
         return client
 
-    def create_sampling_client(self, *args: Any, **kwargs: Any) -> Any:
-        """Not available: Firetitan trainers do not sample; use `DeploymentSampler`."""
-        raise NotImplementedError(
-            "FiretitanServiceClient does not sample through the trainer: hotload a snapshot "
-            "onto a deployment and sample with sdk.DeploymentSampler"
-        )
+    def create_sampling_client(  # type: ignore[override]  # tinker-shaped, not a subclass
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: Any = None,
+        deployment_sampler: DeploymentSampler | None = None,
+        *,
+        tokenizer: Tokenizer | str | None = None,
+        concurrency_controller: ConcurrencyController | None = None,
+    ) -> FiretitanSamplingClient:
+        """Wrap `deployment_sampler` in tinker's sampling interface (§11.7).
+
+        Firetitan trainers do not sample: without a sampler (sampling a `model_path` or a
+        `base_model` directly) this needs the managed or serverless platform, which fireloop
+        does not use. The sampler keeps its own tokenizer and concurrency controller.
+        """
+        if deployment_sampler is None:
+            raise NotImplementedError(
+                "create_sampling_client needs deployment_sampler=: hotload a snapshot onto a "
+                "deployment (WeightSyncer.save_and_hotload) and pass a sdk.DeploymentSampler "
+                "for it; sampling model_path/base_model directly needs the managed platform"
+            )
+        if concurrency_controller is not None:
+            raise ValueError(
+                "concurrency_controller: set it on the DeploymentSampler, which owns the window"
+            )
+        if tokenizer is not None and deployment_sampler.tokenizer is None:
+            deployment_sampler.tokenizer = tokenizer
+        ignored = {"model_path": model_path, "base_model": base_model, "retry_config": retry_config}
+        if any(value is not None for value in ignored.values()):
+            logger.warning(
+                "create_sampling_client: %s ignored; the deployment serves what was hotloaded",
+                ", ".join(name for name, value in ignored.items() if value is not None),
+            )
+        return FiretitanSamplingClient(deployment_sampler)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

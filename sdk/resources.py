@@ -203,6 +203,7 @@ class DeploymentInfo(_Resource):
     hot_load_trainer_job: str | None = None
     deployment_shape_version: str | None = None
     inference_model: str | None = None
+    base_model: str | None = None
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> DeploymentInfo:
@@ -217,4 +218,5 @@ class DeploymentInfo(_Resource):
             hot_load_trainer_job=_str(data, "hotLoadTrainerJob", "hot_load_trainer_job"),
             deployment_shape_version=_str(data, "deploymentShape", "deployment_shape"),
             inference_model=name or None,
+            base_model=_str(data, "baseModel", "base_model"),
         )
