@@ -42,6 +42,7 @@ from backend.control.shapes import TrainingShapeCatalog, shapes_router
 from backend.errors import install_error_handlers
 from backend.faults import FaultInjector, FaultMiddleware, FaultStats
 from backend.gateway import TrainerGateway, gateway_router
+from backend.serving import HotloadService, ServingRuntime, serving_router
 from backend.store import Store
 from backend.trainer.routes import trainer_router
 from backend.trainer.service import TrainerRegistry
@@ -105,6 +106,9 @@ class PlatformState:
         self.jobs.fail_after_restart()
         # The trainers behind the gateway: one per RUNNING job, created on its first request.
         self.trainers = TrainerRegistry(self)
+        # The deployments' serving replicas (they also gate CREATING → READY) and hotload.
+        self.serving = ServingRuntime(data_dir, self.deployments, clock)
+        self.hotload = HotloadService(self.serving, data_dir)
 
     # Hooks and calls for the trainer and the serving side.
     def on_job_lost(self, callback: Callable[[str], None]) -> None:
@@ -143,6 +147,7 @@ class PlatformState:
         return None if record is None else record.state
 
     def close(self) -> None:
+        self.serving.close()
         self.trainers.close()
         self.store.close()
 
@@ -165,6 +170,7 @@ def create_app(state: PlatformState, *gateway_routers: APIRouter) -> FastAPI:
     app.include_router(deployments_router(state.deployments, check_account))
     trainer = trainer_router(state.gateway, state.trainers)
     app.include_router(gateway_router(trainer, *gateway_routers))
+    app.include_router(serving_router(state.serving, state.hotload, check_account))
     # The last middleware added runs first: authentication, then fault injection, so only
     # authenticated requests draw from the fault sequence.
     app.add_middleware(FaultMiddleware, injector=state.faults)

@@ -1,9 +1,11 @@
 """Deployments (spec §3.3, §4.2, §7; D1-D5): hotload-enabled inference endpoints of base models.
 
-A deployment goes `CREATING → READY` by a timer; re-attaching it to another trainer job (PATCH
-`hot_load_trainer_job`) goes `UPDATING → READY` and empties the served snapshot, like the pod
-restart it is on the real platform. Scaling to zero, re-attaching and deleting notify the
-`on_deployment_reset` hooks, so the serving side can unload the weights.
+A deployment goes `CREATING → READY` once its timer has run and, when a serving runtime is
+attached (`attach_replicas`), its replica has loaded the base weights; creation starts that load
+at once. Re-attaching it to another trainer job (PATCH `hot_load_trainer_job`) goes `UPDATING →
+READY` the same way and empties the served snapshot, like the pod restart it is on the real
+platform. Scaling to zero, re-attaching and deleting notify the `on_deployment_reset` hooks, so
+the serving side can unload the weights.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Protocol, Self
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
@@ -39,6 +41,18 @@ logger = logging.getLogger(__name__)
 DeploymentState = Literal["CREATING", "READY", "UPDATING", "FAILED", "DELETING", "DELETED"]
 BucketType = Literal["BUCKET_TYPE_UNSPECIFIED", "FW_HOSTED", "MINIO", "S3", "NEBIUS"]
 DeploymentResetHook = Callable[[str], None]
+
+
+class ReplicaGate(Protocol):
+    """The serving side's answer to "are the base weights loaded?" (spec §4.2)."""
+
+    def replica_up_since(
+        self, deployment_id: str, base_model: str, not_before: float
+    ) -> float | None:
+        """When a replica started at or after `not_before` finished loading the base weights
+        (clock time); None while there is none, which starts one. Must not block or touch
+        the store (it is asked inside a store transaction)."""
+        ...
 
 
 class Placement(RequestModel):
@@ -152,6 +166,7 @@ class DeploymentService:
         self._creating_s = creating_s
         self._updating_s = updating_s
         self._reset_hooks: list[DeploymentResetHook] = []
+        self._replicas: ReplicaGate | None = None
         self.account_id = jobs.account_id
 
     def name(self, deployment_id: str) -> str:
@@ -160,6 +175,10 @@ class DeploymentService:
     def on_deployment_reset(self, callback: DeploymentResetHook) -> None:
         """Call `callback(deployment_id)` when its weights must be unloaded."""
         self._reset_hooks.append(callback)
+
+    def attach_replicas(self, replicas: ReplicaGate) -> None:
+        """READY then also waits for the deployment's replica to have its base weights."""
+        self._replicas = replicas
 
     def create(self, spec: DeploymentCreate, deployment_id: str | None) -> Deployment:
         if not deployment_id:
@@ -181,6 +200,9 @@ class DeploymentService:
                 reason="DEPLOYMENT_ALREADY_EXISTS",
             )
         logger.info("created deployment %s (%s)", deployment_id, spec.base_model)
+        if self._replicas is not None and spec.max_replica_count > 0:
+            # Start loading the base weights now, so READY comes as soon as they are in.
+            self._replicas.replica_up_since(deployment_id, spec.base_model, now)
         return self.to_wire(record)
 
     def find(self, deployment_id: str) -> DeploymentRecord | None:
@@ -292,6 +314,13 @@ class DeploymentService:
         if delay is None or now < record.state_since + delay:
             return record
         at = record.state_since + delay
+        if self._replicas is not None and record.spec.max_replica_count > 0:
+            up = self._replicas.replica_up_since(
+                record.deployment_id, record.spec.base_model, record.state_since
+            )
+            if up is None:
+                return record
+            at = max(at, up)
         return record.model_copy(update={"state": "READY", "state_since": at, "update_time": at})
 
     def _save(self, before: DeploymentRecord, after: DeploymentRecord) -> DeploymentRecord:

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from backend.models.errors import ModelPackageMissingError
+from backend.models.loading import model_construction
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,9 @@ def convert_smollm2(out_dir: Path, *, package: SmolLM2Package | None = None) -> 
     )
     # The GGUF metadata carries the full tokenizer and the chat template.
     tokenizer = _tokenizer_from_pretrained(gguf_dir, gguf_file=gguf_file)
-    gguf_model = _model_from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    model = _without_gguf_quantization(gguf_model)
+    with model_construction():
+        gguf_model = _model_from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        model = _without_gguf_quantization(gguf_model)
     del gguf_model  # frees the fp32 copy before the bf16 cast
     model.bfloat16()
     out_dir.mkdir(parents=True, exist_ok=True)

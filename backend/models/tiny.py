@@ -15,6 +15,7 @@ from typing import Final, cast
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, Qwen3Config
 
+from backend.models.loading import model_construction
 from backend.models.registry import ByteChatTemplate
 from backend.models.tokenizers import (
     BYTE_VOCAB_SIZE,
@@ -64,7 +65,8 @@ def build_tiny(out_dir: Path, *, seed: int = 0, chat_template: ByteChatTemplate 
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _model_from_config(tiny_config(), dtype=torch.float32)
+        with model_construction():
+            model = _model_from_config(tiny_config(), dtype=torch.float32)
     parameter_count = model.num_parameters()
     if parameter_count != TINY_PARAMETER_COUNT:
         raise AssertionError(

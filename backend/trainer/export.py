@@ -197,4 +197,5 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _adler32(tensor: torch.Tensor) -> int:
-    return zlib.adler32(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    # The array's buffer (`.data`), not `tobytes()`: no copy of the tensor (0.3 s per 540 MB).
+    return zlib.adler32(tensor.contiguous().view(torch.uint8).numpy().data)

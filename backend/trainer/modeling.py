@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from backend.models.loading import model_construction
 from backend.trainer.errors import UserError
 from backend.trainer.export import Tensors, dtype_name
 from backend.trainer.settings import LoraSettings
@@ -29,7 +30,8 @@ UNEMBED_MODULE = "lm_head"
 
 def load_hf_model(model_dir: Path, device: torch.device) -> PreTrainedModel:
     """The HF causal LM of `model_dir` in fp32 on `device`."""
-    loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with model_construction():
+        loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return cast(PreTrainedModel, cast(torch.nn.Module, loaded).to(device))
 
 

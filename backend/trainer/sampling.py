@@ -2,8 +2,10 @@
 
 Firetitan clients sample through deployments; the trainer samples only so that unmodified
 tinker clients (and parity tests) work against the local platform (tinker-protocol.md §13).
-Logprobs use the trainer's fp32 log-softmax, so at temperature 1 without top-k/top-p a sampled
-token's logprob equals the trainer's `forward` logprob of it at the same weights.
+Decoding is the deployments' own batched decoder (`backend.serving.generation`), run to
+completion on the job's worker, so both paths draw tokens and compute logprobs the same way:
+the trainer's fp32 log-softmax, so at temperature 1 without top-k/top-p a sampled token's
+logprob equals the trainer's `forward` logprob of it at the same weights.
 """
 
 from __future__ import annotations
@@ -12,14 +14,23 @@ import inspect
 import logging
 import secrets
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
+from backend.models.loading import model_construction
+from backend.serving.generation import (
+    DecodingModel,
+    DecodingSequence,
+    SequenceSpec,
+    run_to_completion,
+)
+from backend.serving.sampling import SamplingParams
 from backend.trainer import export
 from backend.trainer.errors import UserError
 from backend.trainer.modeling import load_hf_model
@@ -29,6 +40,7 @@ from backend.trainer.wire import JsonDict, SampleRequest, SamplingParamsWire
 logger = logging.getLogger(__name__)
 
 _CACHED_MODELS = 2  # loaded sampler models kept per job (base + the latest snapshot)
+_SEED_MASK = (1 << 63) - 1
 
 
 @dataclass
@@ -43,10 +55,22 @@ class SamplerModel:
     cache_kwarg: str  # `cache` (transformers 5) or `past_key_values` (4.x)
     tokenizer: Any = None  # loaded on the first request with stop strings
 
-    def decode(self, tokens: list[int]) -> str:
+    def decode(self, tokens: Sequence[int]) -> str:
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        return cast(str, self.tokenizer.decode(tokens))
+        return cast(str, self.tokenizer.decode(list(tokens)))
+
+    def decoding_model(self, context_length: int) -> DecodingModel:
+        """This model as the serving decoder takes it."""
+        return DecodingModel(
+            module=self.model,
+            device=self.device,
+            vocab_size=self.vocab_size,
+            context_length=context_length,
+            eos_token_ids=self.eos_token_ids,
+            cache_kwarg=self.cache_kwarg,
+            decode=self.decode,
+        )
 
 
 class SamplerCache:
@@ -70,7 +94,10 @@ class SamplerCache:
 
 
 def sample(sampler: SamplerModel, request: SampleRequest, context_length: int) -> JsonDict:
-    """The tinker `SampleResponse` JSON for one `asample` request."""
+    """The tinker `SampleResponse` JSON for one `asample` request.
+
+    The samples decode as one batch on the serving side's decoder; sample i draws with seed + i.
+    """
     prompt = _prompt_tokens(request, sampler.vocab_size)
     params = request.sampling_params
     budget = context_length - len(prompt)
@@ -78,97 +105,61 @@ def sample(sampler: SamplerModel, request: SampleRequest, context_length: int) -
         raise UserError(
             f"prompt has {len(prompt)} tokens, no room in the context of {context_length}"
         )
-    max_tokens = min(params.max_tokens or budget, budget)
     seed = params.seed if params.seed is not None else secrets.randbits(63)
-    generator = torch.Generator().manual_seed(seed)
-    sequences = []
-    prompt_logits_NV: torch.Tensor | None = None
-    with torch.no_grad():
-        for _ in range(request.num_samples):
-            sequence, prompt_logits_NV = _generate(sampler, prompt, params, max_tokens, generator)
-            sequences.append(sequence)
-    assert prompt_logits_NV is not None
-    answer: JsonDict = {"type": "sample", "sequences": sequences, "prompt_cache_hit_tokens": 0}
-    lp_NV = torch.log_softmax(prompt_logits_NV, dim=-1)
+    stop_token_ids, stop_strings = _stop_conditions(sampler, params)
+    top_k = request.topk_prompt_logprobs
+    wants_prompt = bool(request.prompt_logprobs) or top_k > 0
+    sequences = [
+        DecodingSequence(
+            SequenceSpec(
+                prompt=tuple(prompt),
+                max_tokens=min(params.max_tokens or budget, budget),
+                sampling=SamplingParams(params.temperature, params.top_p, max(params.top_k, 0)),
+                seed=(seed + index) & _SEED_MASK,
+                stop_token_ids=stop_token_ids,
+                stop_strings=stop_strings,
+                # The prompt's logprobs are the same for every sample: computed once.
+                prompt_logprobs=wants_prompt and index == 0,
+                top_logprobs=top_k if index == 0 else 0,
+            )
+        )
+        for index in range(request.num_samples)
+    ]
+    run_to_completion(sampler.decoding_model(context_length), sequences)
+    answer: JsonDict = {
+        "type": "sample",
+        "sequences": [_sequence_json(s) for s in sequences],
+        "prompt_cache_hit_tokens": 0,
+    }
+    scored = sequences[0].prompt_logprobs
     if request.prompt_logprobs:
-        answer["prompt_logprobs"] = [None] + [
-            float(lp_NV[t - 1, prompt[t]]) for t in range(1, len(prompt))
-        ]
-    if request.topk_prompt_logprobs > 0:
-        k = min(request.topk_prompt_logprobs, sampler.vocab_size)
-        top = torch.topk(lp_NV[:-1], k, dim=-1)
+        answer["prompt_logprobs"] = [None] + [entry.logprob for entry in scored]
+    if top_k > 0:
         answer["topk_prompt_logprobs"] = [None] + [
-            [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
-            for ids, values in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            [(token, value) for token, value in entry.top] for entry in scored
         ]
     return answer
 
 
-def _generate(
-    sampler: SamplerModel,
-    prompt: list[int],
-    params: SamplingParamsWire,
-    max_tokens: int,
-    generator: torch.Generator,
-) -> tuple[JsonDict, torch.Tensor]:
-    """One sequence (KV-cached decoding); also the prompt's fp32 logits [N, V]."""
-    ids = torch.tensor([prompt], device=sampler.device)
-    # One cache object, updated in place by every call (passed under this version's name).
-    cache = {sampler.cache_kwarg: DynamicCache()}
-    out = sampler.model(input_ids=ids, use_cache=True, **cache)
-    prompt_logits_NV = out.logits[0].float()
-    logits_V = prompt_logits_NV[-1]
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    stop_reason = "length"
-    for _ in range(max_tokens):
-        token, logprob = _draw(logits_V, params, generator)
-        tokens.append(token)
-        logprobs.append(logprob)
-        if _stops(sampler, tokens, params):
-            stop_reason = "stop"
-            break
-        step = torch.tensor([[token]], device=sampler.device)
-        out = sampler.model(input_ids=step, use_cache=True, **cache)
-        logits_V = out.logits[0, -1].float()
-    sequence = {"stop_reason": stop_reason, "tokens": tokens, "logprobs": logprobs}
-    return sequence, prompt_logits_NV
-
-
-def _draw(
-    logits_V: torch.Tensor, params: SamplingParamsWire, generator: torch.Generator
-) -> tuple[int, float]:
-    """A token and its logprob under the distribution it was drawn from (fp32)."""
-    if params.temperature == 0:  # greedy
-        lp_V = torch.log_softmax(logits_V, dim=-1)
-        token = int(torch.argmax(lp_V))
-        return token, float(lp_V[token])
-    lp_V = torch.log_softmax(logits_V / params.temperature, dim=-1)
-    if 0 < params.top_k < lp_V.numel():
-        kth = torch.topk(lp_V, params.top_k).values[-1]
-        lp_V = lp_V.masked_fill(lp_V < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_lp, order = torch.sort(lp_V, descending=True)
-        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()
-        dropped = order[mass_before >= params.top_p]  # the top token always stays
-        lp_V = lp_V.index_fill(0, dropped, float("-inf"))
-    lp_V = torch.log_softmax(lp_V, dim=-1)  # renormalised over what may be drawn
-    token = int(torch.multinomial(lp_V.exp().cpu(), 1, generator=generator))
-    return token, float(lp_V[token])
-
-
-def _stops(sampler: SamplerModel, tokens: list[int], params: SamplingParamsWire) -> bool:
+def _stop_conditions(
+    sampler: SamplerModel, params: SamplingParamsWire
+) -> tuple[frozenset[int], tuple[str, ...]]:
+    """tinker's `stop`: None stops at EOS, [] never stops early, else the ids or strings."""
     stop = params.stop
     if stop is None:
-        return tokens[-1] in sampler.eos_token_ids
-    if isinstance(stop, str):
-        stop = [stop]
-    if not stop:
-        return False  # [] disables stopping, EOS included
-    if all(isinstance(s, int) for s in stop):
-        return tokens[-1] in stop
-    text = sampler.decode(tokens)
-    return any(isinstance(s, str) and s in text for s in stop)
+        return sampler.eos_token_ids, ()
+    stops: list[str | int] = [stop] if isinstance(stop, str) else list(stop)
+    ids = frozenset(s for s in stops if isinstance(s, int))
+    return ids, tuple(s for s in stops if isinstance(s, str))
+
+
+def _sequence_json(sequence: DecodingSequence) -> JsonDict:
+    return {
+        "stop_reason": sequence.finish_reason or "length",
+        "tokens": list(sequence.tokens),
+        # The logprob under the distribution sampled (tinker's sequence logprobs).
+        "logprobs": [entry.sampling_logprob for entry in sequence.logprobs],
+    }
 
 
 def _prompt_tokens(request: SampleRequest, vocab_size: int) -> list[int]:
@@ -196,7 +187,8 @@ def _load(model_dir: Path, snapshot_dir: Path | None, device: torch.device) -> S
     if snapshot_dir is not None:
         meta = export.read_snapshot_meta(snapshot_dir)
         if meta.get("format") == "peft_adapter":
-            peft_model = PeftModel.from_pretrained(model, str(snapshot_dir))
+            with model_construction():
+                peft_model = PeftModel.from_pretrained(model, str(snapshot_dir))
             model = cast(torch.nn.Module, peft_model.merge_and_unload())
         else:
             tensors = export.load_snapshot_tensors(snapshot_dir)

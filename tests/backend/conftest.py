@@ -6,6 +6,7 @@ time by hand instead of sleeping and cannot race the timers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,17 @@ class PlatformApi:
 
     def deployment(self, deployment_id: str) -> httpx.Response:
         return self.http.get(f"{DEPLOYMENTS}/{deployment_id}")
+
+    def wait_deployment_ready(self, deployment_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Poll until READY: besides its timer, a deployment waits for its replica to load the
+        base weights (in the background, real time, even under the manual clock)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body: dict[str, Any] = self.deployment(deployment_id).json()
+            if body["state"] == "READY":
+                return body
+            assert time.monotonic() < deadline, f"{deployment_id} stayed {body['state']}"
+            time.sleep(0.02)
 
 
 @pytest.fixture

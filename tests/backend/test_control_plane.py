@@ -304,7 +304,7 @@ def test_restart_keeps_jobs_deployments_and_checkpoints(
         assert api.create_job("was-pending").status_code == 200
         assert api.create_deployment("dep-1").status_code == 200
         clock.advance(1)
-        assert api.deployment("dep-1").json()["state"] == "READY"
+        api.wait_deployment_ready("dep-1")
         first.state.record_checkpoint("was-running", "step-2", "CHECKPOINT_TYPE_TRAINING")
 
     with LocalPlatform(data_dir=data_dir, api_key=key, timings=timings, clock=clock) as second:
@@ -336,8 +336,8 @@ def test_deployment_lifecycle(api: PlatformApi, clock: ManualClock, running_job:
     assert deployment["hotLoadBucketUrl"].endswith("/hotload/dep-1")
     api.expect_error(api.create_deployment("dep-1"), 409, "ALREADY_EXISTS", "dep-1")
     clock.advance(api.TIMINGS.deployment_creating_s)
-    ready = api.deployment("dep-1").json()
-    assert (ready["state"], ready["replicaCount"]) == ("READY", 1)
+    ready = api.wait_deployment_ready("dep-1")
+    assert ready["replicaCount"] == 1
 
 
 def test_reattaching_a_deployment_restarts_it_and_resets_the_snapshot(
@@ -365,7 +365,7 @@ def test_reattaching_a_deployment_restarts_it_and_resets_the_snapshot(
     assert state.deployments.served_snapshot("dep-1") == ""
     assert resets == ["dep-1"]
     clock.advance(api.TIMINGS.deployment_updating_s)
-    assert api.deployment("dep-1").json()["state"] == "READY"
+    api.wait_deployment_ready("dep-1")
 
     # A masked field absent from the body is cleared to its default.
     cleared = api.http.patch(f"{DEPLOYMENTS}/dep-1", params={"updateMask": "description"}, json={})

@@ -1,0 +1,150 @@
+"""Turning a base model and sampler snapshots into a model ready to decode.
+
+Every served model is built the trainer's way (`modeling.load_hf_model`: fp32 weights, the same
+attention implementation), so served logprobs match the trainer's `forward` at equal weights.
+Full snapshots replace every weight; a delta is rebuilt against the weights being served, in the
+snapshot's dtype, and its Adler-32 checksums prove it was applied to the right base
+(`export.apply_delta_tensors`); a LoRA snapshot is a PEFT adapter merged into fresh base
+weights, so serving costs nothing extra per token. Imports torch: the runtime loads this module
+on its loader thread only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, PreTrainedModel
+
+from backend.models.loading import model_construction
+from backend.serving.generation import DecodingModel
+from backend.trainer import export, modeling
+from backend.trainer.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SnapshotKind = Literal["full", "delta", "adapter"]
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What `snapshot.json` says about a sampler snapshot, as the hotload path needs it."""
+
+    identity: str
+    kind: SnapshotKind
+    checkpoint_type: str  # base, delta or merged_base, as the trainer saved it
+    base_model: str
+    previous_identity: str | None  # a delta's recorded base
+    dtype: str
+
+
+def read_snapshot_info(directory: Path) -> SnapshotInfo:
+    """The snapshot's metadata; `UserError` when it is incomplete or not a snapshot."""
+    meta = export.read_snapshot_meta(directory)
+    checkpoint_type = str(meta.get("checkpoint_type", ""))
+    kind: SnapshotKind
+    if meta.get("format") == "peft_adapter":
+        kind = "adapter"
+    elif checkpoint_type == "delta":
+        kind = "delta"
+    else:
+        kind = "full"
+    previous = meta.get("previous_snapshot_identity")
+    return SnapshotInfo(
+        identity=str(meta.get("identity", directory.name)),
+        kind=kind,
+        checkpoint_type=checkpoint_type,
+        base_model=str(meta.get("base_model", "")),
+        previous_identity=str(previous) if previous is not None else None,
+        dtype=str(meta.get("dtype", "float32")),
+    )
+
+
+class ModelFactory:
+    """Builds `DecodingModel`s of one base model directory (the tokenizer is loaded once)."""
+
+    def __init__(self, model_dir: Path, device: torch.device, context_length: int) -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self.context_length = context_length
+        self._tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+
+    def base(self) -> DecodingModel:
+        """The base model's own weights."""
+        return self._wrap(modeling.load_hf_model(self.model_dir, self.device))
+
+    def full(self, tensors: export.Tensors, where: Path) -> DecodingModel:
+        """Base architecture with every weight replaced by `tensors` (any float dtype)."""
+        module = modeling.load_hf_model(self.model_dir, self.device)
+        state = {name: t.to(self.device, torch.float32) for name, t in tensors.items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        # A tied LM head is stored once (as the embedding) and follows it.
+        untied = [name for name in missing if not name.startswith("lm_head.")]
+        if untied or unexpected:
+            raise UserError(
+                f"snapshot {where.name!r} does not fit the base model: "
+                f"missing {untied[:3]}, unexpected {list(unexpected)[:3]}"
+            )
+        return self._wrap(module)
+
+    def adapter(self, adapter_dir: Path) -> DecodingModel:
+        """Fresh base weights with the PEFT adapter of `adapter_dir` merged in."""
+        base = modeling.load_hf_model(self.model_dir, self.device)
+        # Building the LoRA layers is model construction too (transformers' global init state).
+        with model_construction():
+            peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+        merged = cast(torch.nn.Module, peft_model.merge_and_unload())
+        return self._wrap(cast(PreTrainedModel, merged))
+
+    def delta(self, current: DecodingModel, delta_dir: Path, dtype_name: str) -> DecodingModel:
+        """`current`'s weights XOR the delta, checksums verified (`UserError` if they fail)."""
+        served = _served_tensors(current.module, _dtype(dtype_name))
+        return self.full(export.apply_delta_tensors(served, delta_dir), delta_dir)
+
+    def decode(self, tokens: Any) -> str:
+        return cast(str, self._tokenizer.decode(list(tokens)))
+
+    def token_text(self, token_id: int) -> str:
+        return cast(str, self._tokenizer.decode([token_id]))
+
+    def _wrap(self, module: PreTrainedModel) -> DecodingModel:
+        cast(torch.nn.Module, module).eval()
+        config = module.generation_config
+        eos = config.eos_token_id if config is not None else None
+        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        forward_parameters = inspect.signature(module.forward).parameters
+        return DecodingModel(
+            module=cast(torch.nn.Module, module),
+            device=self.device,
+            vocab_size=int(module.config.vocab_size),
+            context_length=self.context_length,
+            eos_token_ids=frozenset(int(e) for e in eos_ids),
+            cache_kwarg="cache" if "cache" in forward_parameters else "past_key_values",
+            decode=self.decode,
+        )
+
+
+def _served_tensors(module: torch.nn.Module, dtype: torch.dtype) -> export.Tensors:
+    """The served weights keyed as the trainer exports them (`modeling.full_tensors`: tied
+    tensors once), in the snapshot's dtype. Read only by the XOR, so fp32 weights are not
+    copied (`to` returns the tensor itself), which saves a model-sized copy per delta."""
+    tensors: export.Tensors = {}
+    seen: set[int] = set()
+    for name, tensor in module.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().to("cpu", dtype)
+    return tensors
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"unknown snapshot dtype {name!r}")
+    return dtypes[name]

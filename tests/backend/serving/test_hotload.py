@@ -1,0 +1,289 @@
+"""Hotload (spec §10) on the tiny model: snapshots saved by a real trainer through the Firetitan
+client, loaded over raw HTTP, verified by comparing served logprobs with the trainer's `forward`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.backend.serving.conftest import (
+    DEPLOYMENTS,
+    SEQUENCE,
+    TOLERANCE,
+    ServingHarness,
+    delta_metadata,
+    save,
+    train,
+    trainer_logprobs,
+)
+
+
+def _gap(harness: ServingHarness, deployment_id: str, client: Any) -> float:
+    served = harness.score(deployment_id, SEQUENCE)
+    return float((served - trainer_logprobs(client, SEQUENCE)).abs().max())
+
+
+def test_served_logprobs_equal_the_trainers_after_a_base_load_and_a_delta(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("parity-job")
+    harness.deploy("parity", "parity-job")
+    base_logprobs = harness.score("parity", SEQUENCE)
+    train(client)
+    base = save(client, "step-1", "base")
+    accepted = harness.hotload("parity", base)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json() == {"identity": base, "accepted": True}
+    first = harness.wait_loaded("parity", base)
+    assert _gap(harness, "parity", client) <= TOLERANCE
+    assert float((harness.score("parity", SEQUENCE) - base_logprobs).abs().max()) > 1e-3
+
+    train(client)
+    delta = save(client, "step-2", "delta")
+    assert harness.hotload("parity", delta, delta_metadata(base)).status_code == 200
+    second = harness.wait_loaded("parity", delta)
+    assert _gap(harness, "parity", client) <= TOLERANCE
+    assert second["weight_version"] > first["weight_version"]
+    assert second["identity"] == first["identity"]  # the same replica (pod)
+    assert harness.platform.state.deployments.served_snapshot("parity") == delta
+
+
+def test_a_lora_adapter_loads_on_the_base_with_trainer_parity(harness: ServingHarness) -> None:
+    client = harness.training_client("lora-job", lora_rank=8)
+    harness.deploy("lora", "lora-job")
+    for step in range(2):
+        train(client)
+        identity = save(client, f"step-{step}", "base")
+        assert harness.hotload("lora", identity).status_code == 200
+        replica = harness.wait_loaded("lora", identity)
+        assert replica["loaded_adapters"] == [{"identity": identity, "status": "loaded"}]
+        assert _gap(harness, "lora", client) <= TOLERANCE
+    # Metadata on an adapter is refused: an adapter is always complete.
+    train(client)
+    adapter = save(client, "step-9", "base")
+    assert harness.hotload("lora", adapter, delta_metadata(identity)).status_code == 200
+    failed = harness.wait_error("lora", adapter)
+    assert "only deltas take it" in failed["loading_state"]["message"]
+    assert failed["current_snapshot_identity"] == identity and failed["readiness"]
+
+
+def test_a_delta_must_follow_what_the_replica_serves(harness: ServingHarness) -> None:
+    client = harness.training_client("chain-job")
+    harness.deploy("chain", "chain-job")
+    base = save(client, "s1", "base")
+    assert harness.hotload("chain", base).status_code == 200
+    harness.wait_loaded("chain", base)
+    train(client, 1)
+    skipped = save(client, "s2", "delta")  # saved, never loaded
+    train(client, 1)
+    last = save(client, "s3", "delta")
+
+    # Claims the right predecessor, but the replica serves another one.
+    assert harness.hotload("chain", last, delta_metadata(skipped)).status_code == 200
+    failed = harness.wait_error("chain", last)
+    message = failed["loading_state"]["message"]
+    assert skipped in message and base in message
+    assert (failed["current_snapshot_identity"], failed["readiness"]) == (base, True)
+    # Claims what the replica serves, but the delta was saved against another snapshot.
+    assert harness.hotload("chain", last, delta_metadata(base)).status_code == 200
+    message = harness.wait_error("chain", last)["loading_state"]["message"]
+    assert skipped in message and base in message
+    # No metadata at all: a delta cannot be applied without its base.
+    assert harness.hotload("chain", skipped).status_code == 200
+    message = harness.wait_error("chain", skipped)["loading_state"]["message"]
+    assert "cannot be applied without incremental_snapshot_metadata" in message
+    # In order, the chain loads, and the weights are the trainer's.
+    assert harness.hotload("chain", skipped, delta_metadata(base)).status_code == 200
+    harness.wait_loaded("chain", skipped)
+    assert harness.hotload("chain", last, delta_metadata(skipped)).status_code == 200
+    harness.wait_loaded("chain", last)
+    assert _gap(harness, "chain", client) <= TOLERANCE
+
+
+def test_sampling_during_a_load_answers_425_then_serves_the_new_weights(
+    harness: ServingHarness, slow_loads: None
+) -> None:
+    client = harness.training_client("busy-job")
+    harness.deploy("busy", "busy-job")
+    before = save(client, "before", "base")
+    harness.hotload("busy", before)
+    old = harness.wait_loaded("busy", before)
+    train(client, 3)
+    after = save(client, "after", "delta")
+    assert harness.hotload("busy", after, delta_metadata(before)).status_code == 200
+
+    busy = harness.complete("busy", prompt=SEQUENCE[:4], max_tokens=2)
+    assert busy.status_code == 425, busy.text
+    assert after in busy.json()["error"]["message"]
+    # W3: until the new weights serve, the status still names the old ones, and not ready.
+    (loading,) = harness.status("busy")
+    assert loading["loading_state"]["stage"] in ("downloading", "loading")
+    assert loading["loading_state"]["target_snapshot_identity"] == after
+    assert (loading["current_snapshot_identity"], loading["readiness"]) == (before, False)
+    # A resent POST of the same load is accepted; another identity must wait its turn.
+    assert harness.hotload("busy", after, delta_metadata(before)).status_code == 200
+    other = harness.hotload("busy", before)
+    assert other.status_code == 409 and after in other.json()["error"]["message"]
+
+    loaded = harness.wait_loaded("busy", after)
+    assert loaded["weight_version"] > old["weight_version"]
+    assert _gap(harness, "busy", client) <= TOLERANCE
+    # Loading what already serves is a no-op.
+    assert harness.hotload("busy", after).status_code == 200
+    assert harness.status("busy")[0]["weight_version"] == loaded["weight_version"]
+
+
+def test_a_stale_error_for_another_target_leaves_the_status_usable(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("stale-job")
+    harness.deploy("stale", "stale-job")
+    good = save(client, "good", "base")
+    train(client, 1)
+    orphan = save(client, "orphan", "delta")
+    assert harness.hotload("stale", orphan).status_code == 200
+    assert harness.wait_error("stale", orphan)["current_snapshot_identity"] == ""
+    # The error names its own target, so a client waiting for `good` is not misled.
+    assert harness.hotload("stale", good).status_code == 200
+    replica = harness.wait_loaded("stale", good)
+    assert replica["loading_state"]["target_snapshot_identity"] == good
+    assert replica["loading_state"]["stage"] in ("completed", "idle")
+
+
+@pytest.fixture(scope="module")
+def mine_snapshot(harness: ServingHarness) -> str:
+    """A snapshot of trainer "mine-job"; deployments "theirs" (another trainer) and "unlinked"."""
+    mine = harness.training_client("mine-job")
+    harness.create_job("theirs-job")
+    harness.deploy("theirs", "theirs-job")
+    harness.deploy("unlinked")
+    return save(mine, "snap", "base")
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "fragments"),
+    [
+        ("wrong base model", 400, ("smollm2-135m", "tiny")),
+        ("another trainer's snapshot", 404, ("theirs-job", "mine-job")),
+        ("no linked trainer", 400, ("no hotLoadTrainerJob",)),
+        ("unknown field", 400, ("extra inputs are not permitted",)),
+        ("bad compression format", 400, ("compression_format", "arc_v2")),
+        ("bad checksum format", 400, ("checksum_format", "alder32")),
+        ("missing deployment header", 400, ("fireworks-deployment",)),
+        ("unknown deployment", 404, ("nowhere",)),
+    ],
+)
+def test_bad_hotloads_are_refused_before_any_load(
+    harness: ServingHarness,
+    mine_snapshot: str,
+    case: str,
+    status: int,
+    fragments: tuple[str, ...],
+) -> None:
+    snapshot = mine_snapshot
+    deployment, kwargs = "theirs", dict[str, Any]()
+    if case == "wrong base model":
+        kwargs["model"] = "smollm2-135m"
+    elif case == "no linked trainer":
+        deployment = "unlinked"
+    elif case == "unknown field":
+        kwargs["priority"] = "high"
+    elif case == "bad compression format":
+        kwargs["metadata"] = delta_metadata("x", compression_format="zstd")
+    elif case == "bad checksum format":
+        kwargs["metadata"] = delta_metadata("x", checksum_format="adler32")
+    elif case == "unknown deployment":
+        deployment = "nowhere"
+    if case == "missing deployment header":
+        headers = {"fireworks-model": "tiny"}
+        response = harness.http.post(
+            "/hot_load/v1/models/hot_load", json={"identity": snapshot}, headers=headers
+        )
+    else:
+        response = harness.hotload(deployment, snapshot, **kwargs)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert all(fragment in message for fragment in fragments), message
+    (replica,) = harness.status("theirs")
+    assert replica["current_snapshot_identity"] == ""
+    assert replica["loading_state"]["stage"] == "idle"
+
+
+def test_the_status_lists_no_replica_until_the_base_weights_are_in(
+    harness: ServingHarness,
+) -> None:
+    settings = harness.platform.state.serving.settings
+    harness.platform.state.serving.settings = settings.model_copy(update={"start_delay_s": 1.0})
+    try:
+        created = harness.http.post(
+            DEPLOYMENTS, params={"deploymentId": "slow"}, json={"baseModel": "tiny"}
+        )
+        assert created.status_code == 200
+        assert harness.status("slow") == []
+        assert harness.deployment("slow")["state"] == "CREATING"
+        early = harness.complete("slow", prompt=SEQUENCE[:3], max_tokens=1)
+        assert early.status_code == 425, early.text
+        harness.wait_state("slow", "READY")
+        (replica,) = harness.status("slow")
+        assert replica["readiness"] and replica["current_snapshot_identity"] == ""
+    finally:
+        harness.platform.state.serving.settings = settings
+
+
+def test_scaled_to_zero_the_weights_unload_and_a_request_brings_the_base_back(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("zero-job")
+    harness.deploy("zero", "zero-job")
+    base_logprobs = harness.score("zero", SEQUENCE)
+    train(client)
+    snapshot = save(client, "s1", "base")
+    harness.hotload("zero", snapshot)
+    before = harness.wait_loaded("zero", snapshot)
+    scaled = harness.http.patch(
+        f"{DEPLOYMENTS}/zero", json={"minReplicaCount": 0, "maxReplicaCount": 0}
+    )
+    assert scaled.status_code == 200, scaled.text
+    assert harness.status("zero") == []
+    assert harness.platform.state.deployments.served_snapshot("zero") == ""
+
+    # The request waits for a new replica with the base weights, like a new pod.
+    assert torch.allclose(harness.score("zero", SEQUENCE), base_logprobs, atol=1e-6)
+    (after,) = harness.status("zero")
+    assert after["current_snapshot_identity"] == "" and after["identity"] != before["identity"]
+    assert after["weight_version"] > before["weight_version"]
+
+
+def test_reattaching_restarts_the_replica_and_resets_the_snapshot(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("first-job")
+    harness.create_job("second-job")
+    harness.deploy("moved", "first-job")
+    snapshot = save(client, "s1", "base")
+    harness.hotload("moved", snapshot)
+    before = harness.wait_loaded("moved", snapshot)
+    patched = harness.http.patch(
+        f"{DEPLOYMENTS}/moved",
+        params={"updateMask": "hot_load_trainer_job"},
+        json={"hotLoadTrainerJob": "accounts/local/rlorTrainerJobs/second-job"},
+    )
+    assert patched.json()["state"] == "UPDATING"
+    harness.wait_state("moved", "READY")
+    (after,) = harness.status("moved")
+    assert after["identity"] != before["identity"]  # a new pod, as `reattach_trainer` expects
+    assert after["current_snapshot_identity"] == "" and after["readiness"]
+    # The old trainer's snapshot is no longer reachable from this deployment.
+    refused = harness.hotload("moved", snapshot)
+    assert refused.status_code == 404 and "second-job" in refused.json()["error"]["message"]
+
+
+def test_a_deleted_deployment_stops_serving(harness: ServingHarness) -> None:
+    harness.deploy("gone")
+    assert harness.complete("gone", prompt=SEQUENCE[:3], max_tokens=1).status_code == 200
+    assert harness.http.delete(f"{DEPLOYMENTS}/gone").status_code == 200
+    response = harness.complete("gone", prompt=SEQUENCE[:3], max_tokens=1)
+    assert response.status_code == 404 and "not found" in response.json()["error"]["message"]
