@@ -135,6 +135,8 @@ class HotloadRow(_Row):
     deployment: str = Field(min_length=1)
     verified: bool
     step: int | None = Field(default=None, ge=0)
+    # `base` (a full load: every session's first, W4) or `delta` (against the previous one).
+    checkpoint_type: Literal["base", "delta", "merged_base"] | None = None
 
 
 class EvaluationRow(_Row):

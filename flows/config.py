@@ -1,0 +1,172 @@
+"""Recipe configuration: one pydantic model per flow, composed of small shared parts.
+
+`RecipeConfig` holds what every recipe shares (model, optimizer, cadence, platform, W&B,
+teardown, waits, recovery); `SFTConfig` adds the SFT data and evaluation fields. A flow takes
+its config as its one parameter, so Prefect renders it as a form; the API key is a `SecretStr`
+and shows masked there, in logs and in `model_dump_json` (failure-modes F7). Hyperparameters
+live here, endpoints in `platform`: a `None` platform selects the embedded local backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from algorithms.chat import TrainOnWhat
+from algorithms.datums import LossReduction
+from algorithms.schedules import LRSchedule
+from tasks.platform import Waits
+from tasks.teardown import TeardownPolicy
+from tasks.training import AdamConfig
+
+__all__ = [
+    "RUN_ONLY_FIELDS",
+    "PlatformConfig",
+    "RecipeConfig",
+    "SFTConfig",
+    "WandbConfig",
+    "training_identity_hash",
+]
+
+# Fields that change how a run is operated, observed or evaluated, but not what it trains:
+# a resumed run may change them without its ledger calling it another run.
+RUN_ONLY_FIELDS: Final = frozenset(
+    {
+        "run_dir",
+        "platform",
+        "wandb",
+        "teardown",
+        "waits",
+        "flow_retries",
+        "retry_delay_s",
+        "checkpoint_every",
+        "hotload_every",
+        "eval_every",
+        "eval_dataset",
+        "eval_size",
+        "eval_max_tokens",
+        "sample_eval",
+    }
+)
+_RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlatformConfig(_Part):
+    """A platform to run on: the Fireworks platform or a standalone `fireloop backend`."""
+
+    base_url: str = Field(description="Control-plane URL, e.g. https://api.fireworks.ai")
+    api_key: SecretStr | None = Field(
+        default=None, description="API key; empty: the FIREWORKS_API_KEY environment variable"
+    )
+    inference_url: str | None = Field(default=None, description="Default: base_url")
+    hotload_api_url: str | None = Field(default=None, description="Default: base_url")
+    trainer_job_id: str | None = Field(
+        default=None, description="Reuse this trainer job (never deleted by teardown)"
+    )
+    deployment_id: str | None = Field(
+        default=None, description="Reuse this deployment (never deleted by teardown)"
+    )
+
+
+class WandbConfig(_Part):
+    """Weights & Biases logging; offline (files under run_dir) when no key is present."""
+
+    entity: str | None = None
+    project: str | None = Field(default=None, description="Default: the recipe's project")
+    run_name: str | None = Field(default=None, description="Default: the run's name")
+    mode: Literal["online", "offline"] | None = Field(
+        default=None, description="Default: online with WANDB_API_KEY set, else offline"
+    )
+
+
+class RecipeConfig(_Part):
+    """What every recipe flow shares (recipes.md §2)."""
+
+    run_name: str = Field(default="sft", pattern=_RUN_NAME, description="Names ids and artifacts")
+    run_dir: str | None = Field(
+        default=None, description="Ledger, metrics, W&B files: a path or fsspec URL (./runs/<run>)"
+    )
+    base_model: str = Field(default="fireloop/tiny", min_length=1)
+    tokenizer_model: str | None = Field(
+        default=None, description="HF id or directory; default: the trainer's tokenizer"
+    )
+    lora_rank: int = Field(default=0, ge=0, description="0 = full-parameter training")
+    lora_alpha: int = Field(default=32, gt=0)
+    seed: int = Field(default=0, description="Data order, LoRA init, eval carve-out")
+    max_steps: int = Field(default=100, gt=0, description="Optimizer steps in the run")
+    learning_rate: float = Field(default=3e-3, gt=0, description="Peak LR (tiny: 3e-3; ~1e-4 real)")
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    adam: AdamConfig = AdamConfig()
+    checkpoint_every: int = Field(default=20, gt=0, description="Resumable save cadence (steps)")
+    hotload_every: int = Field(
+        default=0, ge=0, description="Hotload cadence (steps); 0 = only when evaluating"
+    )
+    eval_every: int = Field(default=20, ge=0, description="0 = only at the start and the end")
+    platform: PlatformConfig | None = Field(
+        default=None, description="Empty: the embedded local backend"
+    )
+    wandb: WandbConfig | None = Field(default=None, description="Empty: no W&B logging")
+    teardown: TeardownPolicy = Field(default="keep", description="After the run completes")
+    waits: Waits | None = Field(
+        default=None, description="Empty: SDK defaults (short polls on the embedded backend)"
+    )
+    flow_retries: int = Field(default=2, ge=0, description="Flow retries (preemption recovery)")
+    retry_delay_s: float = Field(default=30.0, ge=0)
+
+    @property
+    def resolved_run_dir(self) -> str:
+        """`run_dir`, else `./runs/<run_name>` (absolute, so ids derived from it are stable)."""
+        if self.run_dir:
+            return self.run_dir.rstrip("/")
+        return str(Path("runs", self.run_name).absolute())
+
+
+class SFTConfig(RecipeConfig):
+    """Supervised fine-tuning on chat JSONL or a built-in toy task (recipes.md §5)."""
+
+    dataset: str = Field(
+        default="reverse", description="A chat JSONL path/URL or a toy task name (reverse)"
+    )
+    max_rows: int | None = Field(default=None, gt=0, description="Cap on training rows read")
+    batch_size: int = Field(default=64, gt=0)
+    train_on_what: TrainOnWhat = "all_assistant_messages"
+    loss_reduction: LossReduction = "batch_token_mean"
+    max_seq_len: int | None = Field(default=None, gt=1, description="Longer rows are dropped")
+    shuffle: bool = True
+    eval_dataset: str | None = Field(
+        default=None,
+        description="JSONL or toy task; default: the toy task's eval split or a carve-out",
+    )
+    eval_size: int = Field(default=64, gt=0, description="Evaluation rows")
+    eval_max_tokens: int = Field(default=16, gt=0, description="Tokens sampled per eval prompt")
+    sample_eval: bool = Field(
+        default=True, description="Exact match by sampling a hotloaded deployment"
+    )
+
+    @model_validator(mode="after")
+    def _cadence(self) -> SFTConfig:
+        if self.warmup_steps >= self.max_steps and self.warmup_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps")
+        return self
+
+    @property
+    def needs_deployment(self) -> bool:
+        """Whether the run hotloads (a cadence, or sample-based evaluation)."""
+        return self.hotload_every > 0 or self.sample_eval
+
+
+def training_identity_hash(config: BaseModel) -> str:
+    """`sha256:<hex>` of the fields that decide what is trained (all but `RUN_ONLY_FIELDS`)."""
+    fields = config.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS))
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,0 +1,64 @@
+"""The embedded local backend: started in this process when a run names no platform.
+
+The only module of `flows/` that imports `backend/` (design.md: the embedded default). One
+platform per data directory per process, started on first use and kept for the life of the
+process: module globals survive Prefect's flow retries, so a retry reconnects to the same
+platform, as it would to a remote one. The data directory persists jobs and checkpoints, so a
+run resubmitted after a crash finds its trainer job again (FAILED, then resumed).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from pydantic import SecretStr
+
+from tasks.platform import PlatformEndpoint, Waits
+
+if TYPE_CHECKING:
+    from backend import LocalPlatform
+
+__all__ = ["EMBEDDED_WAITS", "embedded_endpoint", "stop_embedded_platforms"]
+
+logger = logging.getLogger(__name__)
+
+# The local platform moves a job to RUNNING in under a second: poll it often.
+EMBEDDED_WAITS: Final = Waits(
+    poll_interval_s=0.1, http_retry_budget_s=60.0, http_retry_base_delay_s=0.1
+)
+
+_lock = threading.Lock()
+_platforms: dict[Path, LocalPlatform] = {}  # by data directory
+
+
+def embedded_endpoint(data_dir: Path, waits: Waits | None = None) -> PlatformEndpoint:
+    """The endpoint of the embedded platform on `data_dir`, started if it is not running."""
+    from backend import LocalPlatform  # the server stack loads only when it is used
+
+    key = data_dir.resolve()
+    with _lock:
+        platform = _platforms.get(key)
+        if platform is None:
+            platform = LocalPlatform(data_dir=key)
+            platform.start()
+            _platforms[key] = platform
+            logger.info("embedded local platform on %s (data in %s)", platform.base_url, key)
+    return PlatformEndpoint(
+        base_url=platform.base_url,
+        api_key=SecretStr(platform.api_key),
+        waits=waits or EMBEDDED_WAITS,
+    )
+
+
+@atexit.register
+def stop_embedded_platforms() -> None:
+    """Stop every embedded platform this process started (their data stays on disk)."""
+    with _lock:
+        platforms = list(_platforms.values())
+        _platforms.clear()
+    for platform in platforms:
+        platform.stop()

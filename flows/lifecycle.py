@@ -1,0 +1,304 @@
+"""The recipe lifecycle every flow shares: open the run, checkpoint, hotload, evaluate, finish.
+
+`open_run` is the frame of one attempt: it resolves the platform (the embedded backend when the
+config names none), masks the key in every log handler, opens the ledger (a ledger of another
+run fails here, before any compute) and the monitors, and tears down per policy in `finally`
+once the run is over: completed, or failed on its last attempt (an earlier failure is followed
+by the flow retry, which needs the trainer). The `RunContext` methods append a ledger row only
+after what it records is durable: a save read back from the control plane, a hotload the
+deployment was seen serving, computed evaluation metrics (design.md invariants).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from prefect import get_run_logger
+from prefect.context import FlowRunContext
+from pydantic import BaseModel, ConfigDict
+
+from flows.config import RecipeConfig, training_identity_hash
+from flows.embedded import embedded_endpoint
+from flows.ledger import (
+    CheckpointRow,
+    EvaluationRow,
+    HotloadRow,
+    Ledger,
+    RunEndRow,
+    RunHeader,
+)
+from flows.monitoring import MetricsLog, RunMonitor
+from flows.redaction import redact_secrets
+from flows.wandb_run import WandbRun, wandb_api_key, wandb_run_id
+from sdk import ConfigError
+from sdk.settings import API_KEY_ENV, FireworksSettings
+from tasks.checkpoints import confirm_checkpoint
+from tasks.platform import PlatformEndpoint, Waits
+from tasks.teardown import TeardownPlan, teardown
+from tasks.training import SegmentResult
+from tasks.weight_sync import HotloadResult
+
+__all__ = ["RunContext", "RunResult", "derive_id", "open_run", "resolve_endpoint", "run_header"]
+
+
+class RunResult(BaseModel):
+    """What a finished run reports (also for a run found already finished in its ledger)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_name: str
+    steps_done: int
+    data_cursor: int
+    final_metrics: dict[str, float]
+    last_checkpoint: str | None
+    last_checkpoint_path: str | None
+    served_snapshot: str | None
+    deployment_id: str | None
+    trainer_job_id: str
+    ledger_path: str
+    wandb_run_id: str | None = None
+
+
+def derive_id(run_name: str, run_dir: str, kind: str) -> str:
+    """A DNS-label resource id owned by the run: `<run_name>-<kind>-<hash of run_dir>`."""
+    digest = hashlib.sha256(run_dir.encode("utf-8")).hexdigest()[:8]
+    return f"{run_name[:40]}-{kind}-{digest}"
+
+
+def _is_local(url: str) -> bool:
+    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
+
+
+def resolve_endpoint(config: RecipeConfig) -> PlatformEndpoint:
+    """The configured platform (key: explicit, else `FIREWORKS_API_KEY`), else the embedded one."""
+    platform = config.platform
+    if platform is None:
+        fs, path = fsspec.core.url_to_fs(config.resolved_run_dir)
+        local = isinstance(fs, LocalFileSystem)
+        data_dir = Path(path, "platform") if local else Path(".fireloop", "platform")
+        return embedded_endpoint(data_dir, config.waits)
+    key = platform.api_key or FireworksSettings.from_env().api_key
+    if key is None:
+        raise ConfigError(f"platform.api_key: set it or {API_KEY_ENV} (or leave platform empty)")
+    return PlatformEndpoint(
+        base_url=platform.base_url,
+        api_key=key,
+        inference_url=platform.inference_url,
+        hotload_api_url=platform.hotload_api_url,
+        waits=config.waits or Waits(),
+    )
+
+
+@dataclass
+class RunContext:
+    """One attempt of one run: its config, platform, ledger, ids and monitors."""
+
+    config: RecipeConfig
+    recipe: str
+    endpoint: PlatformEndpoint
+    ledger: Ledger
+    monitor: RunMonitor
+    job_id: str
+    deployment_id: str | None
+    taken_names: set[str] = field(default_factory=set)  # checkpoint names the job holds
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def waits(self) -> Waits:
+        return self.endpoint.waits
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.monitor.wandb.id if self.monitor.wandb is not None else None
+
+    def finished(self) -> RunResult | None:
+        """The result of a run whose ledger already ends (`run_end`), else None."""
+        if not any(isinstance(row, RunEndRow) for row in self.ledger.rows):
+            return None
+        return self.result()
+
+    def evaluated(self, point: int) -> bool:
+        return any(isinstance(r, EvaluationRow) and r.step == point for r in self.ledger.rows)
+
+    def checkpoint_name(self, point: int) -> str:
+        """`step-<point>`, or `step-<point>-a<k>` when a crashed attempt left that name (§10)."""
+        name, attempt = f"step-{point}", 1
+        while name in self.taken_names:
+            name, attempt = f"step-{point}-a{attempt}", attempt + 1
+        return name
+
+    def record_checkpoint(self, result: SegmentResult, snapshot: str | None) -> CheckpointRow:
+        """Read the save back from the control plane (C3), then append its ledger row."""
+        assert result.saved_name is not None
+        name = confirm_checkpoint(
+            self.endpoint, self.job_id, result.saved_name, sorted(self.taken_names)
+        )
+        self.taken_names.add(name)
+        last = result.steps[-1]
+        row = self.ledger.append_checkpoint(
+            name=name,
+            requested_name=result.saved_name,
+            step=last.step,
+            data_cursor=last.data_cursor,
+            epoch=last.epoch,
+            state_path=name,  # this job's checkpoint, by name (resolve_checkpoint_path)
+            job_id=self.job_id,
+            snapshot_identity=snapshot,
+            wandb_run_id=self.wandb_id,
+        )
+        self.monitor.report_ledger(self.ledger, self.deployment_id)
+        return row
+
+    def record_hotload(self, hotload: HotloadResult) -> None:
+        self.ledger.append(
+            HotloadRow(
+                identity=hotload.identity,
+                deployment=hotload.deployment_id,
+                verified=True,
+                step=hotload.step,
+                checkpoint_type=hotload.checkpoint_type,
+            )
+        )
+
+    def record_evaluation(self, point: int, metrics: Mapping[str, float]) -> None:
+        self.ledger.append(EvaluationRow(step=point, metrics=dict(metrics)))
+        self.final_metrics.update(metrics)
+        self.monitor.log_eval(point, metrics)
+        self.monitor.report_ledger(self.ledger, self.deployment_id)
+        get_run_logger().info("evaluation at step %d: %s", point, _shown(metrics))
+
+    def complete(self, next_step: int, data_cursor: int) -> RunResult:
+        """Append `run_end` (the loop and final save are done) and report."""
+        self.ledger.append(RunEndRow(next_step=next_step, data_cursor=data_cursor))
+        self.monitor.report_ledger(self.ledger, self.deployment_id)
+        return self.result()
+
+    def result(self) -> RunResult:
+        checkpoint = self.ledger.last_checkpoint()
+        hotloads = [row for row in self.ledger.rows if isinstance(row, HotloadRow)]
+        evaluations = [row for row in self.ledger.rows if isinstance(row, EvaluationRow)]
+        metrics = {**(evaluations[-1].metrics if evaluations else {}), **self.final_metrics}
+        return RunResult(
+            run_name=self.config.run_name,
+            steps_done=checkpoint.next_step if checkpoint else 0,
+            data_cursor=checkpoint.data_cursor if checkpoint else 0,
+            final_metrics=metrics,
+            last_checkpoint=checkpoint.name if checkpoint else None,
+            last_checkpoint_path=checkpoint.state_path if checkpoint else None,
+            served_snapshot=hotloads[-1].identity if hotloads else None,
+            deployment_id=self.deployment_id,
+            trainer_job_id=self.job_id,
+            ledger_path=self.ledger.path,
+            wandb_run_id=self.wandb_id or (checkpoint.wandb_run_id if checkpoint else None),
+        )
+
+
+def _shown(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
+
+
+def _last_attempt() -> bool:
+    """Whether Prefect will not retry this flow run if it fails now."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow is None:
+        return True
+    return context.flow_run.run_count > context.flow.retries
+
+
+def _start_wandb(config: RecipeConfig, ledger: Ledger, default_project: str) -> WandbRun | None:
+    if config.wandb is None:
+        return None
+    recorded = [row.wandb_run_id for row in ledger.checkpoints() if row.wandb_run_id]
+    context = FlowRunContext.get()
+    flow_run_id = str(context.flow_run.id) if context and context.flow_run else None
+    run_dir = config.resolved_run_dir
+    return WandbRun.start(
+        config.wandb,
+        run_id=recorded[-1] if recorded else wandb_run_id(config.run_name, flow_run_id),
+        run_name=config.run_name,
+        default_project=default_project,
+        run_dir=Path(run_dir) if _is_local(run_dir) else None,
+        logged_config=config,
+    )
+
+
+def run_header(config: RecipeConfig, recipe: str, dataset_fingerprint: str) -> RunHeader:
+    """The ledger header naming this run: any difference means another run's ledger (R9)."""
+    return RunHeader(
+        run_id=config.run_name,
+        recipe=recipe,
+        config_hash=training_identity_hash(config),
+        base_model=config.base_model,
+        tokenizer_model=config.tokenizer_model or config.base_model,
+        lora_rank=config.lora_rank,
+        dataset_fingerprint=dataset_fingerprint,
+    )
+
+
+def _teardown(endpoint: PlatformEndpoint, plan: TeardownPlan) -> None:
+    """Best effort: a failing teardown is logged, never masks the run's own outcome."""
+    try:
+        teardown(endpoint, plan)
+    except Exception:  # the run's result (or its real failure) matters more than cleanup
+        get_run_logger().exception("teardown (%s) failed; clean up by hand", plan.policy)
+
+
+@contextmanager
+def open_run(
+    config: RecipeConfig,
+    *,
+    recipe: str,
+    dataset_fingerprint: str,
+    needs_deployment: bool,
+    default_wandb_project: str,
+) -> Iterator[RunContext]:
+    """The frame of one attempt (see the module docstring); yields the `RunContext`."""
+    endpoint = resolve_endpoint(config)
+    secrets = [endpoint.api_key.get_secret_value(), wandb_api_key() or ""]
+    with redact_secrets(secrets):
+        run_dir = config.resolved_run_dir
+        ledger = Ledger.open(run_dir, run_header(config, recipe, dataset_fingerprint))
+        platform = config.platform
+        user_job = platform.trainer_job_id if platform else None
+        user_deployment = platform.deployment_id if platform else None
+        deployment_id = None
+        if needs_deployment:
+            deployment_id = user_deployment or derive_id(config.run_name, run_dir, "deploy")
+        monitor = RunMonitor(
+            recipe=recipe,
+            run_name=config.run_name,
+            total_steps=config.max_steps,
+            metrics_log=MetricsLog(run_dir),
+            wandb=_start_wandb(config, ledger, default_wandb_project),
+        )
+        run = RunContext(
+            config=config,
+            recipe=recipe,
+            endpoint=endpoint,
+            ledger=ledger,
+            monitor=monitor,
+            job_id=user_job or derive_id(config.run_name, run_dir, "trainer"),
+            deployment_id=deployment_id,
+        )
+        outcome = "crashed"
+        try:
+            yield run
+            outcome = "completed"
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            monitor.close(failed=outcome != "completed")
+            if outcome == "completed" or (outcome == "failed" and _last_attempt()):
+                plan = TeardownPlan(
+                    policy=config.teardown,
+                    job_id=None if user_job else run.job_id,
+                    deployment_id=None if user_deployment else run.deployment_id,
+                )
+                _teardown(endpoint, plan)

@@ -1,0 +1,235 @@
+"""What a run shows while it trains: `metrics.jsonl`, Prefect artifacts, W&B, a progress hook.
+
+Per-step metrics go to `run_dir/metrics.jsonl` (rewound on resume, so a replayed step appears
+once) and to W&B; Prefect gets a progress artifact per attempt (written at most every
+`progress_interval_s`), a table artifact with one row per segment, and a markdown artifact of
+the ledger at each cadence point: Prefect records every artifact write, so per-step data never
+goes there (prefect.md §9). A caller in this process (the CLI) can watch every step through
+`progress_listener`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from flows.ledger import CheckpointRow, EvaluationRow, HotloadRow, Ledger
+from flows.ledger_storage import storage_for
+from flows.wandb_run import WandbRun
+from tasks.training import SegmentResult, StepRecord
+
+__all__ = ["MetricsLog", "Progress", "RunMonitor", "artifact_key", "progress_listener"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One finished optimizer step, as the CLI sees it."""
+
+    step: int  # 0-based step just done
+    total_steps: int
+    metrics: Mapping[str, float]
+
+
+ProgressCallback = Callable[[Progress], None]
+_listener: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar(
+    "fireloop_progress_listener", default=None
+)
+
+
+@contextmanager
+def progress_listener(callback: ProgressCallback | None) -> Iterator[None]:
+    """Call `callback` after every optimizer step of the flows run in this block."""
+    token = _listener.set(callback)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+
+
+class MetricsLog:
+    """`run_dir/metrics.jsonl`: one JSON object per step, in step order."""
+
+    def __init__(self, run_dir: str) -> None:
+        self._storage = storage_for(f"{run_dir}/{METRICS_FILENAME}")
+
+    def rewind(self, next_step: int) -> None:
+        """Drop the rows of steps ≥ `next_step`: they are about to be replayed (recipes §9)."""
+        data = self._storage.read()
+        if not data:
+            return
+        offset = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                break  # a torn last line: cut it with the rest
+            if step >= next_step:
+                break
+            offset += len(line)
+        if offset < len(data):
+            self._storage.truncate(offset)
+
+    def append(self, steps: Sequence[StepRecord]) -> None:
+        lines = [
+            json.dumps(
+                {
+                    "step": record.step,
+                    "epoch": record.epoch,
+                    "data_cursor": record.data_cursor,
+                    "row_indices": record.row_indices,
+                    **record.metrics,
+                },
+                sort_keys=True,
+            )
+            + "\n"
+            for record in steps
+        ]
+        if lines:
+            self._storage.append("".join(lines).encode("utf-8"))
+
+
+@dataclass
+class RunMonitor:
+    """The observers of one attempt; `close()` ends them (W&B finishes every attempt)."""
+
+    recipe: str
+    run_name: str
+    total_steps: int
+    metrics_log: MetricsLog
+    wandb: WandbRun | None = None
+    progress_interval_s: float = 5.0
+    _progress_id: Any = field(default=None, init=False)
+    _last_progress: float = field(default=0.0, init=False)
+    _segment_rows: list[dict[str, Any]] = field(default_factory=list, init=False)
+    _listener: ProgressCallback | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._listener = _listener.get()  # captured in the flow's context, called from tasks
+
+    def key(self, kind: str) -> str:
+        return artifact_key(self.recipe, self.run_name, kind)
+
+    def start(self, next_step: int) -> None:
+        """A progress artifact for this attempt, at the resumed step."""
+        self.metrics_log.rewind(next_step)
+        self._progress_id = create_progress_artifact(
+            progress=self._percent(next_step),
+            key=self.key("progress"),
+            description=f"{self.recipe} {self.run_name}: optimizer steps done",
+        )
+        self._last_progress = time.monotonic()
+
+    def _percent(self, steps_done: int) -> float:
+        return 100.0 * steps_done / self.total_steps
+
+    def on_step(self, record: StepRecord) -> None:
+        """Per step: the progress hook; the progress artifact at most every few seconds."""
+        if self._listener is not None:
+            self._listener(Progress(record.step, self.total_steps, record.metrics))
+        now = time.monotonic()
+        done = record.step + 1
+        if self._progress_id is not None and (
+            now - self._last_progress >= self.progress_interval_s or done == self.total_steps
+        ):
+            update_progress_artifact(self._progress_id, progress=self._percent(done))
+            self._last_progress = now
+
+    def record_segment(self, result: SegmentResult) -> None:
+        """Per segment: metrics.jsonl, W&B, and a row of the segment table artifact."""
+        self.metrics_log.append(result.steps)
+        if self.wandb is not None:
+            for record in result.steps:
+                self.wandb.log(record.step, record.metrics)
+        if not result.steps:
+            return
+        last = result.steps[-1]
+        losses = [record.metrics["train/ce_loss"] for record in result.steps]
+        self._segment_rows.append(
+            {
+                "steps": f"{result.segment.first}–{result.segment.last}",
+                "mean_ce_loss": round(sum(losses) / len(losses), 5),
+                "last_ce_loss": round(losses[-1], 5),
+                "lr": last.metrics["train/lr"],
+                "data_cursor": last.data_cursor,
+                "checkpoint": result.saved_name or "",
+            }
+        )
+        create_table_artifact(
+            self._segment_rows,
+            key=self.key("segments"),
+            description=f"{self.recipe} {self.run_name}: metrics per segment",
+        )
+
+    def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.wandb is not None:
+            self.wandb.log(step, metrics)
+
+    def report_ledger(self, ledger: Ledger, deployment_id: str | None) -> None:
+        """The ledger as a markdown artifact: checkpoints, hotloaded snapshots, evaluations."""
+        create_markdown_artifact(
+            ledger_markdown(ledger, deployment_id),
+            key=self.key("ledger"),
+            description=f"{self.recipe} {self.run_name}: run ledger",
+        )
+
+    def close(self, *, failed: bool) -> None:
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
+
+def ledger_markdown(ledger: Ledger, deployment_id: str | None) -> str:
+    """Markdown tables of the ledger's checkpoint, hotload and evaluation rows."""
+    lines = [
+        f"# Run {ledger.header.run_id} ({ledger.header.recipe})",
+        "",
+        f"Ledger: `{ledger.path}`  ",
+        f"Base model: `{ledger.header.base_model}`, LoRA rank {ledger.header.lora_rank}  ",
+        f"Deployment: `{deployment_id or 'none'}`",
+        "",
+        "## Checkpoints",
+        "",
+        "| name | next step | data cursor | snapshot | time |",
+        "|---|---|---|---|---|",
+    ]
+    rows = ledger.rows
+    for row in rows:
+        if isinstance(row, CheckpointRow):
+            lines.append(
+                f"| {row.name} | {row.next_step} | {row.data_cursor} | "
+                f"{row.snapshot_identity or ''} | {row.time:%Y-%m-%d %H:%M:%S} |"
+            )
+    lines += ["", "## Hotloads", "", "| step | identity | type | verified |", "|---|---|---|---|"]
+    for row in rows:
+        if isinstance(row, HotloadRow):
+            kind = row.checkpoint_type or ""
+            lines.append(f"| {row.step} | {row.identity} | {kind} | {row.verified} |")
+    lines += ["", "## Evaluations", "", "| step | metrics |", "|---|---|"]
+    for row in rows:
+        if isinstance(row, EvaluationRow):
+            shown = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(row.metrics.items()))
+            lines.append(f"| {row.step} | {shown} |")
+    return "\n".join(lines) + "\n"

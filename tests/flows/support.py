@@ -1,0 +1,78 @@
+"""Reading back what a flow run left behind: its Prefect record, logs, artifacts and files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.logging.handlers import APILogWorker
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A flow run as the Prefect server stored it."""
+
+    flow_run: FlowRun
+    logs: str
+    artifacts: list[dict[str, Any]]
+
+    @property
+    def run_count(self) -> int:
+        return self.flow_run.run_count
+
+    def artifact(self, suffix: str) -> dict[str, Any]:
+        """The latest artifact whose key ends with `suffix`."""
+        matching = [a for a in self.artifacts if (a["key"] or "").endswith(suffix)]
+        assert matching, f"no artifact *{suffix} in {[a['key'] for a in self.artifacts]}"
+        return max(matching, key=lambda a: a["updated"])
+
+
+def flow_run_id(state: State[Any]) -> UUID:
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    return run_id
+
+
+def read_run(state: State[Any]) -> RunRecord:
+    """The stored flow run of `state`, with every log line and artifact it produced."""
+    APILogWorker.drain_all(timeout=10)  # logs are shipped in batches
+    run_id = flow_run_id(state)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run_id)
+        log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+        logs: list[Any] = []
+        while page := client.read_logs(log_filter=log_filter, limit=200, offset=len(logs)):
+            logs.extend(page)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    return RunRecord(
+        flow_run=flow_run,
+        logs="\n".join(log.message for log in logs),
+        artifacts=[artifact.model_dump(mode="json") for artifact in artifacts],
+    )
+
+
+def files_text(root: Path) -> str:
+    """Every file under `root`, decoded leniently (binary W&B logs included)."""
+    chunks = [
+        path.read_bytes().decode("utf-8", errors="replace")
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    ]
+    return "\n".join(chunks)
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
