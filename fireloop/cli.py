@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     help="Workflow-orchestrated LLM training pipelines.",
@@ -40,27 +39,64 @@ def backend(
     serve(host=host, port=port, data_dir=data_dir, api_key=api_key, account_id=account_id)
 
 
-@app.command()
-def demo(
-    base_model: Annotated[str, typer.Option(help="Local base model.")] = "fireloop/tiny",
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Platform data directory (default: a temporary one).")
+run_app = typer.Typer(help="Run a recipe flow.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+
+@run_app.command("sft")
+def run_sft(
+    config: Annotated[
+        Path | None, typer.Option(help="SFT config file (.json, .yaml, .toml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: key=value (dotted keys nest)."),
     ] = None,
 ) -> None:
-    """The main job on the embedded local platform (for now: the provisioning smoke run)."""
+    """Run the SFT flow (embedded local platform unless the config names one)."""
+    from fireloop.overrides import ConfigFileError
+    from fireloop.sft_cli import build_config, run_and_report
+
+    try:
+        data = build_config(config, set_ or [])
+    except ConfigFileError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_and_report(data, console))
+
+
+@app.command()
+def demo(
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    smoke: Annotated[
+        bool, typer.Option(help="Only provision and tear down a trainer and a deployment.")
+    ] = False,
+) -> None:
+    """The main job: SFT of the tiny model on string reversal, on the embedded platform,
+    with verified hotloads and evaluation through the deployment."""
+    if smoke:
+        _smoke()
+        return
+    from datetime import UTC, datetime
+
+    from fireloop.sft_cli import run_and_report
+
+    run_name = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    console.print(
+        f"[bold]fireloop demo[/]: SFT of fireloop/tiny on string reversal ({max_steps} steps), "
+        "embedded local platform, evaluation through a hotloaded deployment"
+    )
+    data = {"run_name": run_name, "max_steps": max_steps, "dataset": "reverse"}
+    raise typer.Exit(run_and_report(data, console))
+
+
+def _smoke() -> None:
     from fireloop.smoke import SmokeStep, run_smoke
 
     def show(step: SmokeStep) -> None:
         console.print(f"[green]✓[/] {step.name} [dim]({step.seconds:.2f} s)[/] {step.detail}")
 
-    console.print("[bold]fireloop demo[/]: provisioning smoke run on the embedded local platform")
-    report = run_smoke(base_model=base_model, data_dir=data_dir, on_step=show)
-    table = Table(title="smoke run")
-    table.add_column("step")
-    table.add_column("seconds", justify="right")
-    for step in report.steps:
-        table.add_row(step.name, f"{step.seconds:.2f}")
-    console.print(table)
+    report = run_smoke(on_step=show)
     console.print(
         f"job {report.job_id}: {report.final_job_state}; "
         f"deployment {report.deployment_id}: {report.deployment_after_delete}"
