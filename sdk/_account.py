@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
+from sdk._closing import ClosesOnExit
 from sdk._http import HttpClient, RetryPolicy, response_json
 from sdk._ids import check_id, check_training_shape_ref
 from sdk.errors import ConfigError, FireworksError, TrainingShapeError
@@ -33,7 +33,7 @@ _SHAPE_ADVICE: Mapping[int, str] = {
 }
 
 
-class FireworksClient:
+class FireworksClient(ClosesOnExit):
     """Base of `TrainerJobManager` and `DeploymentManager`: one `HttpClient`, one account.
 
     `sleep` and `clock` drive every wait and retry; tests inject fakes instead of patching time.
@@ -72,17 +72,6 @@ class FireworksClient:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release the HTTP connections this client opened."""

@@ -18,12 +18,12 @@ import weakref
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 from pydantic import ConfigDict, Field
 
+from sdk._closing import ClosesOnExit
 from sdk._config import ConfigModel
 from sdk.errors import (
     APIConnectionError,
@@ -186,7 +186,7 @@ class _Budget:
         sleep(delay_s)
 
 
-class HttpClient:
+class HttpClient(ClosesOnExit):
     """An authenticated, retrying HTTP client for one control-plane base URL.
 
     `transport=` (e.g. `httpx.MockTransport`) or `http_client=` inject the wire (tests, proxies);
@@ -234,17 +234,6 @@ class HttpClient:
     def verify_ssl(self) -> bool | None:
         """The explicit TLS setting (None: decided per URL)."""
         return self._verify_ssl
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the underlying httpx client if this object created it."""

@@ -25,8 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from tinker import types
 from tinker.lib import internal_client_holder as _holder_module
@@ -36,6 +35,7 @@ from tinker.lib.client_connection_pool_type import ClientConnectionPoolType
 from tinker.lib.public_interfaces.service_client import ServiceClient
 from tinker.lib.queue_state_logger import QueueStateLogger
 
+from sdk._closing import ClosesOnExit
 from sdk.concurrency import ConcurrencyController
 from sdk.firetitan_sampling import FiretitanSamplingClient
 from sdk.firetitan_training import FiretitanTrainingClient
@@ -94,7 +94,7 @@ def _accept_any_key_format() -> Iterator[None]:
             setattr(_holder_module, _SWAPPED_NAME, original)
 
 
-class FiretitanServiceClient(ServiceClient):
+class FiretitanServiceClient(ClosesOnExit, ServiceClient):
     """A tinker session on one trainer; creates `FiretitanTrainingClient`s.
 
     `base_url` is the trainer endpoint (`TrainerServiceEndpoint.base_url`); it falls back to
@@ -302,17 +302,6 @@ class FiretitanServiceClient(ServiceClient):
                     await client.close()
 
         holder.run_coroutine_threadsafe(_close_connections()).result(timeout=_CLOSE_TIMEOUT_S)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals ---------------------------------------------------------------------------
 
