@@ -8,6 +8,8 @@ cached "ready" would be stale after a preemption (prefect.md §4).
 
 from __future__ import annotations
 
+from typing import Final
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
@@ -19,6 +21,7 @@ from tasks.platform import PlatformEndpoint
 from tasks.policy import SHORT_TIMEOUT_S, TASK_RETRIES, TASK_RETRY_DELAYS, retry_transient
 
 __all__ = [
+    "SUBMITTED_WAITS",
     "DeploymentHandle",
     "DeploymentSpec",
     "TrainerHandle",
@@ -28,6 +31,13 @@ __all__ = [
     "provision_deployment",
     "wait_for_trainer",
 ]
+
+
+# The two readiness waits run concurrently, submitted to Prefect's thread pool, where a Prefect
+# timeout cannot interrupt a blocking call (Prefect warns so on every run) and would only
+# contradict the real deadlines: the SDK's waits (`Waits.trainer_ready_timeout_s`,
+# `trainer_pending_timeout_s`, `deployment_ready_timeout_s`) end them with `WaitTimeoutError`.
+SUBMITTED_WAITS: Final = frozenset({"wait-for-trainer", "provision-deployment"})
 
 
 class _Model(BaseModel):
@@ -110,7 +120,7 @@ def ensure_trainer_job(endpoint: PlatformEndpoint, spec: TrainerSpec) -> Trainer
     retry_delay_seconds=TASK_RETRY_DELAYS,
     retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,
-    timeout_seconds=SHORT_TIMEOUT_S * 4,
+    timeout_seconds=None,  # runs submitted, in a worker thread: see `SUBMITTED_WAITS`
 )
 def wait_for_trainer(endpoint: PlatformEndpoint, job: TrainerJobRef) -> TrainerHandle:
     """Wait until the trainer answers; an existing job is reconnected (resumed if it failed)."""
@@ -148,7 +158,7 @@ def wait_for_trainer(endpoint: PlatformEndpoint, job: TrainerJobRef) -> TrainerH
     retry_delay_seconds=TASK_RETRY_DELAYS,
     retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,
-    timeout_seconds=SHORT_TIMEOUT_S * 2,
+    timeout_seconds=None,  # runs submitted, in a worker thread: see `SUBMITTED_WAITS`
 )
 def provision_deployment(endpoint: PlatformEndpoint, spec: DeploymentSpec) -> DeploymentHandle:
     """Create or reuse the deployment, refuse one on another base model, attach it to the
