@@ -1,0 +1,343 @@
+"""Orchestration overhead: the SFT flow against the same loop written directly on the SDK.
+
+Both sides run the README's main job (SFT of `tiny` on string reversal, demo settings) against
+one local platform started here: provision a trainer job and a deployment, train, save
+resumable state, hotload and verify, evaluate (eval loss and greedy exact match through the
+deployment), delete both. The flow side is `sft_flow` as the CLI runs it, with everything it
+adds: Prefect task and flow runs, the ledger, artifacts, control-plane read-backs. The bare
+side is plain SDK calls in the same order (`Cadence` decides the points on both sides), so
+equal losses prove both did the same work. Rounds are interleaved, alternating which side
+goes first, after one warm-up round of each. Prints wall seconds, the ratio flow/bare, and
+the rate of task runs the Prefect server recorded. Measures only; asserts nothing.
+
+    .venv/bin/python bench/orchestration_overhead.py                   # 60 steps, 3 rounds
+    .venv/bin/python bench/orchestration_overhead.py --steps 100 --rounds 5
+
+Prefect: the API in `PREFECT_API_URL`, else Prefect's temporary local server (as for
+`fireloop demo`); its start-up falls in the warm-up round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+# Before Prefect, tinker and transformers are imported: nothing leaves the machine.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL
+from pydantic import SecretStr
+from transformers import AutoTokenizer
+
+from algorithms.chat import ChatRenderer
+from algorithms.datums import grad_normalization, mean_ce_loss
+from backend import LocalPlatform
+from flows.cadence import Cadence
+from flows.config import PlatformConfig, SFTConfig
+from flows.embedded import EMBEDDED_WAITS
+from flows.sft import configured_sft_flow
+from flows.sft_data import RenderedSFT, SFTBatches, SFTData, load_sft_data, render_sft_data
+from sdk import (
+    DeploymentConfig,
+    DeploymentManager,
+    DeploymentSampler,
+    FiretitanServiceClient,
+    TrainerJobConfig,
+    TrainerJobManager,
+    WeightSyncer,
+)
+from sdk.firetitan_training import FiretitanTrainingClient
+from tasks.training import OptimizerPlan
+
+WAITS = EMBEDDED_WAITS  # what the flow uses on the embedded platform; the bare loop too
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One side's run: wall seconds, the last training loss and final exact match."""
+
+    wall_s: float
+    final_loss: float
+    exact_match: float
+    task_runs: int | None = None
+
+
+def make_config(run_dir: Path, platform: LocalPlatform, steps: int) -> SFTConfig:
+    """The demo's SFT config (`fireloop demo`), on `platform`, deleting what it provisions."""
+    return SFTConfig(
+        run_name=run_dir.name,
+        run_dir=str(run_dir),
+        max_steps=steps,
+        dataset="reverse",
+        platform=PlatformConfig(base_url=platform.base_url, api_key=SecretStr(platform.api_key)),
+        waits=WAITS,
+        teardown="delete",
+        flow_retries=0,
+    )
+
+
+# -- the flow side ----------------------------------------------------------------------------
+
+
+def run_flow(config: SFTConfig) -> Outcome:
+    started = time.perf_counter()
+    state = configured_sft_flow(config)(config, return_state=True)
+    wall_s = time.perf_counter() - started
+    result = state.result()
+    flow_run_id = state.state_details.flow_run_id
+    metrics = result.final_metrics
+    return Outcome(
+        wall_s=wall_s,
+        final_loss=metrics["train/ce_loss"],
+        exact_match=metrics.get("eval/exact_match", float("nan")),
+        task_runs=count_task_runs(flow_run_id) if flow_run_id else None,
+    )
+
+
+def count_task_runs(flow_run_id: UUID, settle_s: float = 10.0) -> int:
+    """Task runs the Prefect server recorded for the flow run (they arrive as events)."""
+    flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    deadline = time.monotonic() + settle_s
+    count, previous = 0, -1
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline and count != previous:
+            previous = count
+            time.sleep(1.0)
+            count = len(client.read_task_runs(flow_run_filter=flow_filter, limit=200))
+    return count
+
+
+# -- the bare side: the same loop on the SDK --------------------------------------------------
+
+
+@dataclass
+class BareRun:
+    """The SDK objects of a bare run."""
+
+    client: FiretitanTrainingClient
+    syncer: WeightSyncer
+    sampler: DeploymentSampler
+    rendered: RenderedSFT
+    hotloads: int = 0
+
+
+def run_bare(config: SFTConfig, platform: LocalPlatform) -> Outcome:
+    started = time.perf_counter()
+    data = load_sft_data(config)
+    key = platform.api_key
+    job_id = f"{config.run_name}-trainer"
+    deployment_id = f"{config.run_name}-deploy"
+    trainers = TrainerJobManager(key, platform.base_url)
+    deployments = DeploymentManager(key, platform.base_url)
+    job_config = TrainerJobConfig(
+        base_model=config.base_model, lora_rank=config.lora_rank, requested_job_id=job_id
+    )
+    created = trainers.create(job_config)
+    deployment_config = DeploymentConfig(
+        deployment_id=deployment_id,
+        base_model=config.base_model,
+        hot_load_trainer_job=created.job_name,
+        min_replica_count=1,
+        max_replica_count=1,
+    )
+    with ThreadPoolExecutor(2) as pool:  # the flow provisions both at once too
+        ready_job = pool.submit(
+            trainers.wait_for_ready,
+            job_id,
+            job_name=created.job_name,
+            poll_interval_s=WAITS.poll_interval_s,
+        )
+        deployments.create_or_get(deployment_config)
+        pool.submit(
+            deployments.wait_for_ready, deployment_id, poll_interval_s=WAITS.poll_interval_s
+        ).result()
+        endpoint = ready_job.result()
+    service = FiretitanServiceClient(endpoint.base_url, key)
+    try:
+        loss, exact = train_bare(config, service, deployments, deployment_id, data)
+    finally:
+        service.close()
+        trainers.delete(job_id)
+        deployments.delete(deployment_id)
+        trainers.close()
+        deployments.close()
+    return Outcome(time.perf_counter() - started, loss, exact)
+
+
+def train_bare(
+    config: SFTConfig,
+    service: FiretitanServiceClient,
+    deployments: DeploymentManager,
+    deployment_id: str,
+    data: SFTData,
+) -> tuple[float, float]:
+    """Train, checkpoint, hotload and evaluate at the flow's cadence points."""
+    client = service.create_training_client(
+        config.base_model,
+        lora_rank=config.lora_rank,
+        seed=config.seed,
+        lora_alpha=config.lora_alpha,
+    )
+    tokenizer_id = client.get_info().model_data.tokenizer_id or config.base_model
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tokenizer_id))
+    rendered = render_sft_data(data, renderer, config)
+    syncer = WeightSyncer(
+        policy_client=client,
+        deploy_mgr=deployments,
+        deployment_id=deployment_id,
+        base_model=config.base_model,
+        hotload_poll_interval_s=WAITS.poll_interval_s,
+        verify_poll_interval_s=WAITS.poll_interval_s,
+        warmup_retry_interval_s=WAITS.poll_interval_s,
+    )
+    run = BareRun(client, syncer, deployments.create_sampler(deployment_id), rendered)
+    cadence = Cadence(
+        max_steps=config.max_steps,
+        checkpoint_every=config.checkpoint_every,
+        hotload_every=config.hotload_every,
+        eval_every=config.eval_every,
+        has_deployment=True,
+        sample_eval=config.sample_eval,
+    )
+    plan = OptimizerPlan(
+        peak_lr=config.learning_rate,
+        total_steps=config.max_steps,
+        adam=config.adam,
+        grad_normalization=grad_normalization(config.loss_reduction),
+    )
+    batches = SFTBatches(rendered.train, config)
+    exact = evaluate_bare(run, config, 0)
+    cursor, loss = 0, float("nan")
+    for step in range(config.max_steps):
+        sourced = batches.batch(cursor)
+        datums = list(sourced.batch.datums)
+        fwd_bwd = client.forward_backward(datums, "cross_entropy")
+        optim = client.optim_step(
+            plan.adam_params(step), grad_accumulation_normalization=plan.grad_normalization
+        )
+        loss = mean_ce_loss(fwd_bwd.result().metrics["loss:sum"], datums)
+        optim.result()
+        cursor, point = sourced.cursor_after, step + 1
+        # The flow's order: the segment's save, then the hotload, then the evaluation.
+        if cadence.checkpoint_at(point):
+            client.save_state(f"step-{point}", timeout=WAITS.save_timeout_s)
+        if cadence.hotload_at(point, eval_due=cadence.eval_at(point)):
+            sync_bare(run, point)
+        if cadence.eval_at(point):
+            exact = evaluate_bare(run, config, point)
+    return loss, exact
+
+
+def sync_bare(run: BareRun, point: int) -> None:
+    kind = "base" if run.hotloads == 0 else "delta"
+    run.syncer.save_and_hotload(f"step-{point}", checkpoint_type=kind)
+    run.hotloads += 1
+
+
+def evaluate_bare(run: BareRun, config: SFTConfig, point: int) -> float:
+    """Eval loss by a forward pass, exact match of greedy samples (hotloaded first at 0)."""
+    datums = run.rendered.eval_datums
+    run.client.forward(datums, "cross_entropy").result()
+    if point == 0:
+        sync_bare(run, point)
+    prompts = run.rendered.eval_prompts
+    completions = asyncio.run(sample_all(run.sampler, prompts, config.eval_max_tokens))
+    return run.rendered.exact_match(completions)
+
+
+async def sample_all(
+    sampler: DeploymentSampler, prompts: Sequence[Sequence[int]], max_tokens: int
+) -> list[list[int]]:
+    async def one(prompt: Sequence[int]) -> list[int]:
+        samples = await sampler.sample_with_prompt_tokens(
+            prompt, n=1, max_tokens=max_tokens, temperature=0.0
+        )
+        return samples[0].completion_tokens if samples else []
+
+    try:
+        return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+    finally:
+        await sampler.aclose()
+
+
+# -- the comparison ---------------------------------------------------------------------------
+
+
+def run_round(
+    index: int, flow_first: bool, root: Path, platform: LocalPlatform, steps: int
+) -> tuple[Outcome, Outcome]:
+    flow_config = make_config(root / f"flow-{index}", platform, steps)
+    bare_config = make_config(root / f"bare-{index}", platform, steps)
+    if flow_first:
+        flow = run_flow(flow_config)
+        bare = run_bare(bare_config, platform)
+    else:
+        bare = run_bare(bare_config, platform)
+        flow = run_flow(flow_config)
+    return flow, bare
+
+
+def report(rounds: list[tuple[Outcome, Outcome]]) -> None:
+    print(
+        f"{'round':>5} {'flow s':>8} {'bare s':>8} {'ratio':>7} {'task runs':>9} "
+        f"{'runs/s':>7} {'same loss':>9} {'exact (flow/bare)':>18}"
+    )
+    for index, (flow, bare) in enumerate(rounds, start=1):
+        runs = flow.task_runs if flow.task_runs is not None else 0
+        print(
+            f"{index:>5} {flow.wall_s:>8.2f} {bare.wall_s:>8.2f} {flow.wall_s / bare.wall_s:>7.3f} "
+            f"{runs:>9} {runs / flow.wall_s:>7.2f} {flow.final_loss == bare.final_loss!s:>9} "
+            f"{flow.exact_match:>8.3f}/{bare.exact_match:<8.3f}"
+        )
+    flow_s = statistics.median(flow.wall_s for flow, _ in rounds)
+    bare_s = statistics.median(bare.wall_s for _, bare in rounds)
+    ratios = [flow.wall_s / bare.wall_s for flow, bare in rounds]
+    print(
+        f"median: flow {flow_s:.2f} s, bare {bare_s:.2f} s, overhead "
+        f"{100 * (flow_s / bare_s - 1):+.1f} % (ratio of medians {flow_s / bare_s:.3f}; "
+        f"per-round ratios {min(ratios):.3f}–{max(ratios):.3f})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after a warm-up)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="platform data (model cache)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fireloop-overhead-") as tmp:
+        root = Path(tmp)
+        data_dir = args.data_dir or root / "platform"
+        with LocalPlatform(data_dir=data_dir) as platform:
+            print(
+                f"Prefect API: {PREFECT_API_URL.value() or 'temporary local server'}; "
+                f"platform {platform.base_url}; tiny, {args.steps} steps per run"
+            )
+            warm_flow, warm_bare = run_round(0, True, root, platform, args.steps)
+            print(f"warm-up: flow {warm_flow.wall_s:.2f} s, bare {warm_bare.wall_s:.2f} s")
+            rounds = [
+                run_round(i, i % 2 == 0, root, platform, args.steps)
+                for i in range(1, args.rounds + 1)
+            ]
+    report(rounds)
+
+
+if __name__ == "__main__":
+    main()
