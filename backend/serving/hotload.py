@@ -5,11 +5,12 @@ clear 4xx: the headers name a deployment of this account and its base model, the
 linked to a trainer (`hotLoadTrainerJob`), the identity is a complete snapshot of that trainer
 (`<data_dir>/jobs/<job>/snapshots/<identity>`), made from the same base model, and delta
 metadata uses the two literal formats. It then answers `{"identity", "accepted": true}` and
-loads on a thread: `downloading` (the snapshot's files are verified), `loading` (the chain
-checks, the weights are built), then the swap, `completed` and, a little later, `idle`. What can
-only be judged against the replica's current weights (a delta's base) fails as stage `error`
-naming both identities, and the previous weights keep serving. `GET` reports the replica, or
-an empty `replicas` list until one is up.
+loads on a thread: `downloading`, `loading` (the chain checks, the weights are written into the
+replica's standby model while another thread verifies every file's digest), then, once both
+succeeded, the swap, `completed` and, a little later, `idle`. What can only be judged against
+the replica's current weights (a delta's base) fails as stage `error` naming both identities,
+and the previous weights keep serving. `GET` reports the replica, or an empty `replicas` list
+until one is up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -33,7 +35,7 @@ from backend.serving.runtime import (
     ReplicaStoppedError,
     ServingRuntime,
 )
-from backend.trainer.atomic import MARKER_NAME
+from backend.trainer.atomic import MARKER_NAME, verify_complete
 from backend.trainer.checkpoints import CheckpointStore, validate_name
 from backend.trainer.errors import UserError
 
@@ -252,12 +254,8 @@ class HotloadService:
         identity, settings = body.identity, self._runtime.settings
         started = time.monotonic()
         try:
-            from backend.serving.weights import read_snapshot_info  # imports torch
-
             time.sleep(settings.load_delay_s)
-            info = read_snapshot_info(snapshot_dir)  # verifies every file: the "download"
-            replica.set_stage("loading")
-            model, adapters = _build(replica, snapshot_dir, info, body)
+            model, adapters = _verified_build(replica, snapshot_dir, body)
             _swap(replica, model, settings.drain_timeout_s)
         except UserError as exc:
             logger.warning(
@@ -309,6 +307,24 @@ def _swap(replica: Replica, model: DecodingModel, drain_timeout_s: float) -> Non
         raise ReplicaStoppedError from exc
 
 
+def _verified_build(
+    replica: Replica, snapshot_dir: Path, body: HotloadRequest
+) -> tuple[DecodingModel, tuple[str, ...]]:
+    """`_build`, while another thread checks every file against the snapshot's marker (the
+    "download"). Nothing built is returned unless every file matches, and a corrupt file is
+    what gets reported, whatever error it caused in the build."""
+    from backend.serving.weights import read_snapshot_info  # imports torch
+
+    with ThreadPoolExecutor(1, thread_name_prefix=f"verify-{replica.name}") as pool:
+        verified = pool.submit(verify_complete, snapshot_dir)
+        try:
+            info = read_snapshot_info(snapshot_dir, verify=False)
+            replica.set_stage("loading")
+            return _build(replica, snapshot_dir, info, body)
+        finally:
+            verified.result()  # raises UserError for a corrupt or incomplete snapshot
+
+
 def _build(
     replica: Replica, snapshot_dir: Path, info: SnapshotInfo, body: HotloadRequest
 ) -> tuple[DecodingModel, tuple[str, ...]]:
@@ -336,7 +352,7 @@ def _build(
                 f"delta {info.identity!r} was saved against {info.previous_identity!r}, but "
                 f"incremental_snapshot_metadata names {metadata.previous_snapshot_identity!r}"
             )
-        return factory.delta(current, snapshot_dir, info.dtype), ()
+        return factory.delta(current, snapshot_dir, info, replica.standby_model()), ()
     if metadata is not None:
         what = "a LoRA adapter" if info.kind == "adapter" else "full weights"
         raise UserError(
@@ -344,8 +360,10 @@ def _build(
             "incremental_snapshot_metadata (only deltas take it)"
         )
     if info.kind == "adapter":
+        replica.drop_standby()  # the new model takes its place: two models at most
         return factory.adapter(snapshot_dir), (info.identity,)
-    return factory.full(export.load_full_tensors(snapshot_dir), snapshot_dir), ()
+    tensors = export.load_full_tensors(snapshot_dir)
+    return factory.full(tensors, snapshot_dir, replica.standby_model()), ()
 
 
 def _check_formats(metadata: IncrementalSnapshotMetadata | None) -> None:

@@ -88,6 +88,7 @@ class Replica:
         self.name = name  # the pod's name: a new one on every (re)start
         self.created_at = created_at  # platform clock
         self.lock = threading.Lock()
+        self._standby_lock = threading.Lock()  # one standby build at a time
         self._up = threading.Event()  # base weights loaded
         # Up, failed to start, or stopped: whatever a waiter for the start needs to know.
         self._settled = threading.Event()
@@ -98,6 +99,9 @@ class Replica:
         self.factory: ModelFactory | None = None
         self.loop: GenerationLoop | None = None
         self.model: DecodingModel | None = None
+        # A second model of the same architecture that no request uses: full and delta loads
+        # are written into it, and the swap makes the replaced one the next standby.
+        self.standby: DecodingModel | None = None
         self.identity = ""
         self.adapters: tuple[str, ...] = ()
         self.version = 0
@@ -150,6 +154,28 @@ class Replica:
             self.loading = LoadingState("downloading", identity)
             return True
 
+    def standby_model(self) -> DecodingModel:
+        """The model to write the next full or delta load into: the standby, else a new base
+        model (built once). `ReplicaStoppedError` once the replica is stopped."""
+        with self._standby_lock:
+            with self.lock:
+                standby, factory = self.standby, self.factory
+            if standby is not None:
+                return standby
+            if factory is None:
+                raise ReplicaStoppedError(self.name)
+            standby = factory.base()
+            with self.lock:
+                if self.stopped:
+                    raise ReplicaStoppedError(self.name)
+                self.standby = standby
+            return standby
+
+    def drop_standby(self) -> None:
+        """Free the standby (a load that builds a new model: two models at most)."""
+        with self._standby_lock, self.lock:
+            self.standby = None
+
     def set_stage(self, stage: Stage) -> None:
         with self.lock:
             self.loading = LoadingState(stage, self.loading.target)
@@ -162,7 +188,9 @@ class Replica:
         with self.lock:
             if self.stopped:
                 return False
-            self.model, self.identity, self.adapters = model, identity, adapters
+            # The loop swapped on an empty batch: no request uses the replaced model any more.
+            self.standby, self.model = self.model, model
+            self.identity, self.adapters = identity, adapters
             self.version = version
             self.loading = LoadingState("completed", identity)
             self.load_active = False
@@ -186,7 +214,7 @@ class Replica:
         """Unload: fail what is queued or decoding and drop the weights."""
         with self.lock:  # under the lock: a start finishing now sees it and stops its loop
             self.stopped = True
-            loop, self.loop, self.model = self.loop, None, None
+            loop, self.loop, self.model, self.standby = self.loop, None, None, None
         self.mark_stopped()
         if loop is not None:
             loop.stop(reason)
@@ -319,6 +347,20 @@ class ServingRuntime:
             replica.base_model,
             time.monotonic() - started,
         )
+        self._prebuild_standby(replica)
+
+    def _prebuild_standby(self, replica: Replica) -> None:
+        """Build the standby of a replica that will hotload (its deployment is linked to a
+        trainer) now, in the background, rather than during its first hotload."""
+        record = self.deployments.find(replica.deployment_id)
+        if record is None or not record.spec.hot_load_trainer_job:
+            return
+        try:
+            replica.standby_model()
+        except ReplicaStoppedError:
+            return
+        except Exception:  # reported; the first hotload builds it again
+            logger.exception("deployment %s: building the standby failed", replica.deployment_id)
 
 
 def _load_base(

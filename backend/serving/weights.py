@@ -2,11 +2,12 @@
 
 Every served model is built the trainer's way (`modeling.load_hf_model`: fp32 weights, the same
 attention implementation), so served logprobs match the trainer's `forward` at equal weights.
-Full snapshots replace every weight; a delta is rebuilt against the weights being served, in the
-snapshot's dtype, and its Adler-32 checksums prove it was applied to the right base
-(`export.apply_delta_tensors`); a LoRA snapshot is a PEFT adapter merged into fresh base
-weights, so serving costs nothing extra per token. Imports torch: the runtime loads this module
-on its loader thread only.
+Full and delta snapshots are written into a standby model that no request uses (building a model
+costs more than its weights' copy): a full snapshot replaces every weight; a delta is XORed
+against the weights being served, in the snapshot's dtype, and its Adler-32 checksums prove it
+was applied to the right base (`export.apply_delta_tensors`). A LoRA snapshot is a PEFT adapter
+merged into fresh base weights, so serving costs nothing extra per token. Imports torch: the
+runtime loads this module on its loader thread only.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ class SnapshotInfo:
     base_model: str
     previous_identity: str | None  # a delta's recorded base
     dtype: str
+    meta: dict[str, Any]  # the whole `snapshot.json` (a delta's checksums)
 
 
-def read_snapshot_info(directory: Path) -> SnapshotInfo:
-    """The snapshot's metadata; `UserError` when it is incomplete or not a snapshot."""
-    meta = export.read_snapshot_meta(directory)
+def read_snapshot_info(directory: Path, *, verify: bool = True) -> SnapshotInfo:
+    """The snapshot's metadata; `UserError` when it is incomplete or not a snapshot.
+    `verify=False`: see `export.read_snapshot_meta`."""
+    meta = export.read_snapshot_meta(directory, verify=verify)
     checkpoint_type = str(meta.get("checkpoint_type", ""))
     kind: SnapshotKind
     if meta.get("format") == "peft_adapter":
@@ -62,6 +65,7 @@ def read_snapshot_info(directory: Path) -> SnapshotInfo:
         base_model=str(meta.get("base_model", "")),
         previous_identity=str(previous) if previous is not None else None,
         dtype=str(meta.get("dtype", "float32")),
+        meta=meta,
     )
 
 
@@ -78,19 +82,11 @@ class ModelFactory:
         """The base model's own weights."""
         return self._wrap(modeling.load_hf_model(self.model_dir, self.device))
 
-    def full(self, tensors: export.Tensors, where: Path) -> DecodingModel:
-        """Base architecture with every weight replaced by `tensors` (any float dtype)."""
-        module = modeling.load_hf_model(self.model_dir, self.device)
-        state = {name: t.to(self.device, torch.float32) for name, t in tensors.items()}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        # A tied LM head is stored once (as the embedding) and follows it.
-        untied = [name for name in missing if not name.startswith("lm_head.")]
-        if untied or unexpected:
-            raise UserError(
-                f"snapshot {where.name!r} does not fit the base model: "
-                f"missing {untied[:3]}, unexpected {list(unexpected)[:3]}"
-            )
-        return self._wrap(module)
+    def full(self, tensors: export.Tensors, where: Path, into: DecodingModel) -> DecodingModel:
+        """`into`, a model no request uses, with every weight replaced by `tensors` (any float
+        dtype); `UserError` when they do not fit, leaving `into` partly written."""
+        _copy_weights(into.module, tensors, where)
+        return into
 
     def adapter(self, adapter_dir: Path) -> DecodingModel:
         """Fresh base weights with the PEFT adapter of `adapter_dir` merged in."""
@@ -101,10 +97,15 @@ class ModelFactory:
         merged = cast(torch.nn.Module, peft_model.merge_and_unload())
         return self._wrap(cast(PreTrainedModel, merged))
 
-    def delta(self, current: DecodingModel, delta_dir: Path, dtype_name: str) -> DecodingModel:
-        """`current`'s weights XOR the delta, checksums verified (`UserError` if they fail)."""
-        served = _served_tensors(current.module, _dtype(dtype_name))
-        return self.full(export.apply_delta_tensors(served, delta_dir), delta_dir)
+    def delta(
+        self, current: DecodingModel, delta_dir: Path, info: SnapshotInfo, into: DecodingModel
+    ) -> DecodingModel:
+        """`into` with `current`'s weights XOR the delta, checksums verified (`UserError` if
+        they fail). fp32 results are XORed straight into `into`'s weights."""
+        served = _served_tensors(current.module, _dtype(info.dtype))
+        targets = _unique_weights(into.module)
+        restored = export.apply_delta_tensors(served, delta_dir, info.meta, out=targets)
+        return self.full(restored, delta_dir, into)
 
     def decode(self, tokens: Any) -> str:
         return cast(str, self._tokenizer.decode(list(tokens)))
@@ -129,18 +130,42 @@ class ModelFactory:
         )
 
 
-def _served_tensors(module: torch.nn.Module, dtype: torch.dtype) -> export.Tensors:
-    """The served weights keyed as the trainer exports them (`modeling.full_tensors`: tied
-    tensors once), in the snapshot's dtype. Read only by the XOR, so fp32 weights are not
-    copied (`to` returns the tensor itself), which saves a model-sized copy per delta."""
+def _unique_weights(module: torch.nn.Module) -> export.Tensors:
+    """The module's own weight tensors keyed as the trainer exports them
+    (`modeling.full_tensors`): a tied tensor once, under its first name."""
     tensors: export.Tensors = {}
     seen: set[int] = set()
     for name, tensor in module.state_dict().items():
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().to("cpu", dtype)
+        tensors[name] = tensor
     return tensors
+
+
+def _served_tensors(module: torch.nn.Module, dtype: torch.dtype) -> export.Tensors:
+    """The served weights in the snapshot's dtype. Read only by the XOR, so fp32 weights are
+    not copied (`to` returns the tensor itself), which saves a model-sized copy per delta."""
+    return {name: t.detach().to("cpu", dtype) for name, t in _unique_weights(module).items()}
+
+
+def _copy_weights(module: torch.nn.Module, tensors: export.Tensors, where: Path) -> None:
+    """Copy `tensors` into the module's weights: every one must be given, with its shape (a
+    tied LM head is stored once, as the embedding, and follows it)."""
+    targets = _unique_weights(module)
+    missing, unexpected = targets.keys() - tensors.keys(), tensors.keys() - targets.keys()
+    misshapen = [n for n in targets.keys() & tensors.keys() if tensors[n].shape != targets[n].shape]
+    if missing or unexpected or misshapen:
+        raise UserError(
+            f"snapshot {where.name!r} does not fit the base model: missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
+            f"of another shape {sorted(misshapen)[:3]}"
+        )
+    with torch.no_grad():
+        for name, target in targets.items():
+            source = tensors[name]
+            if (source.data_ptr(), source.dtype) != (target.data_ptr(), target.dtype):
+                target.copy_(source)
 
 
 def _dtype(name: str) -> torch.dtype:

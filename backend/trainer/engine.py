@@ -272,7 +272,7 @@ class TrainableModel:
         tensors = modeling.full_tensors(self._model, dtype, merge_lora=merge_lora)
         config_json = modeling.config_json(self._hf_model, dtype)
         if previous is not None and checkpoint_type == "delta":
-            delta = export.xor_delta(tensors, self._previous_export(previous))
+            delta = self._delta_against(previous, tensors)
             meta.update(export.delta_meta(tensors, previous.name))
             weights, write_weights = delta, export.write_delta_weights
         else:
@@ -329,12 +329,14 @@ class TrainableModel:
             results.append((lp_N, loss(lp_N, inputs, config)))
         return results
 
-    def _previous_export(self, previous: Path) -> export.Tensors:
-        """The full tensors of snapshot `previous`: the last export's, else read from disk."""
-        cached = self._last_export
+    def _delta_against(self, previous: Path, tensors: export.Tensors) -> export.Tensors:
+        """`tensors` XOR snapshot `previous`'s: computed over the last export's own copy when it
+        is that snapshot (which leaves the cache: one model-sized allocation less), else
+        against the snapshot read from disk."""
+        cached, self._last_export = self._last_export, None
         if cached is not None and cached[0] == previous.resolve():
-            return cached[1]
-        return export.load_snapshot_tensors(previous)
+            return export.xor_delta(tensors, cached[1], in_place=True)
+        return export.xor_delta(tensors, export.load_snapshot_tensors(previous))
 
     def _new_optimizer(self) -> torch.optim.AdamW | None:
         if self._base_only:

@@ -15,6 +15,7 @@ import json
 import shutil
 import zlib
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 # Files of a model directory that a snapshot carries along so it loads on its own.
 _SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt")
 _SKIPPED_NAMES = ("config.json", MARKER_NAME, SNAPSHOT_META)
+# Threads computing Adler-32 checksums (zlib releases the GIL on large buffers).
+_CHECKSUM_THREADS = 2
 
 Tensors = dict[str, torch.Tensor]
 # Writes the model-specific files of a snapshot into the temporary directory.
@@ -70,8 +73,12 @@ def write_model_files(tmp_dir: Path, config_json: str, model_dir: Path) -> None:
             shutil.copyfile(path, tmp_dir / path.name)
 
 
-def xor_delta(new: Tensors, previous: Tensors) -> Tensors:
-    """Per tensor, new XOR previous over the raw bits; both sides must match in names and dtype."""
+def xor_delta(new: Tensors, previous: Tensors, *, in_place: bool = False) -> Tensors:
+    """Per tensor, new XOR previous over the raw bits; both sides must match in names and dtype.
+
+    `in_place` writes the result over `previous`'s tensors, which the caller must own (no
+    model-sized allocation; `previous` no longer holds its weights afterwards, even on error).
+    """
     if new.keys() != previous.keys():
         missing = sorted(new.keys() ^ previous.keys())[:3]
         raise UserError(f"previous snapshot has different tensors (e.g. {missing}); save a base")
@@ -83,7 +90,10 @@ def xor_delta(new: Tensors, previous: Tensors) -> Tensors:
                 f"previous snapshot tensor {name} is {base.dtype} {list(base.shape)}, "
                 f"expected {tensor.dtype} {list(tensor.shape)}; save a base snapshot"
             )
-        delta[name] = torch.bitwise_xor(_bits(tensor), _bits(base))
+        if in_place:
+            delta[name] = torch.bitwise_xor(_bits(tensor), _bits(base), out=_bits(base))
+        else:
+            delta[name] = torch.bitwise_xor(_bits(tensor), _bits(base))
     return delta
 
 
@@ -98,13 +108,21 @@ def delta_meta(tensors: Tensors, previous_identity: str) -> dict[str, Any]:
 
 
 def checksums(tensors: Tensors) -> dict[str, int]:
-    """Adler-32 (`zlib.adler32`) of each tensor's raw bytes."""
-    return {name: _adler32(t) for name, t in sorted(tensors.items())}
+    """Adler-32 (`zlib.adler32`) of each tensor's raw bytes, computed on a few threads."""
+    names = sorted(tensors)
+    with ThreadPoolExecutor(_CHECKSUM_THREADS, thread_name_prefix="adler32") as pool:
+        return dict(zip(names, pool.map(_adler32, [tensors[n] for n in names]), strict=True))
 
 
-def apply_delta_tensors(previous: Tensors, delta_dir: Path) -> Tensors:
-    """Reconstruct a delta snapshot's tensors from its base's tensors, verifying checksums."""
-    meta = read_snapshot_meta(delta_dir)
+def apply_delta_tensors(
+    previous: Tensors, delta_dir: Path, meta: Mapping[str, Any], out: Tensors | None = None
+) -> Tensors:
+    """Reconstruct a delta snapshot's tensors from its base's tensors, verifying checksums.
+
+    `meta` is the delta's `snapshot.json` as `read_snapshot_meta` returned it (having verified
+    the files, which is not repeated here). A tensor of `out` with the base tensor's dtype and
+    shape receives the result in place (a model's detached weights: no model-sized allocation).
+    """
     if meta.get("checkpoint_type") != "delta":
         raise UserError(f"{delta_dir} is not a delta snapshot")
     dtype = _dtype(meta["dtype"], delta_dir)
@@ -116,8 +134,10 @@ def apply_delta_tensors(previous: Tensors, delta_dir: Path) -> Tensors:
         base = previous[name]
         if base.dtype != dtype or base.shape != bits.shape:
             raise UserError(f"delta {delta_dir}: base tensor {name} has the wrong dtype or shape")
-        restored[name] = torch.bitwise_xor(bits, _bits(base)).view(dtype)
-        if _adler32(restored[name]) != meta["checksums"][name]:
+        restored[name] = _xor(bits, base, (out or {}).get(name))
+    actual = checksums(restored)
+    for name in delta:
+        if actual[name] != meta["checksums"][name]:
             raise UserError(
                 f"delta {delta_dir}: tensor {name} fails its Adler-32 check; the base is not "
                 f"snapshot {meta['previous_snapshot_identity']!r}"
@@ -140,7 +160,7 @@ def apply_delta(base_dir: Path, delta_dir: Path, out_dir: Path) -> Path:
             f"delta {delta_dir.name!r} applies to snapshot {expected!r}, "
             f"not {base_meta.get('identity')!r}"
         )
-    restored = apply_delta_tensors(load_full_tensors(base_dir), delta_dir)
+    restored = apply_delta_tensors(load_full_tensors(base_dir), delta_dir, delta_meta)
     kept = ("identity", "dtype", "base_model", "step")
     meta = {key: delta_meta[key] for key in kept if key in delta_meta}
     meta.update(checkpoint_type="base", reconstructed_from=expected)
@@ -158,7 +178,7 @@ def load_snapshot_tensors(directory: Path) -> Tensors:
     if meta.get("checkpoint_type") != "delta":
         return load_full_tensors(directory)
     previous_dir = directory.parent / str(meta["previous_snapshot_identity"])
-    return apply_delta_tensors(load_snapshot_tensors(previous_dir), directory)
+    return apply_delta_tensors(load_snapshot_tensors(previous_dir), directory, meta)
 
 
 def load_full_tensors(directory: Path) -> Tensors:
@@ -167,9 +187,14 @@ def load_full_tensors(directory: Path) -> Tensors:
     return load_file(directory / WEIGHTS_FILE)
 
 
-def read_snapshot_meta(directory: Path) -> dict[str, Any]:
-    """`snapshot.json` of a complete snapshot directory (`UserError` if incomplete or foreign)."""
-    verify_complete(directory)
+def read_snapshot_meta(directory: Path, *, verify: bool = True) -> dict[str, Any]:
+    """`snapshot.json` of a complete snapshot directory (`UserError` if incomplete or foreign).
+
+    `verify=False` skips the files' digests, for a caller that runs `verify_complete` alongside
+    and uses nothing it builds from the snapshot before that succeeds.
+    """
+    if verify:
+        verify_complete(directory)
     try:
         meta = json.loads((directory / SNAPSHOT_META).read_text())
     except (OSError, ValueError) as exc:
@@ -194,6 +219,16 @@ def _dtype(name: str, where: Path) -> torch.dtype:
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(_BITS_DTYPE[tensor.dtype])
+
+
+def _xor(bits: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`bits` XOR `base`'s bits, as `base`'s dtype; written into `out` when it fits."""
+    if out is None or not out.is_contiguous():
+        return torch.bitwise_xor(bits, _bits(base)).view(base.dtype)
+    if (out.dtype, out.shape, out.device) != (base.dtype, base.shape, bits.device):
+        return torch.bitwise_xor(bits, _bits(base)).view(base.dtype)
+    torch.bitwise_xor(bits, _bits(base), out=_bits(out))
+    return out
 
 
 def _adler32(tensor: torch.Tensor) -> int:

@@ -4,11 +4,13 @@ client, loaded over raw HTTP, verified by comparing served logprobs with the tra
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 import torch
 
+from backend.trainer.atomic import write_marker
 from tests.backend.serving.conftest import (
     DEPLOYMENTS,
     SEQUENCE,
@@ -101,6 +103,72 @@ def test_a_delta_must_follow_what_the_replica_serves(harness: ServingHarness) ->
     assert harness.hotload("chain", last, delta_metadata(skipped)).status_code == 200
     harness.wait_loaded("chain", last)
     assert _gap(harness, "chain", client) <= TOLERANCE
+
+
+def test_loads_alternate_between_two_models_and_construct_no_other(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("standby-job")
+    harness.deploy("standby", "standby-job")
+    replica = harness.platform.state.serving.replica("standby")
+    assert replica is not None
+    modules: set[int] = set()
+    previous: str | None = None
+    for step in range(3):  # a base load, then two deltas
+        train(client, 1)
+        identity = save(client, f"s{step}", "delta" if previous else "base")
+        metadata = delta_metadata(previous) if previous else None
+        assert harness.hotload("standby", identity, metadata).status_code == 200
+        harness.wait_loaded("standby", identity)
+        assert _gap(harness, "standby", client) <= TOLERANCE
+        assert replica.model is not None and replica.standby is not None
+        assert replica.model.module is not replica.standby.module
+        modules |= {id(replica.model.module), id(replica.standby.module)}
+        previous = identity
+    assert len(modules) == 2  # the replaced weights' model is where the next load goes
+
+
+def test_a_snapshot_failing_its_digest_or_checksums_changes_nothing_served(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("verify-job")
+    harness.deploy("verify", "verify-job")
+    base = save(client, "base", "base")
+    assert harness.hotload("verify", base).status_code == 200
+    harness.wait_loaded("verify", base)
+    served = harness.score("verify", SEQUENCE)
+    train(client)
+    delta = save(client, "delta", "delta")
+    directory = harness.platform.data_dir / "jobs" / "verify-job" / "snapshots" / delta
+    weights = directory / "delta.safetensors"
+    original = weights.read_bytes()
+    # One flipped byte: the file no longer matches its marker (and the XOR its checksum; the
+    # digest is what gets reported, although the build ran alongside its verification).
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    assert harness.hotload("verify", delta, delta_metadata(base)).status_code == 200
+    message = harness.wait_error("verify", delta)["loading_state"]["message"]
+    assert "fails its SHA-256 check" in message
+    weights.write_bytes(original)
+    # A consistent snapshot whose recorded checksum is wrong: the XOR result is refused.
+    meta_path = directory / "snapshot.json"
+    meta = json.loads(meta_path.read_text())
+    name = sorted(meta["checksums"])[0]
+    meta["checksums"][name] ^= 1
+    meta_path.write_text(json.dumps(meta))
+    write_marker(directory)
+    assert harness.hotload("verify", delta, delta_metadata(base)).status_code == 200
+    message = harness.wait_error("verify", delta)["loading_state"]["message"]
+    assert "fails its Adler-32 check" in message and base in message
+    (replica,) = harness.status("verify")
+    assert (replica["current_snapshot_identity"], replica["readiness"]) == (base, True)
+    assert torch.equal(harness.score("verify", SEQUENCE), served)
+    # Repaired, the same delta loads exactly over the standby the failures wrote into.
+    meta["checksums"][name] ^= 1
+    meta_path.write_text(json.dumps(meta))
+    write_marker(directory)
+    assert harness.hotload("verify", delta, delta_metadata(base)).status_code == 200
+    harness.wait_loaded("verify", delta)
+    assert _gap(harness, "verify", client) <= TOLERANCE
 
 
 def test_sampling_during_a_load_answers_425_then_serves_the_new_weights(

@@ -267,6 +267,23 @@ def test_delta_chain_reconstructs_the_base_export_bit_exactly(
     assert all(torch.equal(restored3[k], v) for k, v in expected.items())
 
 
+def test_a_failed_delta_export_leaves_the_next_delta_exact(tiny_dir: Path, tmp_path: Path) -> None:
+    model = make_model(tiny_dir)
+    snapshots = tmp_path / "snapshots"
+    model.export_for_sampler(snapshots / "s0", "base")
+    train(model, 1)
+    (snapshots / "taken").mkdir()
+    # The XOR overwrites the cached export of s0 before the write is refused.
+    with pytest.raises(UserError, match="already exists"):
+        model.export_for_sampler(snapshots / "taken", "delta", snapshots / "s0")
+    model.export_for_sampler(snapshots / "s1", "delta", snapshots / "s0")
+    model.export_for_sampler(snapshots / "b1", "base")
+    expected = load_file(snapshots / "b1" / "model.safetensors")
+    restored = load_snapshot_tensors(snapshots / "s1")
+    assert expected.keys() == restored.keys()
+    assert all(torch.equal(restored[k], v) for k, v in expected.items())
+
+
 def test_exported_full_weights_load_in_transformers(tiny_dir: Path, tmp_path: Path) -> None:
     model = make_model(tiny_dir)
     train(model, 2)
