@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
@@ -40,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import psutil  # type: ignore[import-untyped]
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
@@ -77,6 +79,17 @@ class Outcome:
     final_loss: float
     exact_match: float
     task_runs: int | None = None
+    server_cpu_s: float = 0.0  # CPU seconds the temporary Prefect server spent meanwhile
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children: the temporary Prefect server, if any."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def make_config(run_dir: Path, platform: LocalPlatform, steps: int) -> SFTConfig:
@@ -97,9 +110,10 @@ def make_config(run_dir: Path, platform: LocalPlatform, steps: int) -> SFTConfig
 
 
 def run_flow(config: SFTConfig) -> Outcome:
-    started = time.perf_counter()
+    cpu_before, started = children_cpu_s(), time.perf_counter()
     state = configured_sft_flow(config)(config, return_state=True)
     wall_s = time.perf_counter() - started
+    server_cpu_s = children_cpu_s() - cpu_before
     result = state.result()
     flow_run_id = state.state_details.flow_run_id
     metrics = result.final_metrics
@@ -108,6 +122,7 @@ def run_flow(config: SFTConfig) -> Outcome:
         final_loss=metrics["train/ce_loss"],
         exact_match=metrics.get("eval/exact_match", float("nan")),
         task_runs=count_task_runs(flow_run_id) if flow_run_id else None,
+        server_cpu_s=server_cpu_s,
     )
 
 
@@ -139,7 +154,7 @@ class BareRun:
 
 
 def run_bare(config: SFTConfig, platform: LocalPlatform) -> Outcome:
-    started = time.perf_counter()
+    cpu_before, started = children_cpu_s(), time.perf_counter()
     data = load_sft_data(config)
     key = platform.api_key
     job_id = f"{config.run_name}-trainer"
@@ -178,7 +193,8 @@ def run_bare(config: SFTConfig, platform: LocalPlatform) -> Outcome:
         deployments.delete(deployment_id)
         trainers.close()
         deployments.close()
-    return Outcome(time.perf_counter() - started, loss, exact)
+    wall_s = time.perf_counter() - started
+    return Outcome(wall_s, loss, exact, server_cpu_s=children_cpu_s() - cpu_before)
 
 
 def train_bare(
@@ -287,23 +303,23 @@ def run_round(
     bare_config = make_config(root / f"bare-{index}", platform, steps)
     if flow_first:
         flow = run_flow(flow_config)
-        bare = run_bare(bare_config, platform)
-    else:
-        bare = run_bare(bare_config, platform)
-        flow = run_flow(flow_config)
-    return flow, bare
+        return flow, run_bare(bare_config, platform)
+    bare = run_bare(bare_config, platform)
+    return run_flow(flow_config), bare
 
 
 def report(rounds: list[tuple[Outcome, Outcome]]) -> None:
     print(
         f"{'round':>5} {'flow s':>8} {'bare s':>8} {'ratio':>7} {'task runs':>9} "
-        f"{'runs/s':>7} {'same loss':>9} {'exact (flow/bare)':>18}"
+        f"{'runs/s':>7} {'server cpu s':>13} {'same loss':>9} {'exact (flow/bare)':>18}"
     )
     for index, (flow, bare) in enumerate(rounds, start=1):
         runs = flow.task_runs if flow.task_runs is not None else 0
         print(
             f"{index:>5} {flow.wall_s:>8.2f} {bare.wall_s:>8.2f} {flow.wall_s / bare.wall_s:>7.3f} "
-            f"{runs:>9} {runs / flow.wall_s:>7.2f} {flow.final_loss == bare.final_loss!s:>9} "
+            f"{runs:>9} {runs / flow.wall_s:>7.2f} "
+            f"{f'{flow.server_cpu_s:.2f}/{bare.server_cpu_s:.2f}':>13} "
+            f"{flow.final_loss == bare.final_loss!s:>9} "
             f"{flow.exact_match:>8.3f}/{bare.exact_match:<8.3f}"
         )
     flow_s = statistics.median(flow.wall_s for flow, _ in rounds)
