@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import psutil  # type: ignore[import-untyped]
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from transformers import AutoTokenizer
 
@@ -337,14 +337,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after a warm-up)")
     parser.add_argument("--data-dir", type=Path, default=None, help="platform data (model cache)")
+    parser.add_argument(
+        "--no-heartbeats",
+        action="store_true",
+        help="flow-run heartbeats off (their thread's join costs a sync flow up to ~1 s)",
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fireloop-overhead-") as tmp:
+    heartbeats = {"flows.heartbeat_frequency": None} if args.no_heartbeats else {}
+    with (
+        tempfile.TemporaryDirectory(prefix="fireloop-overhead-") as tmp,
+        temporary_settings(updates=heartbeats),
+    ):
         root = Path(tmp)
         data_dir = args.data_dir or root / "platform"
         with LocalPlatform(data_dir=data_dir) as platform:
             print(
                 f"Prefect API: {PREFECT_API_URL.value() or 'temporary local server'}; "
-                f"platform {platform.base_url}; tiny, {args.steps} steps per run"
+                f"platform {platform.base_url}; tiny, {args.steps} steps per run; "
+                f"heartbeats {'off' if args.no_heartbeats else 'on'}"
             )
             warm_flow, warm_bare = run_round(0, True, root, platform, args.steps)
             print(f"warm-up: flow {warm_flow.wall_s:.2f} s, bare {warm_bare.wall_s:.2f} s")
