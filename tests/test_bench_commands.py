@@ -1,0 +1,81 @@
+"""The README's benchmark commands still run, in their smallest form, and check themselves.
+
+Benchmarks measure and never assert a time, so nothing here looks at a number of seconds. What
+is checked is that each command finishes and prints its table, and the correctness column each
+one carries: served logprobs equal to the trainer's after a hotload, and the flow and the bare
+SDK loop reaching the same loss. A benchmark that rots would otherwise only be found when someone
+needs its numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 600
+
+
+def run_bench(script: str, *args: str, tmp_path: Path) -> str:
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),  # its own temporary Prefect server
+        "PREFECT_API_URL": "",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_trainer_throughput_runs(tmp_path: Path) -> None:
+    out = run_bench("trainer_throughput.py", "--modes", "full", tmp_path=tmp_path)
+    assert re.search(r"tiny\s*\|\s*full", out), out
+
+
+@pytest.mark.slow
+def test_hotload_latency_serves_the_trainer_weights(tmp_path: Path) -> None:
+    out = run_bench(
+        "hotload_latency.py",
+        *("--modes", "full", "--rounds", "1", "--deltas", "1", "--data-dir", str(tmp_path)),
+        tmp_path=tmp_path,
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| tiny | full |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["base", "delta"], out
+    parity = [float(row.rstrip(" |").rsplit("|", 1)[1]) for row in rows]
+    assert all(gap <= 1e-4 for gap in parity), out
+
+
+@pytest.mark.slow
+def test_sampling_throughput_runs(tmp_path: Path) -> None:
+    out = run_bench(
+        "sampling_throughput.py",
+        *("--seconds", "1", "--concurrency", "1,4", "--max-tokens", "8"),
+        *("--data-dir", str(tmp_path / "platform")),
+        tmp_path=tmp_path,
+    )
+    sides = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert sides.count("platform via SDK") == 2 and "HF generate, batch 1" in sides, out
+
+
+@pytest.mark.slow
+def test_orchestration_overhead_compares_equal_work(tmp_path: Path) -> None:
+    out = run_bench("orchestration_overhead.py", "--steps", "4", "--rounds", "1", tmp_path=tmp_path)
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["1"])
+    assert row.split()[7] == "True", out  # the same final loss on both sides
+    assert "median: flow" in out, out
