@@ -360,8 +360,12 @@ def _build(
             "incremental_snapshot_metadata (only deltas take it)"
         )
     if info.kind == "adapter":
-        replica.drop_standby()  # the new model takes its place: two models at most
-        return factory.adapter(snapshot_dir), (info.identity,)
+        standby = replica.standby_model()
+        try:
+            return factory.adapter(snapshot_dir, standby), (info.identity,)
+        except BaseException:
+            replica.drop_standby()  # it may hold LoRA layers now: the next load builds anew
+            raise
     tensors = export.load_full_tensors(snapshot_dir)
     return factory.full(tensors, snapshot_dir, replica.standby_model()), ()
 

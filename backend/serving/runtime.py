@@ -99,8 +99,8 @@ class Replica:
         self.factory: ModelFactory | None = None
         self.loop: GenerationLoop | None = None
         self.model: DecodingModel | None = None
-        # A second model of the same architecture that no request uses: full and delta loads
-        # are written into it, and the swap makes the replaced one the next standby.
+        # A second model of the same architecture that no request uses: every load is written
+        # into it, and the swap makes the replaced one the next standby.
         self.standby: DecodingModel | None = None
         self.identity = ""
         self.adapters: tuple[str, ...] = ()
@@ -155,8 +155,8 @@ class Replica:
             return True
 
     def standby_model(self) -> DecodingModel:
-        """The model to write the next full or delta load into: the standby, else a new base
-        model (built once). `ReplicaStoppedError` once the replica is stopped."""
+        """The model to write the next load into: the standby, else a new base model (built
+        once). `ReplicaStoppedError` once the replica is stopped."""
         with self._standby_lock:
             with self.lock:
                 standby, factory = self.standby, self.factory
@@ -172,7 +172,8 @@ class Replica:
             return standby
 
     def drop_standby(self) -> None:
-        """Free the standby (a load that builds a new model: two models at most)."""
+        """Forget the standby (a failed load left it unfit for others): the next load that
+        needs one builds a new base model."""
         with self._standby_lock, self.lock:
             self.standby = None
 

@@ -2,12 +2,13 @@
 
 Every served model is built the trainer's way (`modeling.load_hf_model`: fp32 weights, the same
 attention implementation), so served logprobs match the trainer's `forward` at equal weights.
-Full and delta snapshots are written into a standby model that no request uses (building a model
-costs more than its weights' copy): a full snapshot replaces every weight; a delta is XORed
-against the weights being served, in the snapshot's dtype, and its Adler-32 checksums prove it
-was applied to the right base (`export.apply_delta_tensors`). A LoRA snapshot is a PEFT adapter
-merged into fresh base weights, so serving costs nothing extra per token. Imports torch: the
-runtime loads this module on its loader thread only.
+Every snapshot is written into a standby model that no request uses (building a model costs
+more than its weights' copy): a full snapshot replaces every weight; a delta is XORed against
+the weights being served, in the snapshot's dtype, and its Adler-32 checksums prove it was
+applied to the right base (`export.apply_delta_tensors`); a LoRA snapshot is a PEFT adapter that
+PEFT merges, in place, into the base model's own weights (restored from its safetensors files
+first), so serving costs nothing extra per token. Imports torch: the runtime loads this module
+on its loader thread only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Literal, cast
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedModel
 
 from backend.models.loading import model_construction
@@ -88,14 +90,19 @@ class ModelFactory:
         _copy_weights(into.module, tensors, where)
         return into
 
-    def adapter(self, adapter_dir: Path) -> DecodingModel:
-        """Fresh base weights with the PEFT adapter of `adapter_dir` merged in."""
-        base = modeling.load_hf_model(self.model_dir, self.device)
-        # Building the LoRA layers is model construction too (transformers' global init state).
+    def adapter(self, adapter_dir: Path, into: DecodingModel) -> DecodingModel:
+        """`into`, a model no request uses, with the base model's own weights and the PEFT
+        adapter of `adapter_dir` merged into them. PEFT wraps `into`'s layers in LoRA layers,
+        adds each one's update to its base layer's weight and puts the base layer back: `into`
+        keeps its modules and weight tensors. A failure may leave LoRA layers in `into`, which
+        then fits no other load."""
+        _restore_base(into.module, self.model_dir)
+        # Injecting the LoRA layers is model construction too (transformers' global init state).
         with model_construction():
-            peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
-        merged = cast(torch.nn.Module, peft_model.merge_and_unload())
-        return self._wrap(cast(PreTrainedModel, merged))
+            peft_model = PeftModel.from_pretrained(into.module, str(adapter_dir))
+        if peft_model.merge_and_unload() is not into.module:
+            raise RuntimeError("PEFT merged the adapter into a new module, not in place")
+        return into
 
     def delta(
         self, current: DecodingModel, delta_dir: Path, info: SnapshotInfo, into: DecodingModel
@@ -114,7 +121,8 @@ class ModelFactory:
         return cast(str, self._tokenizer.decode([token_id]))
 
     def _wrap(self, module: PreTrainedModel) -> DecodingModel:
-        cast(torch.nn.Module, module).eval()
+        # Served weights need no gradients (and PEFT's merge freezes them: models stay alike).
+        cast(torch.nn.Module, module).eval().requires_grad_(False)
         config = module.generation_config
         eos = config.eos_token_id if config is not None else None
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
@@ -166,6 +174,26 @@ def _copy_weights(module: torch.nn.Module, tensors: export.Tensors, where: Path)
             source = tensors[name]
             if (source.data_ptr(), source.dtype) != (target.data_ptr(), target.dtype):
                 target.copy_(source)
+
+
+def _restore_base(module: torch.nn.Module, model_dir: Path) -> None:
+    """Copy the base model's own weights, from its safetensors files, into the module's weights
+    one tensor at a time (no model-sized copy in memory; the files' dtype is converted as
+    `modeling.load_hf_model` converts it). Every weight must be there once, with its shape."""
+    targets = _unique_weights(module)
+    restored: set[str] = set()
+    with torch.no_grad():
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as weights:
+                for name in weights.keys():  # noqa: SIM118 (a safe_open is not iterable)
+                    tensor, target = weights.get_tensor(name), targets.get(name)
+                    if target is None or name in restored or target.shape != tensor.shape:
+                        raise RuntimeError(f"{path}: {name} does not fit the served model")
+                    target.copy_(tensor)
+                    restored.add(name)
+    if restored != targets.keys():
+        missing = sorted(targets.keys() - restored)[:3]
+        raise RuntimeError(f"{model_dir} holds no base weights for {missing}")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 
 from backend.trainer.atomic import write_marker
+from backend.trainer.export import load_full_tensors
 from tests.backend.serving.conftest import (
     DEPLOYMENTS,
     SEQUENCE,
@@ -26,6 +29,10 @@ from tests.backend.serving.conftest import (
 def _gap(harness: ServingHarness, deployment_id: str, client: Any) -> float:
     served = harness.score(deployment_id, SEQUENCE)
     return float((served - trainer_logprobs(client, SEQUENCE)).abs().max())
+
+
+def _module_names(module: torch.nn.Module) -> list[str]:
+    return [name for name, _ in module.named_modules()]
 
 
 def test_served_logprobs_equal_the_trainers_after_a_base_load_and_a_delta(
@@ -126,6 +133,89 @@ def test_loads_alternate_between_two_models_and_construct_no_other(
         modules |= {id(replica.model.module), id(replica.standby.module)}
         previous = identity
     assert len(modules) == 2  # the replaced weights' model is where the next load goes
+
+
+def test_lora_loads_alternate_between_two_models_and_leave_no_lora_layers(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("lora-standby-job", lora_rank=8)
+    harness.deploy("lora-standby", "lora-standby-job")
+    replica = harness.platform.state.serving.replica("lora-standby")
+    assert replica is not None and replica.model is not None
+    layers = _module_names(replica.model.module)
+    identities: dict[str, str] = {}
+    expected: dict[str, torch.Tensor] = {}  # the trainer's logprobs when each was saved
+    for name, kind in [("a", "base"), ("b", "base"), ("merged", "merged_base")]:
+        train(client, 1)
+        expected[name] = trainer_logprobs(client, SEQUENCE)
+        identities[name] = save(client, name, kind)
+    modules: set[int] = set()
+    # B goes where the base was, the merged weights where A was, and A again where B was: each
+    # adapter is merged into the base model's weights, never into what the standby held.
+    for name in ["a", "b", "merged", "a"]:
+        identity = identities[name]
+        assert harness.hotload("lora-standby", identity).status_code == 200
+        loaded = harness.wait_loaded("lora-standby", identity)
+        adapters = [] if name == "merged" else [{"identity": identity, "status": "loaded"}]
+        assert loaded["loaded_adapters"] == adapters
+        gap = (harness.score("lora-standby", SEQUENCE) - expected[name]).abs().max()
+        assert float(gap) <= TOLERANCE
+        assert replica.model is not None and replica.standby is not None
+        assert replica.model.module is not replica.standby.module
+        for model in (replica.model, replica.standby):
+            assert _module_names(model.module) == layers
+            assert not any(isinstance(m, BaseTunerLayer) for m in model.module.modules())
+            assert not hasattr(model.module, "peft_config")
+        modules |= {id(replica.model.module), id(replica.standby.module)}
+    assert len(modules) == 2
+
+
+def test_a_lora_load_after_failed_loads_serves_the_trainers_exact_weights(
+    harness: ServingHarness,
+) -> None:
+    client = harness.training_client("lora-fail-job", lora_rank=8)
+    harness.deploy("lora-fail", "lora-fail-job")
+    replica = harness.platform.state.serving.replica("lora-fail")
+    assert replica is not None and replica.model is not None
+    layers = _module_names(replica.model.module)
+    train(client)
+    adapter = save(client, "adapter", "base")
+    merged = save(client, "merged", "merged_base")  # the same weights, merged by the trainer
+    directory = harness.platform.data_dir / "jobs" / "lora-fail-job" / "snapshots" / adapter
+    weights = directory / "adapter_model.safetensors"
+    original = weights.read_bytes()
+
+    # An adapter of another rank, digests and all: PEFT's LoRA layers are in the standby when
+    # its weights fail to load, so that standby is dropped and the next load builds another.
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
+    save_file(tensors, weights)
+    write_marker(directory)
+    assert harness.hotload("lora-fail", adapter).status_code == 200
+    failed = harness.wait_error("lora-fail", adapter)
+    assert (failed["current_snapshot_identity"], failed["readiness"]) == ("", True)
+    assert replica.standby is None
+    # A flipped byte in the adapter's last weight: PEFT merges it into the standby, then the
+    # digest check refuses the load, and the standby keeps weights that no snapshot has.
+    weights.write_bytes(original)
+    write_marker(directory)
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    assert harness.hotload("lora-fail", adapter).status_code == 200
+    message = harness.wait_error("lora-fail", adapter)["loading_state"]["message"]
+    assert "fails its SHA-256 check" in message
+    dirty = replica.standby
+    assert dirty is not None
+
+    # Repaired, the adapter loads into that standby, onto the base model's own weights.
+    weights.write_bytes(original)
+    assert harness.hotload("lora-fail", adapter).status_code == 200
+    harness.wait_loaded("lora-fail", adapter)
+    assert replica.model is dirty
+    assert _module_names(dirty.module) == layers
+    served = dirty.module.state_dict()
+    for key, tensor in load_full_tensors(directory.with_name(merged)).items():
+        assert torch.equal(served[key], tensor), key
 
 
 def test_a_snapshot_failing_its_digest_or_checksums_changes_nothing_served(
