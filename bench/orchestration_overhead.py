@@ -26,7 +26,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +65,7 @@ from sdk import (
     WeightSyncer,
 )
 from sdk.firetitan_training import FiretitanTrainingClient
+from tasks.evaluation import greedy_completions  # a plain coroutine, no Prefect task
 from tasks.training import OptimizerPlan
 
 WAITS = EMBEDDED_WAITS  # what the flow uses on the embedded platform; the bare loop too
@@ -274,23 +274,10 @@ def evaluate_bare(run: BareRun, config: SFTConfig, point: int) -> float:
     if point == 0:
         sync_bare(run, point)
     prompts = run.rendered.eval_prompts
-    completions = asyncio.run(sample_all(run.sampler, prompts, config.eval_max_tokens))
+    completions = asyncio.run(
+        greedy_completions(run.sampler, prompts, config.eval_max_tokens, WAITS.sample_timeout_s)
+    )
     return run.rendered.exact_match(completions)
-
-
-async def sample_all(
-    sampler: DeploymentSampler, prompts: Sequence[Sequence[int]], max_tokens: int
-) -> list[list[int]]:
-    async def one(prompt: Sequence[int]) -> list[int]:
-        samples = await sampler.sample_with_prompt_tokens(
-            prompt, n=1, max_tokens=max_tokens, temperature=0.0
-        )
-        return samples[0].completion_tokens if samples else []
-
-    try:
-        return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
-    finally:
-        await sampler.aclose()
 
 
 # -- the comparison ---------------------------------------------------------------------------

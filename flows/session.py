@@ -11,8 +11,7 @@ newest checkpoint that the trainer job still lists (C4) with its optimizer state
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import tinker
 from prefect import get_run_logger
@@ -22,6 +21,7 @@ from tinker import types
 from algorithms.chat import ChatRenderer
 from flows.ledger import CheckpointRow, Ledger
 from sdk import DeploymentManager, DeploymentSampler, WeightSyncer
+from sdk._closing import ClosesOnExit
 from tasks.checkpoints import list_resumable_checkpoints
 from tasks.errors import TrainerMismatchError, trainer_call
 from tasks.platform import PlatformEndpoint
@@ -73,7 +73,7 @@ def provision(
     return Resources(trainer=trainer_future.result(), deployment=deployment)
 
 
-class TrainerSession:
+class TrainerSession(ClosesOnExit):
     """The live clients of one attempt; a context manager that closes them all."""
 
     def __init__(
@@ -148,17 +148,6 @@ class TrainerSession:
         if self.deployments is not None:
             self.deployments.close()
         self.service.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _training_client(

@@ -17,10 +17,10 @@ from prefect.cache_policies import NO_CACHE
 from sdk import DeploymentSampler, SampledCompletion
 from tasks.policy import SHORT_TIMEOUT_S, TASK_RETRIES, TASK_RETRY_DELAYS, retry_transient
 
-__all__ = ["sample_greedy"]
+__all__ = ["greedy_completions", "sample_greedy"]
 
 
-async def _sample_all(
+async def greedy_completions(
     sampler: DeploymentSampler, prompts: Sequence[Sequence[int]], max_tokens: int, timeout_s: float
 ) -> list[list[int]]:
     async def one(prompt: Sequence[int]) -> list[int]:
@@ -52,4 +52,4 @@ def sample_greedy(
     timeout_s: float,
 ) -> list[list[int]]:
     """One greedy (temperature 0) completion per prompt, in order: its token ids."""
-    return asyncio.run(_sample_all(sampler, prompts, max_tokens, timeout_s))
+    return asyncio.run(greedy_completions(sampler, prompts, max_tokens, timeout_s))
