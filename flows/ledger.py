@@ -4,7 +4,8 @@ design.md: the ledger is the truth, Prefect state is advisory. Line 1 is the run
 later row records something already durable (a checkpoint saved and read back, a verified
 hotload, an evaluation) and a checkpoint row names the *next* step and the raw-row data cursor
 after its step (recipes.md §10-§11; failure-modes R1, R3, R4, R9, C4). A ledger of another run
-is refused before any compute and never touched. `run_dir` is a local path or any fsspec URL.
+is refused before any compute and never touched, unless it recorded nothing yet or the run is
+deliberately extended to more steps. `run_dir` is a local path or any fsspec URL.
 """
 
 from __future__ import annotations
@@ -45,19 +46,43 @@ class LedgerError(Exception):
     retryable: ClassVar[bool] = False
 
 
-class LedgerMismatchError(LedgerError, ValueError):
-    """The ledger in `run_dir` belongs to another run: `field` differs."""
+@dataclass(frozen=True)
+class FieldDifference:
+    """One identity field (or, inside `config_hash`, one config field) that differs."""
 
-    def __init__(self, path: str, field: str, existing: object, requested: object) -> None:
-        self.path, self.field, self.existing, self.requested = path, field, existing, requested
-        hint = " (or set allow_dataset_change)" if field == "dataset_fingerprint" else ""
-        super().__init__(
-            f"{path} belongs to another run: {field} is {existing!r} in the ledger but "
-            f"{requested!r} in this run; use another run_dir or the original config{hint}"
-        )
+    field: str
+    existing: object
+    requested: object
+
+    def __str__(self) -> str:
+        return f"{self.field} is {self.existing!r} in the ledger but {self.requested!r} here"
+
+
+class LedgerMismatchError(LedgerError, ValueError):
+    """The ledger in `run_dir` belongs to another run: every field in `differences` differs.
+
+    `config_fields` lists the training config fields behind a `config_hash` difference (empty
+    when the ledger predates recorded configs); `hint` says what to do about it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        differences: tuple[FieldDifference, ...],
+        config_fields: tuple[FieldDifference, ...] = (),
+        hint: str = "",
+    ) -> None:
+        self.path, self.differences = path, differences
+        self.config_fields, self.hint = config_fields, hint
+        self.field = differences[0].field if differences else ""
+        shown = [str(d) for d in differences if not (d.field == "config_hash" and config_fields)]
+        if config_fields:
+            shown.append("config fields differ: " + "; ".join(str(d) for d in config_fields))
+        advice = hint or "use another run_name or run_dir, or the original config"
+        super().__init__(f"{path} belongs to another run: {'; '.join(shown)}. {advice}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.field, self.existing, self.requested))
+        return (type(self), (self.path, self.differences, self.config_fields, self.hint))
 
 
 class LedgerCorruptError(LedgerError):
@@ -86,6 +111,9 @@ class RunHeader(_Row):
     renderer_name: str | None = None
     lora_rank: int = Field(ge=0)
     dataset_fingerprint: str = Field(min_length=1)
+    # The config fields `config_hash` covers (no secrets: the platform block is run-only), so a
+    # later mismatch can name the fields that differ. Ledgers written before it lack it.
+    training_config: dict[str, Any] | None = None
 
 
 class CheckpointRow(_Row):
@@ -147,6 +175,18 @@ class EvaluationRow(_Row):
     metrics: dict[str, float]
 
 
+class ExtensionRow(_Row):
+    """The run was deliberately continued to more steps (`extend`): from this row on, its
+    identity is `config_hash` / `training_config` here, which differ from the previous ones
+    in `max_steps` only."""
+
+    kind: Literal["extension"] = "extension"
+    previous_max_steps: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    config_hash: str = Field(min_length=1)
+    training_config: dict[str, Any]
+
+
 class RunEndRow(_Row):
     """The run finished its loop and final save (recipes.md §1 step 6)."""
 
@@ -156,7 +196,7 @@ class RunEndRow(_Row):
 
 
 LedgerRow = Annotated[
-    RunHeader | CheckpointRow | HotloadRow | EvaluationRow | RunEndRow,
+    RunHeader | CheckpointRow | HotloadRow | EvaluationRow | ExtensionRow | RunEndRow,
     Field(discriminator="kind"),
 ]
 _ROW: Final[TypeAdapter[LedgerRow]] = TypeAdapter(LedgerRow)
@@ -231,14 +271,15 @@ class Ledger:
         self._rows = rows
 
     @classmethod
-    def open(
-        cls, run_dir: str | Path, header: RunHeader, *, allow_dataset_change: bool = False
-    ) -> Ledger:
+    def open(cls, run_dir: str | Path, header: RunHeader, *, extend: bool = False) -> Ledger:
         """Create the ledger of `run_dir`, or reopen it if its header is this run's.
 
-        A ledger of another run (any of `IDENTITY_FIELDS` differs; the dataset fingerprint
-        only unless `allow_dataset_change`) raises `LedgerMismatchError` and the file is left
-        untouched. A torn last line is moved to `ledger.jsonl.torn-<time>` beside it.
+        A ledger of another run (any of `IDENTITY_FIELDS` differs) raises `LedgerMismatchError`
+        naming every difference, and the file is left untouched, with two exceptions: a ledger
+        that holds only its header (an attempt that failed before recording anything) gets this
+        run's header instead, and with `extend` a run whose config differs in a larger
+        `max_steps` only is continued, with an `ExtensionRow` recording its new identity.
+        A torn last line is moved to `ledger.jsonl.torn-<time>` beside it.
         """
         storage = storage_for(ledger_path(run_dir))
         data = storage.read()
@@ -247,14 +288,33 @@ class Ledger:
             logger.info("created ledger %s for run %s", storage.path, header.run_id)
             return cls(storage, header, [header])
         parsed = _parse(data, storage.path)
-        if parsed.rows:
-            _check_same_run(storage.path, parsed.rows[0], header, allow_dataset_change)
-        _repair_tail(storage, parsed)
         if not parsed.rows:  # an empty or torn-only file: the header write never completed
+            _repair_tail(storage, parsed)
             storage.append(_line(header))
             return cls(storage, header, [header])
-        logger.info("reopened ledger %s (%d rows)", storage.path, len(parsed.rows))
-        return cls(storage, header, parsed.rows)
+        existing = _identity(storage.path, parsed.rows)
+        differences = _differences(existing, header)
+        if differences and len(parsed.rows) == 1:
+            # Nothing was trained or recorded under the old header: the corrected rerun of a
+            # failed attempt takes the file over.
+            storage.truncate(0)
+            storage.append(_line(header))
+            logger.warning("%s recorded nothing; replaced its header with this run's", storage.path)
+            return cls(storage, header, [header])
+        extension = _extension(storage.path, existing, header, differences, extend=extend)
+        _repair_tail(storage, parsed)
+        rows = parsed.rows
+        if extension is not None:
+            storage.append(_line(extension))
+            rows = [*rows, extension]
+            logger.warning(
+                "%s: run extended from %d to %d steps",
+                storage.path,
+                extension.previous_max_steps,
+                extension.max_steps,
+            )
+        logger.info("reopened ledger %s (%d rows)", storage.path, len(rows))
+        return cls(storage, header, rows)
 
     @property
     def path(self) -> str:
@@ -330,20 +390,92 @@ def _line(row: BaseModel) -> bytes:
     return (row.model_dump_json() + "\n").encode("utf-8")
 
 
-def _check_same_run(
-    path: str, existing: LedgerRow, requested: RunHeader, allow_dataset_change: bool
-) -> None:
-    """Raise unless `existing` is the header of the run `requested` describes."""
-    if not isinstance(existing, RunHeader):
-        raise LedgerCorruptError(f"{path}:1: expected the run header, got a {existing.kind!r} row")
-    for field in IDENTITY_FIELDS:
-        old, new = getattr(existing, field), getattr(requested, field)
-        if old == new:
-            continue
-        if field == "dataset_fingerprint" and allow_dataset_change:
-            logger.warning("%s: dataset changed (%s -> %s), allowed by config", path, old, new)
-            continue
-        raise LedgerMismatchError(path, field, old, new)
+def _identity(path: str, rows: list[LedgerRow]) -> RunHeader:
+    """The run's current identity: its header, updated by its latest `ExtensionRow`."""
+    header = rows[0]
+    if not isinstance(header, RunHeader):
+        raise LedgerCorruptError(f"{path}:1: expected the run header, got a {header.kind!r} row")
+    extensions = [row for row in rows if isinstance(row, ExtensionRow)]
+    if not extensions:
+        return header
+    last = extensions[-1]
+    update = {"config_hash": last.config_hash, "training_config": last.training_config}
+    return header.model_copy(update=update)
+
+
+def _differences(existing: RunHeader, requested: RunHeader) -> tuple[FieldDifference, ...]:
+    return tuple(
+        FieldDifference(field, getattr(existing, field), getattr(requested, field))
+        for field in IDENTITY_FIELDS
+        if getattr(existing, field) != getattr(requested, field)
+    )
+
+
+def _config_differences(existing: RunHeader, requested: RunHeader) -> tuple[FieldDifference, ...]:
+    """The training config fields behind a `config_hash` difference (nested: dotted names)."""
+    if existing.training_config is None or requested.training_config is None:
+        return ()
+    return tuple(_diff(existing.training_config, requested.training_config, prefix=""))
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[FieldDifference]:
+    found: list[FieldDifference] = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            found.extend(_diff(before, after, prefix=f"{prefix}{key}."))
+        elif before != after:
+            found.append(FieldDifference(prefix + key, before, after))
+    return found
+
+
+_EXTEND_HINT: Final = (
+    "to continue this run to more steps, run it again with extend=true "
+    "(every other training field unchanged)"
+)
+
+
+def _extension(
+    path: str,
+    existing: RunHeader,
+    requested: RunHeader,
+    differences: tuple[FieldDifference, ...],
+    *,
+    extend: bool,
+) -> ExtensionRow | None:
+    """The row that extends the run to `requested`, None if nothing differs; else raise."""
+    if not differences:
+        return None
+    config_fields = _config_differences(existing, requested)
+    old_steps = (existing.training_config or {}).get("max_steps")
+    new_steps = (requested.training_config or {}).get("max_steps")
+    only_more_steps = (
+        [d.field for d in differences] == ["config_hash"]
+        and [d.field for d in config_fields] == ["max_steps"]
+        and isinstance(old_steps, int)
+        and isinstance(new_steps, int)
+        and new_steps > old_steps
+    )
+    schedule = (existing.training_config or {}).get("lr_schedule", "constant")
+    if only_more_steps and schedule != "constant":
+        hint = (
+            f"extend needs lr_schedule constant: a {schedule!r} schedule is laid out over "
+            "max_steps, so more steps would change the rates of the steps already trained; "
+            "start a new run instead"
+        )
+        raise LedgerMismatchError(path, differences, config_fields, hint)
+    if only_more_steps and extend:
+        assert isinstance(old_steps, int) and isinstance(new_steps, int)
+        assert requested.training_config is not None
+        return ExtensionRow(
+            previous_max_steps=old_steps,
+            max_steps=new_steps,
+            config_hash=requested.config_hash,
+            training_config=requested.training_config,
+        )
+    raise LedgerMismatchError(
+        path, differences, config_fields, _EXTEND_HINT if only_more_steps else ""
+    )
 
 
 def _repair_tail(storage: LedgerStorage, parsed: _Parsed) -> None:

@@ -15,7 +15,7 @@ from flows.failures import (
     flow_retry_helps,
     is_user_error,
 )
-from flows.ledger import LedgerMismatchError
+from flows.ledger import FieldDifference, LedgerMismatchError
 from sdk.errors import (
     APIConnectionError,
     AuthenticationError,
@@ -52,7 +52,7 @@ PERMANENT: list[BaseException] = [
     DatasetError([DatasetProblem("chat.jsonl", 2, "(line)", "malformed JSON")]),
     ConfigError("platform.api_key: set it"),
     _validation_error(),
-    LedgerMismatchError("runs/x/ledger.jsonl", "run_id", "a", "b"),
+    LedgerMismatchError("runs/x/ledger.jsonl", (FieldDifference("run_id", "a", "b"),)),
     TrainerMismatchError("job refused lora_rank=8"),
     DeploymentMismatchError("serves another base model"),
     BadRequestError("unknown base model", status_code=400),

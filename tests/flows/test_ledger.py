@@ -19,6 +19,7 @@ from flows import ledger as ledger_module
 from flows.ledger import (
     CheckpointRow,
     EvaluationRow,
+    ExtensionRow,
     HotloadRow,
     Ledger,
     LedgerCorruptError,
@@ -157,11 +158,86 @@ def test_a_foreign_ledger_is_refused_and_untouched(
     assert str(copy) == message and copy.field == field
 
 
-def test_a_dataset_change_can_be_allowed_explicitly(tmp_path: Path) -> None:
-    Ledger.open(tmp_path, HEADER)
-    changed = HEADER.model_copy(update={"dataset_fingerprint": "sha256:v2"})
-    ledger = Ledger.open(tmp_path, changed, allow_dataset_change=True)
-    assert _checkpoint(ledger, step=0, cursor=1).dataset_fingerprint == "sha256:v2"
+def _configured(header: RunHeader, **training: object) -> RunHeader:
+    """`header` with a recorded training config (`training` over a small base)."""
+    config = {"max_steps": 20, "learning_rate": 0.003, "lr_schedule": "constant", **training}
+    return header.model_copy(
+        update={"training_config": config, "config_hash": config_hash(_TrainingConfig(**config))}
+    )
+
+
+class _TrainingConfig(BaseModel):
+    max_steps: int
+    learning_rate: float
+    lr_schedule: str
+
+
+def test_a_mismatch_names_every_field_and_the_config_fields_behind_the_hash(
+    tmp_path: Path,
+) -> None:
+    old = _configured(HEADER)
+    _checkpoint(Ledger.open(tmp_path, old), step=0, cursor=4)
+    other = _configured(HEADER, learning_rate=0.01).model_copy(update={"lora_rank": 8})
+    with pytest.raises(LedgerMismatchError) as caught:
+        Ledger.open(tmp_path, other)
+    message = str(caught.value)
+    assert "lora_rank is 0 in the ledger but 8 here" in message
+    assert "config fields differ: learning_rate is 0.003 in the ledger but 0.01 here" in message
+    assert "allow_dataset_change" not in message and "extend" not in message
+    assert [d.field for d in caught.value.differences] == ["config_hash", "lora_rank"]
+
+
+def test_a_ledger_without_a_recorded_config_still_opens_and_compares(tmp_path: Path) -> None:
+    _checkpoint(Ledger.open(tmp_path, HEADER), step=0, cursor=4)  # an older ledger
+    assert len(Ledger.open(tmp_path, _configured(HEADER).model_copy(update=_hash())).rows) == 2
+    with pytest.raises(LedgerMismatchError, match="config_hash is 'sha256:cfg'"):
+        Ledger.open(tmp_path, _configured(HEADER))
+
+
+def _hash() -> dict[str, str]:
+    return {"config_hash": HEADER.config_hash}
+
+
+def test_a_ledger_that_recorded_nothing_gives_way_to_the_corrected_run(tmp_path: Path) -> None:
+    Ledger.open(tmp_path, HEADER)  # an attempt that failed before its first checkpoint
+    corrected = HEADER.model_copy(update={"dataset_fingerprint": "sha256:fixed"})
+    ledger = Ledger.open(tmp_path, corrected)
+    assert _checkpoint(ledger, step=0, cursor=1).dataset_fingerprint == "sha256:fixed"
+    rows = read_ledger(tmp_path)
+    assert isinstance(rows[0], RunHeader) and rows[0].dataset_fingerprint == "sha256:fixed"
+    with pytest.raises(LedgerMismatchError, match="dataset_fingerprint"):
+        Ledger.open(tmp_path, HEADER)  # now it recorded a checkpoint: refused
+
+
+def test_extend_continues_a_run_to_more_steps_only(tmp_path: Path) -> None:
+    old = _configured(HEADER)
+    ledger = Ledger.open(tmp_path, old)
+    _checkpoint(ledger, step=19, cursor=80)
+    ledger.append(RunEndRow(next_step=20, data_cursor=80))
+    longer = _configured(HEADER, max_steps=40)
+    with pytest.raises(LedgerMismatchError, match=r"max_steps is 20 in the ledger but 40.*extend"):
+        Ledger.open(tmp_path, longer)
+    with pytest.raises(LedgerMismatchError, match="learning_rate"):
+        Ledger.open(tmp_path, _configured(HEADER, max_steps=40, learning_rate=1e-2), extend=True)
+    with pytest.raises(LedgerMismatchError, match="max_steps is 20 in the ledger but 10"):
+        Ledger.open(tmp_path, _configured(HEADER, max_steps=10), extend=True)
+
+    extended = Ledger.open(tmp_path, longer, extend=True)
+    assert isinstance(extended.rows[-1], ExtensionRow)
+    assert (extended.rows[-1].previous_max_steps, extended.rows[-1].max_steps) == (20, 40)
+    assert _checkpoint(extended, step=20, cursor=84).config_hash == longer.config_hash
+    again = Ledger.open(tmp_path, longer)  # the extended identity is the run's now
+    assert len(again.rows) == len(extended.rows)
+    with pytest.raises(LedgerMismatchError, match="max_steps is 40 in the ledger but 20"):
+        Ledger.open(tmp_path, old)
+
+
+def test_extend_refuses_a_decaying_schedule(tmp_path: Path) -> None:
+    cosine = _configured(HEADER, lr_schedule="cosine")
+    _checkpoint(Ledger.open(tmp_path, cosine), step=19, cursor=80)
+    longer = _configured(HEADER, lr_schedule="cosine", max_steps=40)
+    with pytest.raises(LedgerMismatchError, match="extend needs lr_schedule constant"):
+        Ledger.open(tmp_path, longer, extend=True)
 
 
 def test_rows_are_validated(tmp_path: Path) -> None:
