@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
 
@@ -30,6 +32,7 @@ __all__ = [
     "SFTConfig",
     "WandbConfig",
     "training_identity_hash",
+    "unique_run_name",
 ]
 
 # Fields that change how a run is operated, observed or evaluated, but not what it trains:
@@ -50,9 +53,17 @@ RUN_ONLY_FIELDS: Final = frozenset(
         "eval_size",
         "eval_max_tokens",
         "sample_eval",
+        "extend",
     }
 )
 _RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
+
+def unique_run_name(recipe: str) -> str:
+    """`<recipe>-<UTC yyyymmdd-hhmmss>-<4 hex>`: a run nobody named gets a directory of its
+    own, so two unnamed runs never meet in one ledger."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{recipe}-{stamp}-{secrets.token_hex(2)}"
 
 
 class _Part(BaseModel):
@@ -90,7 +101,11 @@ class WandbConfig(_Part):
 class RecipeConfig(_Part):
     """What every recipe flow shares (recipes.md §2)."""
 
-    run_name: str = Field(default="sft", pattern=_RUN_NAME, description="Names ids and artifacts")
+    run_name: str = Field(
+        default_factory=lambda: unique_run_name("run"),
+        pattern=_RUN_NAME,
+        description="Names ids and artifacts; default: <recipe>-<UTC time>-<4 hex>, unique",
+    )
     run_dir: str | None = Field(
         default=None, description="Ledger, metrics, W&B files: a path or fsspec URL (./runs/<run>)"
     )
@@ -122,6 +137,13 @@ class RecipeConfig(_Part):
     )
     flow_retries: int = Field(default=2, ge=0, description="Flow retries (preemption recovery)")
     retry_delay_s: float = Field(default=30.0, ge=0)
+    extend: bool = Field(
+        default=False,
+        description=(
+            "Continue this run (finished or not) to a larger max_steps, all else unchanged; "
+            "needs lr_schedule constant (a decaying schedule is laid out over max_steps)"
+        ),
+    )
 
     @property
     def resolved_run_dir(self) -> str:
@@ -134,6 +156,11 @@ class RecipeConfig(_Part):
 class SFTConfig(RecipeConfig):
     """Supervised fine-tuning on chat JSONL or a built-in toy task (recipes.md §5)."""
 
+    run_name: str = Field(
+        default_factory=lambda: unique_run_name("sft"),
+        pattern=_RUN_NAME,
+        description="Names ids and artifacts; default: sft-<UTC time>-<4 hex>, unique",
+    )
     dataset: str = Field(
         default="reverse", description="A chat JSONL path/URL or a toy task name (reverse)"
     )

@@ -9,8 +9,13 @@ print such an error as one message instead of a traceback.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from pydantic import ValidationError
 
 from algorithms.chat import ChatTemplateError
@@ -26,35 +31,23 @@ from sdk.errors import (
     PermissionDeniedError,
     TrainerJobError,
 )
-from tasks.errors import DeploymentMismatchError, TrainerLostError, TrainerMismatchError
+from tasks.errors import (
+    DeploymentMismatchError,
+    PlatformUnreachableError,
+    TrainerLostError,
+    TrainerMismatchError,
+)
 
 __all__ = [
     "PERMANENT_ERRORS",
     "PlatformUnreachableError",
     "RunDirInUseError",
+    "final_unless_retry_helps",
     "flow_retry_helps",
     "is_user_error",
 ]
 
-
-class PlatformUnreachableError(ConnectionError):
-    """Nothing answered at the platform URL on the run's first control-plane call.
-
-    A platform that has never answered is a wrong URL or a backend that is not running, not a
-    blip: the run fails at once with a hint instead of spending the HTTP retry budget.
-    """
-
-    retryable: ClassVar[bool] = False
-
-    def __init__(self, base_url: str, cause: str) -> None:
-        self.base_url, self.cause = base_url, cause
-        super().__init__(
-            f"no platform at {base_url} — is `fireloop backend` running? "
-            f"(or fix platform.base_url) [{cause}]"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.base_url, self.cause))
+logger = logging.getLogger(__name__)
 
 
 class RunDirInUseError(RuntimeError):
@@ -132,3 +125,34 @@ def flow_retry_helps(exc: BaseException) -> bool:
     if getattr(exc, "retryable", False) is True:
         return True
     return not isinstance(exc, (*PERMANENT_ERRORS, APIStatusError))
+
+
+def _end_retries() -> None:
+    """Make this attempt of the current flow run its last one.
+
+    Prefect's flow retries apply to every failure (a flow has no retry condition), and its
+    server turns a Failed into AwaitingRetry while `run_count <= empirical_policy.retries`;
+    lowering `retries` to the runs already made lets the failure stand.
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            stored = client.read_flow_run(context.flow_run.id)
+            policy = stored.empirical_policy.model_copy(update={"retries": stored.run_count - 1})
+            client.update_flow_run(context.flow_run.id, empirical_policy=policy)
+        context.flow_run.empirical_policy = policy
+    except Exception:  # the run's own error matters more; at worst it is retried in vain
+        logger.warning("could not end the retries of flow run %s", context.flow_run.id)
+
+
+@contextmanager
+def final_unless_retry_helps() -> Iterator[None]:
+    """Around a flow body: a failure no retry can fix ends the flow run on this attempt."""
+    try:
+        yield
+    except Exception as exc:
+        if not flow_retry_helps(exc):
+            _end_retries()
+        raise

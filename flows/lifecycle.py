@@ -1,12 +1,14 @@
 """The recipe lifecycle every flow shares: open the run, checkpoint, hotload, evaluate, finish.
 
-`open_run` is the frame of one attempt: it resolves the platform (the embedded backend when the
-config names none), masks the key in every log handler, opens the ledger (a ledger of another
-run fails here, before any compute) and the monitors, and tears down per policy in `finally`
-once the run is over: completed, or failed on its last attempt (an earlier failure is followed
-by the flow retry, which needs the trainer). The `RunContext` methods append a ledger row only
-after what it records is durable: a save read back from the control plane, a hotload the
-deployment was seen serving, computed evaluation metrics (design.md invariants).
+`open_run` is the frame of one attempt: it locks the run directory (one run directory, one
+run), resolves the platform (the embedded backend when the config names none) and checks that
+it answers, masks the key in every log handler, opens the ledger (a ledger of another run fails
+here, before any compute) and the monitors, and tears down per policy in `finally` once the run
+is over: completed, or failed for good (a failure no retry can fix, or the last attempt; an
+earlier failure is followed by the flow retry, which needs the trainer and the lock). The
+`RunContext` methods append a ledger row only after what it records is durable: a save read
+back from the control plane, a hotload the deployment was seen serving, computed evaluation
+metrics (design.md invariants).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+from uuid import uuid4
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -23,18 +27,22 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict
 
-from flows.config import RecipeConfig, training_identity_hash
+from flows.config import RUN_ONLY_FIELDS, RecipeConfig, training_identity_hash
 from flows.embedded import embedded_endpoint
+from flows.failures import flow_retry_helps
 from flows.ledger import (
     CheckpointRow,
     EvaluationRow,
+    ExtensionRow,
     HotloadRow,
     Ledger,
     RunEndRow,
     RunHeader,
 )
-from flows.monitoring import MetricsLog, RunMonitor
+from flows.monitoring import METRICS_FILENAME, MetricsLog, RunMonitor
+from flows.notices import notice
 from flows.redaction import redact_secrets
+from flows.run_lock import hold_run_dir, release_run_dir
 from flows.wandb_run import WandbRun, wandb_api_key, wandb_run_id
 from sdk import ConfigError
 from sdk.settings import API_KEY_ENV, FireworksSettings
@@ -44,11 +52,25 @@ from tasks.teardown import TeardownPlan, teardown
 from tasks.training import SegmentResult
 from tasks.weight_sync import HotloadResult
 
-__all__ = ["RunContext", "RunResult", "derive_id", "open_run", "resolve_endpoint", "run_header"]
+__all__ = [
+    "ResourceFate",
+    "RunContext",
+    "RunResult",
+    "derive_id",
+    "open_run",
+    "resolve_endpoint",
+    "run_header",
+]
+
+# What became of a trainer job or deployment after the run: the teardown policy's doing, or
+# `stops_with_process` (the embedded platform is gone when this process exits; its data
+# directory keeps the checkpoints), or `not_owned` (handed in by id: never touched).
+ResourceFate = Literal["kept", "scaled_to_zero", "deleted", "stops_with_process", "not_owned"]
 
 
 class RunResult(BaseModel):
-    """What a finished run reports (also for a run found already finished in its ledger)."""
+    """What a finished run reports (also for a run found already finished in its ledger): the
+    numbers, and where everything a person may want to take away lives."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -63,6 +85,15 @@ class RunResult(BaseModel):
     trainer_job_id: str
     ledger_path: str
     wandb_run_id: str | None = None
+    already_complete: bool = False  # the ledger had ended before: nothing was trained now
+    run_dir: str
+    metrics_path: str
+    wandb_dir: str | None = None  # W&B's files (offline runs: sync them from here)
+    platform: Literal["embedded", "remote"]
+    platform_data_dir: str | None = None  # embedded: jobs, checkpoints and snapshots live here
+    checkpoint_dir: str | None = None  # embedded: this run's trainer job's checkpoints
+    trainer_after: ResourceFate
+    deployment_after: ResourceFate | None = None  # None: the run had no deployment
 
 
 def derive_id(run_name: str, run_dir: str, kind: str) -> str:
@@ -75,14 +106,18 @@ def _is_local(url: str) -> bool:
     return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
 
 
+def embedded_data_dir(config: RecipeConfig) -> Path:
+    """Where the embedded platform of a run keeps its state: `<run_dir>/platform` when local."""
+    fs, path = fsspec.core.url_to_fs(config.resolved_run_dir)
+    local = isinstance(fs, LocalFileSystem)
+    return (Path(path, "platform") if local else Path(".fireloop", "platform")).absolute()
+
+
 def resolve_endpoint(config: RecipeConfig) -> PlatformEndpoint:
     """The configured platform (key: explicit, else `FIREWORKS_API_KEY`), else the embedded one."""
     platform = config.platform
     if platform is None:
-        fs, path = fsspec.core.url_to_fs(config.resolved_run_dir)
-        local = isinstance(fs, LocalFileSystem)
-        data_dir = Path(path, "platform") if local else Path(".fireloop", "platform")
-        return embedded_endpoint(data_dir, config.waits)
+        return embedded_endpoint(embedded_data_dir(config), config.waits)
     key = platform.api_key or FireworksSettings.from_env().api_key
     if key is None:
         raise ConfigError(f"platform.api_key: set it or {API_KEY_ENV} (or leave platform empty)")
@@ -118,10 +153,18 @@ class RunContext:
         return self.monitor.wandb.id if self.monitor.wandb is not None else None
 
     def finished(self) -> RunResult | None:
-        """The result of a run whose ledger already ends (`run_end`), else None."""
-        if not any(isinstance(row, RunEndRow) for row in self.ledger.rows):
+        """The result of a run whose ledger already ends (`run_end` after any extension), else
+        None; says so to the user."""
+        ends = [row for row in self.ledger.rows if isinstance(row, RunEndRow | ExtensionRow)]
+        if not ends or not isinstance(ends[-1], RunEndRow):
             return None
-        return self.result()
+        result = self.result().model_copy(update={"already_complete": True})
+        notice(
+            f"run {self.config.run_name} is already complete ({result.steps_done} steps, "
+            f"ledger {self.ledger.path}); nothing to do. To train it further, run it again "
+            "with a larger max_steps and extend=true"
+        )
+        return result
 
     def evaluated(self, point: int) -> bool:
         return any(isinstance(r, EvaluationRow) and r.step == point for r in self.ledger.rows)
@@ -153,6 +196,7 @@ class RunContext:
             wandb_run_id=self.wandb_id,
         )
         self.monitor.report_ledger(self.ledger, self.deployment_id)
+        notice(f"checkpoint {name} saved at step {row.next_step}")
         return row
 
     def record_hotload(self, hotload: HotloadResult) -> None:
@@ -165,19 +209,28 @@ class RunContext:
                 checkpoint_type=hotload.checkpoint_type,
             )
         )
+        notice(
+            f"hotload of step {hotload.step} verified on {hotload.deployment_id} "
+            f"({hotload.checkpoint_type}, snapshot {hotload.identity})"
+        )
 
     def record_evaluation(self, point: int, metrics: Mapping[str, float]) -> None:
         self.ledger.append(EvaluationRow(step=point, metrics=dict(metrics)))
         self.final_metrics.update(metrics)
         self.monitor.log_eval(point, metrics)
         self.monitor.report_ledger(self.ledger, self.deployment_id)
-        get_run_logger().info("evaluation at step %d: %s", point, _shown(metrics))
+        notice(f"evaluation at step {point}: {_shown(metrics)}")
 
     def complete(self, next_step: int, data_cursor: int) -> RunResult:
         """Append `run_end` (the loop and final save are done) and report."""
         self.ledger.append(RunEndRow(next_step=next_step, data_cursor=data_cursor))
         self.monitor.report_ledger(self.ledger, self.deployment_id)
-        return self.result()
+        result = self.result()
+        notice(
+            f"run {self.config.run_name} complete: {result.steps_done} steps, last checkpoint "
+            f"{result.last_checkpoint}, ledger {result.ledger_path}"
+        )
+        return result
 
     def result(self) -> RunResult:
         checkpoint = self.ledger.last_checkpoint()
@@ -196,15 +249,59 @@ class RunContext:
             trainer_job_id=self.job_id,
             ledger_path=self.ledger.path,
             wandb_run_id=self.wandb_id or (checkpoint.wandb_run_id if checkpoint else None),
+            **self._places(),
         )
+
+    def _places(self) -> dict[str, object]:
+        """Where the run's files are, and what its teardown leaves of its resources."""
+        run_dir = self.config.resolved_run_dir
+        embedded = self.config.platform is None
+        wandb_dir = f"{run_dir}/wandb" if self.config.wandb is not None else None
+        places: dict[str, object] = {
+            "run_dir": run_dir,
+            "metrics_path": f"{run_dir}/{METRICS_FILENAME}",
+            "wandb_dir": wandb_dir if wandb_dir and _is_local(run_dir) else None,
+            "platform": "embedded" if embedded else "remote",
+        }
+        if embedded:
+            data_dir = embedded_data_dir(self.config)
+            places["platform_data_dir"] = str(data_dir)
+            places["checkpoint_dir"] = str(data_dir / "jobs" / self.job_id / "checkpoints")
+            places["trainer_after"] = "stops_with_process"
+            places["deployment_after"] = "stops_with_process" if self.deployment_id else None
+            return places
+        platform = self.config.platform
+        assert platform is not None
+        policy = self.config.teardown
+        owned_job = platform.trainer_job_id is None
+        places["trainer_after"] = (
+            ("kept" if policy == "keep" else "deleted") if owned_job else "not_owned"
+        )
+        if self.deployment_id is not None:
+            fates: dict[str, ResourceFate] = {
+                "keep": "kept",
+                "scale_to_zero": "scaled_to_zero",
+                "delete": "deleted",
+            }
+            owned = platform.deployment_id is None
+            places["deployment_after"] = fates[policy] if owned else "not_owned"
+        return places
 
 
 def _shown(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
 
 
+def _flow_run_owner() -> str:
+    """Who holds the run directory: this flow run (the same across its retries)."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return f"no-flow-run-{uuid4().hex[:8]}"
+    return str(context.flow_run.id)
+
+
 def _last_attempt() -> bool:
-    """Whether Prefect will not retry this flow run if it fails now."""
+    """Whether Prefect will not retry this flow run if it fails now (its configured retries)."""
     context = FlowRunContext.get()
     if context is None or context.flow_run is None or context.flow is None:
         return True
@@ -238,6 +335,7 @@ def run_header(config: RecipeConfig, recipe: str, dataset_fingerprint: str) -> R
         tokenizer_model=config.tokenizer_model or config.base_model,
         lora_rank=config.lora_rank,
         dataset_fingerprint=dataset_fingerprint,
+        training_config=config.model_dump(mode="json", exclude=set(RUN_ONLY_FIELDS)),
     )
 
 
@@ -259,14 +357,43 @@ def open_run(
     default_wandb_project: str,
 ) -> Iterator[RunContext]:
     """The frame of one attempt (see the module docstring); yields the `RunContext`."""
+    run_dir = config.resolved_run_dir
+    hold_run_dir(run_dir, _flow_run_owner())  # before the ledger and the embedded platform
+    over = True  # whether this attempt ends the run (then the lock goes back)
+    try:
+        with _attempt(
+            config, recipe, dataset_fingerprint, needs_deployment, default_wandb_project
+        ) as run:
+            yield run
+    except Exception as exc:
+        over = not flow_retry_helps(exc) or _last_attempt()
+        raise
+    finally:
+        if over:
+            release_run_dir(run_dir)
+
+
+@contextmanager
+def _attempt(
+    config: RecipeConfig,
+    recipe: str,
+    dataset_fingerprint: str,
+    needs_deployment: bool,
+    default_wandb_project: str,
+) -> Iterator[RunContext]:
+    """Platform, ledger and monitors of one attempt; teardown once the run is over."""
     endpoint = resolve_endpoint(config)
     secrets = [endpoint.api_key.get_secret_value(), wandb_api_key() or ""]
     with redact_secrets(secrets):
         run_dir = config.resolved_run_dir
-        ledger = Ledger.open(run_dir, run_header(config, recipe, dataset_fingerprint))
         platform = config.platform
         user_job = platform.trainer_job_id if platform else None
         user_deployment = platform.deployment_id if platform else None
+        job_id = user_job or derive_id(config.run_name, run_dir, "trainer")
+        if platform is not None:
+            endpoint.check_reachable(job_id)  # a wrong URL or key fails here, in seconds
+        header = run_header(config, recipe, dataset_fingerprint)
+        ledger = Ledger.open(run_dir, header, extend=config.extend)
         deployment_id = None
         if needs_deployment:
             deployment_id = user_deployment or derive_id(config.run_name, run_dir, "deploy")
@@ -283,19 +410,20 @@ def open_run(
             endpoint=endpoint,
             ledger=ledger,
             monitor=monitor,
-            job_id=user_job or derive_id(config.run_name, run_dir, "trainer"),
+            job_id=job_id,
             deployment_id=deployment_id,
         )
         outcome = "crashed"
         try:
             yield run
             outcome = "completed"
-        except Exception:
-            outcome = "failed"
+        except Exception as exc:
+            outcome = "failed" if flow_retry_helps(exc) else "failed for good"
             raise
         finally:
             monitor.close(failed=outcome != "completed")
-            if outcome == "completed" or (outcome == "failed" and _last_attempt()):
+            over = outcome in ("completed", "failed for good")
+            if over or (outcome == "failed" and _last_attempt()):
                 plan = TeardownPlan(
                     policy=config.teardown,
                     job_id=None if user_job else run.job_id,

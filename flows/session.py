@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import tinker
-from prefect import get_run_logger
 from prefect.futures import PrefectFuture, wait
 from tinker import types
 
 from algorithms.chat import ChatRenderer
 from flows.ledger import CheckpointRow, Ledger
+from flows.notices import notice
 from sdk import DeploymentManager, DeploymentSampler, WeightSyncer
 from sdk._closing import ClosesOnExit
 from tasks.checkpoints import list_resumable_checkpoints
@@ -195,7 +195,5 @@ def resume(endpoint: PlatformEndpoint, ledger: Ledger, session: TrainerSession) 
         future.result(timeout=endpoint.waits.save_timeout_s)
     if session.syncer is not None:
         session.syncer.reset_delta_chain()  # the next sync is a full `base` load
-    get_run_logger().info(
-        "resumed from %s: next step %d, data cursor %d", row.name, row.next_step, row.data_cursor
-    )
+    notice(f"resumed from {row.name}: next step {row.next_step}, data cursor {row.data_cursor}")
     return ResumePoint(row.next_step, row.data_cursor, row, listed)

@@ -15,6 +15,7 @@ from prefect import Flow, flow
 from algorithms.datums import grad_normalization
 from flows.cadence import Cadence
 from flows.config import SFTConfig
+from flows.failures import final_unless_retry_helps
 from flows.lifecycle import RunContext, RunResult, open_run
 from flows.monitoring import Progress, ProgressCallback, progress_listener
 from flows.session import TrainerSession, provision, resume
@@ -43,7 +44,16 @@ __all__ = [
     persist_result=False,  # the ledger is the durable record, not Prefect results
 )
 def sft_flow(config: SFTConfig) -> RunResult:
-    """Fine-tune `config.base_model` on `config.dataset`; resumable, reporting a `RunResult`."""
+    """Fine-tune `config.base_model` on `config.dataset`; resumable, reporting a `RunResult`.
+
+    A failure no retry can fix (bad data or config, another run's ledger, a refused key) ends
+    the flow run at once; lost trainers and transient faults get the flow retries.
+    """
+    with final_unless_retry_helps():
+        return _train(config)
+
+
+def _train(config: SFTConfig) -> RunResult:
     data = load_sft_data(config)  # a missing file or a bad row fails before any trainer exists
     cadence = Cadence(
         max_steps=config.max_steps,

@@ -25,6 +25,7 @@ from sdk.errors import FireworksError, TrainerJobError
 
 __all__ = [
     "DeploymentMismatchError",
+    "PlatformUnreachableError",
     "TrainerLostError",
     "TrainerMismatchError",
     "is_lost_trainer_symptom",
@@ -57,6 +58,26 @@ class TrainerLostError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.job_id, self.operation, self.step, self.cause))
+
+
+class PlatformUnreachableError(ConnectionError):
+    """Nothing answered at the platform URL on the run's first control-plane call.
+
+    A platform that has never answered is a wrong URL or a backend that is not running, not a
+    blip: the run fails at once with a hint instead of spending the HTTP retry budget.
+    """
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, base_url: str, cause: str) -> None:
+        self.base_url, self.cause = base_url, cause
+        super().__init__(
+            f"no platform at {base_url} — is `fireloop backend` running? "
+            f"(or fix platform.base_url) [{cause}]"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.base_url, self.cause))
 
 
 class TrainerMismatchError(ValueError):

@@ -8,11 +8,18 @@ small values instead of patching time (style.md point 11).
 
 from __future__ import annotations
 
+from typing import Final
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from sdk import DeploymentManager, RetryPolicy, TrainerJobManager
+from sdk import APIConnectionError, DeploymentManager, RetryPolicy, TrainerJobManager
+from tasks.errors import PlatformUnreachableError
 
-__all__ = ["PlatformEndpoint", "Waits"]
+__all__ = ["PREFLIGHT_BUDGET_S", "PlatformEndpoint", "Waits"]
+
+# How long the run's first call may try to reach a platform that has not answered yet; the long
+# `http_retry_budget_s` is for calls after it has answered once (a blip, not a wrong URL).
+PREFLIGHT_BUDGET_S: Final = 3.0
 
 
 class Waits(BaseModel):
@@ -59,6 +66,20 @@ class PlatformEndpoint(BaseModel):
             base_delay_s=delay,
             max_delay_s=max(delay, min(30.0, 30.0 * delay)),
         )
+
+    def check_reachable(self, job_id: str) -> None:
+        """The run's first control-plane call (look up its trainer job), on a short budget.
+
+        Raises `PlatformUnreachableError` when nothing answers, and the SDK's error for an
+        answer that refuses the run (`AuthenticationError` for a wrong key), in seconds.
+        """
+        retry = RetryPolicy(max_wait_s=PREFLIGHT_BUDGET_S, base_delay_s=0.2, max_delay_s=1.0)
+        key = self.api_key.get_secret_value()
+        try:
+            with TrainerJobManager(key, self.base_url, retry=retry) as manager:
+                manager.try_get(job_id)
+        except APIConnectionError as exc:
+            raise PlatformUnreachableError(self.base_url, str(exc)[:200]) from None
 
     def trainer_manager(self) -> TrainerJobManager:
         """A new control-plane client for trainer jobs (close it, e.g. with `with`)."""
