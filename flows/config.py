@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from algorithms.chat import TrainOnWhat
 from algorithms.datums import LossReduction
@@ -26,6 +35,7 @@ from tasks.teardown import TeardownPolicy
 from tasks.training import AdamConfig
 
 __all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
     "RUN_ONLY_FIELDS",
     "PlatformConfig",
     "RecipeConfig",
@@ -53,10 +63,31 @@ RUN_ONLY_FIELDS: Final = frozenset(
         "eval_size",
         "eval_max_tokens",
         "sample_eval",
+        "max_line_bytes",
         "extend",
     }
 )
 _RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+# Upper bounds that no real run reaches: a typo (an extra zero, a wrong unit) fails here, in
+# the config, instead of allocating or sleeping for ever on the platform.
+_MAX_STEPS: Final = 10_000_000
+_MAX_LORA_RANK: Final = 4096
+_MAX_SEED: Final = 2**32 - 1
+_MAX_RETRY_DELAY_S: Final = 3600.0
+DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
+
+
+def _not_bool(value: object) -> object:
+    """JSON and YAML booleans are ints to Python (`True == 1`); a number field refuses them."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+# Numbers as config fields take them: never a boolean; floats also never inf or NaN (the
+# models set allow_inf_nan=False).
+Count = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
 
 
 def unique_run_name(recipe: str) -> str:
@@ -67,7 +98,7 @@ def unique_run_name(recipe: str) -> str:
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class PlatformConfig(_Part):
@@ -90,7 +121,7 @@ class PlatformConfig(_Part):
 class WandbConfig(_Part):
     """Weights & Biases logging; offline (files under run_dir) when no key is present."""
 
-    entity: str | None = None
+    entity: str | None = Field(default=None, description="W&B team or user; default: yours")
     project: str | None = Field(default=None, description="Default: the recipe's project")
     run_name: str | None = Field(default=None, description="Default: the run's name")
     mode: Literal["online", "offline"] | None = Field(
@@ -109,24 +140,45 @@ class RecipeConfig(_Part):
     run_dir: str | None = Field(
         default=None, description="Ledger, metrics, W&B files: a path or fsspec URL (./runs/<run>)"
     )
-    base_model: str = Field(default="fireloop/tiny", min_length=1)
+    base_model: str = Field(
+        default="fireloop/tiny", min_length=1, description="Model to train (`fireloop models`)"
+    )
     tokenizer_model: str | None = Field(
         default=None, description="HF id or directory; default: the trainer's tokenizer"
     )
-    lora_rank: int = Field(default=0, ge=0, description="0 = full-parameter training")
-    lora_alpha: int = Field(default=32, gt=0)
-    seed: int = Field(default=0, description="Data order, LoRA init, eval carve-out")
-    max_steps: int = Field(default=100, gt=0, description="Optimizer steps in the run")
-    learning_rate: float = Field(default=3e-3, gt=0, description="Peak LR (tiny: 3e-3; ~1e-4 real)")
-    lr_schedule: LRSchedule = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
-    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
-    adam: AdamConfig = AdamConfig()
-    checkpoint_every: int = Field(default=20, gt=0, description="Resumable save cadence (steps)")
-    hotload_every: int = Field(
-        default=0, ge=0, description="Hotload cadence (steps); 0 = only when evaluating"
+    lora_rank: Count = Field(
+        default=0, ge=0, le=_MAX_LORA_RANK, description="0 = full-parameter training"
     )
-    eval_every: int = Field(default=20, ge=0, description="0 = only at the start and the end")
+    lora_alpha: Count = Field(default=32, gt=0, le=1_000_000, description="LoRA scale numerator")
+    seed: Count = Field(
+        default=0, ge=0, le=_MAX_SEED, description="Data order, LoRA init, eval carve-out"
+    )
+    max_steps: Count = Field(
+        default=100, gt=0, le=_MAX_STEPS, description="Optimizer steps in the run"
+    )
+    learning_rate: Number = Field(
+        default=3e-3, gt=0, le=1.0, description="Peak LR (tiny: 3e-3; ~1e-4 real)"
+    )
+    lr_schedule: LRSchedule = Field(default="constant", description="Decay after warmup")
+    warmup_steps: Count = Field(
+        default=0, ge=0, le=_MAX_STEPS, description="Linear warmup steps (below max_steps)"
+    )
+    min_lr_ratio: Number = Field(
+        default=0.0, ge=0, le=1, description="Floor of linear/cosine decay, as a share of peak"
+    )
+    adam: AdamConfig = Field(default=AdamConfig(), description="AdamW settings")
+    checkpoint_every: Count = Field(
+        default=20, gt=0, le=_MAX_STEPS, description="Resumable save cadence (steps)"
+    )
+    hotload_every: Count = Field(
+        default=0,
+        ge=0,
+        le=_MAX_STEPS,
+        description="Hotload cadence (steps); 0 = only when evaluating",
+    )
+    eval_every: Count = Field(
+        default=20, ge=0, le=_MAX_STEPS, description="0 = only at the start and the end"
+    )
     platform: PlatformConfig | None = Field(
         default=None, description="Empty: the embedded local backend"
     )
@@ -135,8 +187,12 @@ class RecipeConfig(_Part):
     waits: Waits | None = Field(
         default=None, description="Empty: SDK defaults (short polls on the embedded backend)"
     )
-    flow_retries: int = Field(default=2, ge=0, description="Flow retries (preemption recovery)")
-    retry_delay_s: float = Field(default=30.0, ge=0)
+    flow_retries: Count = Field(
+        default=2, ge=0, le=10, description="Flow retries (preemption recovery)"
+    )
+    retry_delay_s: Number = Field(
+        default=30.0, ge=0, le=_MAX_RETRY_DELAY_S, description="Wait before a flow retry"
+    )
     extend: bool = Field(
         default=False,
         description=(
@@ -144,6 +200,23 @@ class RecipeConfig(_Part):
             "needs lr_schedule constant (a decaying schedule is laid out over max_steps)"
         ),
     )
+
+    @field_validator("adam", "waits")
+    @classmethod
+    def _finite_parts(cls, part: BaseModel | None) -> BaseModel | None:
+        """The parts defined in `tasks/` allow inf; a run's config never does."""
+        if part is not None:
+            for name, value in part:
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{name} must be a finite number, got {value}")
+        return part
+
+    @field_validator("adam")
+    @classmethod
+    def _sane_weight_decay(cls, adam: AdamConfig) -> AdamConfig:
+        if adam.weight_decay > 1.0:
+            raise ValueError(f"weight_decay must be at most 1, got {adam.weight_decay}")
+        return adam
 
     @property
     def resolved_run_dir(self) -> str:
@@ -162,23 +235,50 @@ class SFTConfig(RecipeConfig):
         description="Names ids and artifacts; default: sft-<UTC time>-<4 hex>, unique",
     )
     dataset: str = Field(
-        default="reverse", description="A chat JSONL path/URL or a toy task name (reverse)"
+        default="reverse",
+        description="A chat JSONL path/URL or a toy task name (`fireloop tasks`)",
     )
-    max_rows: int | None = Field(default=None, gt=0, description="Cap on training rows read")
-    batch_size: int = Field(default=64, gt=0)
-    train_on_what: TrainOnWhat = "all_assistant_messages"
-    loss_reduction: LossReduction = "batch_token_mean"
-    max_seq_len: int | None = Field(default=None, gt=1, description="Longer rows are dropped")
-    shuffle: bool = True
+    max_rows: Count | None = Field(default=None, gt=0, description="Cap on training rows read")
+    max_line_bytes: Count = Field(
+        default=DEFAULT_MAX_LINE_BYTES,
+        gt=0,
+        le=1 << 30,
+        description="Longest JSONL line accepted (bytes); longer lines are refused",
+    )
+    batch_size: Count = Field(
+        default=64, gt=0, le=1 << 16, description="Rows per optimizer step (capped to the set)"
+    )
+    train_on_what: TrainOnWhat = Field(
+        default="all_assistant_messages", description="Which tokens carry loss"
+    )
+    loss_reduction: LossReduction = Field(
+        default="batch_token_mean", description="How token losses become the step's loss"
+    )
+    max_seq_len: Count | None = Field(
+        default=None,
+        gt=1,
+        le=1 << 20,
+        description="Rows with more tokens are dropped (counted); default: refuse over context",
+    )
+    shuffle: bool = Field(default=True, description="Shuffle rows each epoch (seeded)")
     eval_dataset: str | None = Field(
         default=None,
         description="JSONL or toy task; default: the toy task's eval split or a carve-out",
     )
-    eval_size: int = Field(default=64, gt=0, description="Evaluation rows")
-    eval_max_tokens: int = Field(default=16, gt=0, description="Tokens sampled per eval prompt")
+    eval_size: Count = Field(default=64, gt=0, le=100_000, description="Evaluation rows")
+    eval_max_tokens: Count = Field(
+        default=16, gt=0, le=1 << 16, description="Tokens sampled per eval prompt"
+    )
     sample_eval: bool = Field(
         default=True, description="Exact match by sampling a hotloaded deployment"
     )
+
+    @field_validator("dataset", "eval_dataset")
+    @classmethod
+    def _named(cls, source: str | None) -> str | None:
+        if source is not None and not source.strip():
+            raise ValueError("dataset is empty: name a chat JSONL file or a toy task (reverse)")
+        return source
 
     @model_validator(mode="after")
     def _cadence(self) -> SFTConfig:

@@ -50,10 +50,10 @@ class _Model(BaseModel):
 class AdamConfig(_Model):
     """AdamW settings besides the learning rate (recipes.md §2 `adam`)."""
 
-    beta1: float = Field(default=0.9, ge=0, lt=1)
-    beta2: float = Field(default=0.95, ge=0, lt=1)
-    eps: float = Field(default=1e-12, ge=0)
-    weight_decay: float = Field(default=0.01, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="First-moment decay.")
+    beta2: float = Field(default=0.95, ge=0, lt=1, description="Second-moment decay.")
+    eps: float = Field(default=1e-12, ge=0, description="Added to the denominator.")
+    weight_decay: float = Field(default=0.01, ge=0, description="Decoupled weight decay.")
     grad_clip_norm: float = Field(default=1.0, ge=0, description="0 = no clipping.")
 
 
