@@ -28,13 +28,17 @@ class Waits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     poll_interval_s: float = Field(default=5.0, gt=0, description="Between readiness polls.")
-    trainer_ready_timeout_s: float = Field(default=900.0, gt=0)
+    trainer_ready_timeout_s: float = Field(
+        default=900.0, gt=0, description="Until a started trainer answers."
+    )
     trainer_pending_timeout_s: float = Field(default=172800.0, gt=0, description="Capacity wait.")
     reconnect_window_s: float = Field(
         default=120.0, ge=0, description="How long a reconnect outlives transitional job states."
     )
-    deployment_ready_timeout_s: float = Field(default=600.0, gt=0)
-    hotload_timeout_s: float = Field(default=600.0, gt=0)
+    deployment_ready_timeout_s: float = Field(
+        default=600.0, gt=0, description="Until a deployment serves."
+    )
+    hotload_timeout_s: float = Field(default=600.0, gt=0, description="Each hotload.")
     verify_timeout_s: float = Field(default=60.0, gt=0, description="Every replica serves it.")
     step_timeout_s: float = Field(default=3600.0, gt=0, description="Each trainer result.")
     save_timeout_s: float = Field(default=2700.0, gt=0, description="save_state / load_state.")
@@ -45,7 +49,9 @@ class Waits(BaseModel):
     http_retry_budget_s: float = Field(
         default=300.0, ge=0, description="The SDK's retry budget for one control-plane call."
     )
-    http_retry_base_delay_s: float = Field(default=1.0, ge=0)
+    http_retry_base_delay_s: float = Field(
+        default=1.0, ge=0, description="First back-off of the SDK's retries."
+    )
 
 
 class PlatformEndpoint(BaseModel):
