@@ -31,6 +31,10 @@ from algorithms.chat import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PROBLEMS: Final = 20
+# A line longer than this is refused before it is parsed: one 50 MB line would otherwise take
+# minutes and gigabytes to parse and render (the limit is a config field of the recipes).
+DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
+_READ_CHUNK_BYTES: Final = 1 << 16
 
 
 class ChatRow(BaseModel):
@@ -131,13 +135,18 @@ def fingerprint_bytes(data: bytes) -> str:
 
 
 def validate_dataset(
-    path: str | Path, *, max_rows: int | None = None, max_problems: int = DEFAULT_MAX_PROBLEMS
+    path: str | Path,
+    *,
+    max_rows: int | None = None,
+    max_problems: int = DEFAULT_MAX_PROBLEMS,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> ChatDataset:
     """Read and validate a whole SFT chat JSONL file (local path or fsspec URL).
 
     Every line is parsed before anything is returned; blank lines are skipped. `max_rows` caps
-    the rows kept (later lines are hashed, not validated). The fingerprint covers every byte.
-    Raises `DatasetError` listing up to `max_problems` problems with file, line and field.
+    the rows kept (later lines are hashed, not validated). A line over `max_line_bytes` (newline
+    not counted) is a problem, found without holding it in memory. The fingerprint covers every
+    byte. Raises `DatasetError` listing up to `max_problems` problems with file, line and field.
     """
     source = str(path)
     digest = hashlib.sha256()
@@ -145,9 +154,14 @@ def validate_dataset(
     line_numbers: list[int] = []
     problems: list[DatasetProblem] = []
     with fsspec.open(source, "rb") as handle:
-        for line_number, raw in enumerate(_lines(handle), start=1):
-            digest.update(raw)
-            if (max_rows is not None and len(rows) >= max_rows) or not raw.strip():
+        for line_number, raw in enumerate(_lines(handle, digest, max_line_bytes), start=1):
+            if max_rows is not None and len(rows) >= max_rows:
+                continue
+            if raw is None:
+                message = f"line longer than max_line_bytes ({max_line_bytes} bytes); not parsed"
+                problems.append(DatasetProblem(source, line_number, "(line)", message))
+                continue
+            if not raw.strip():
                 continue
             row = _parse_row(source, line_number, raw, problems)
             if row is not None:
@@ -188,9 +202,34 @@ def render_dataset(
     return examples
 
 
-def _lines(handle: Any) -> Iterator[bytes]:
-    """The raw lines of a binary file object, newline kept (so the hash covers every byte)."""
-    yield from iter(handle.readline, b"")
+def _lines(handle: Any, digest: Any, max_line_bytes: int) -> Iterator[bytes | None]:
+    """The raw lines of a binary file object (newline kept), every byte fed to `digest`.
+
+    A line over `max_line_bytes` (without its newline) comes back as None and is dropped from
+    memory as it is read: the reader holds at most one limit's worth plus one chunk.
+    """
+    pending = bytearray()
+    oversized = False
+    while chunk := handle.read(_READ_CHUNK_BYTES):
+        digest.update(chunk)
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            if oversized or len(pending) + end - start > max_line_bytes:
+                yield None
+            else:
+                yield bytes(pending) + chunk[start : end + 1]
+            pending.clear()
+            oversized = False
+            start = end + 1
+        if not oversized:
+            pending += chunk[start:]
+            if len(pending) > max_line_bytes:
+                oversized = True
+                pending.clear()
+    if oversized:
+        yield None
+    elif pending:
+        yield bytes(pending)
 
 
 def _parse_row(
@@ -205,12 +244,18 @@ def _parse_row(
     except json.JSONDecodeError as exc:
         problems.append(DatasetProblem(source, line, "(line)", f"malformed JSON: {exc.msg}"))
         return None
+    except RecursionError:
+        problems.append(DatasetProblem(source, line, "(line)", "JSON nested too deeply"))
+        return None
     if not isinstance(value, dict):
         kind = type(value).__name__
         problems.append(DatasetProblem(source, line, "(row)", f"expected an object, got {kind}"))
         return None
     try:
         return ChatRow.model_validate(value)
+    except RecursionError:
+        problems.append(DatasetProblem(source, line, "(row)", "nested too deeply"))
+        return None
     except ValidationError as exc:
         for error in exc.errors():
             field = _field_path(error["loc"])

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final, Literal, Protocol
 
 from algorithms.chat import ChatMessage, ParsedResponse, strip_trailing_assistant
-from algorithms.datasets import ChatDataset, ChatRow, validate_dataset
+from algorithms.datasets import DEFAULT_MAX_LINE_BYTES, ChatDataset, ChatRow, validate_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class ToyTask:
     score: Callable[[ParsedResponse, ChatRow], float]
     metric: str  # the eval metric the score is reported under
     default_rows: Mapping[Split, int]
+    description: str  # what a model learns from it, for `fireloop tasks`
 
     def dataset(
         self, split: Split = "train", *, seed: int = 0, n_rows: int | None = None
@@ -119,6 +120,7 @@ REVERSE: Final = ToyTask(
     score=exact_match,
     metric="eval/exact_match",
     default_rows={"train": 1024, "eval": 64},
+    description="reverse a word of 2-5 letters a-h: learnt by the tiny model in seconds on a CPU",
 )
 
 TOY_TASKS: Final[Mapping[str, ToyTask]] = {REVERSE.name: REVERSE}
@@ -130,6 +132,7 @@ def load_sft_dataset(
     split: Split = "train",
     seed: int = 0,
     max_rows: int | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> ChatDataset:
     """The dataset a config names: a `TOY_TASKS` name, else a JSONL path or fsspec URL.
 
@@ -139,4 +142,4 @@ def load_sft_dataset(
     task = TOY_TASKS.get(str(source))
     if task is not None:
         return task.dataset(split, seed=seed, n_rows=max_rows)
-    return validate_dataset(source, max_rows=max_rows)
+    return validate_dataset(source, max_rows=max_rows, max_line_bytes=max_line_bytes)
