@@ -70,6 +70,14 @@ def test_sft_learns_the_reversal_task_and_serves_it(tmp_path: Path) -> None:
     assert result.served_snapshot == hotloads[-1].identity
     assert result.final_metrics["eval/exact_match"] == after["eval/exact_match"]
     assert result.ledger_path == str(run_dir / "ledger.jsonl")
+    # Where to find what the run made, and the truth about the embedded platform's resources.
+    assert not result.already_complete and result.platform == "embedded"
+    assert result.metrics_path == str(run_dir / "metrics.jsonl")
+    assert result.wandb_dir == str(run_dir / "wandb")
+    assert result.platform_data_dir == str(run_dir / "platform")
+    assert result.checkpoint_dir is not None
+    assert (Path(result.checkpoint_dir) / "step-100").is_dir()
+    assert (result.trainer_after, result.deployment_after) == ("stops_with_process",) * 2
     assert [p.step for p in seen] == list(range(100))
 
     metrics = jsonl(run_dir / "metrics.jsonl")
@@ -109,6 +117,7 @@ def test_sft_learns_the_reversal_task_and_serves_it(tmp_path: Path) -> None:
         result.served_snapshot,
     )
     assert (run_dir / "ledger.jsonl").read_bytes() == ledger_bytes
+    assert again.already_complete
 
 
 def files_text_of(run_dir: Path) -> str:

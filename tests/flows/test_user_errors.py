@@ -33,7 +33,9 @@ DEFAULT_RETRIES = SFTConfig.model_fields["flow_retries"].default
 DEFAULT_DELAY_S = SFTConfig.model_fields["retry_delay_s"].default
 # Far below one retry delay: a single attempt, no waiting.
 FAST_S = 12.0
-GOOD_ROW = '{"messages": [{"role": "user", "content": "ab="}, {"role": "assistant", "content": "ba"}]}'
+GOOD_ROW = (
+    '{"messages": [{"role": "user", "content": "ab="}, {"role": "assistant", "content": "ba"}]}'
+)
 
 
 def _malformed(platform: LocalPlatform, run_dir: Path) -> dict[str, Any]:
