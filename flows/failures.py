@@ -1,10 +1,10 @@
-"""Which failures a flow retry can fix, and the two run-level errors the flows raise themselves.
+"""Which failures a flow retry can fix, and how a flow run makes the others final at once.
 
 A flow retry reconnects to the trainer and resumes from the ledger: it is the cure for a lost
 trainer or a transient fault, and only wastes minutes on an error that will recur (bad data, bad
 config, a ledger of another run, an API key the platform refuses). The flow uses
-`flow_retry_helps` to make a permanent failure final on its first attempt; the CLI uses it to
-print such an error as one message instead of a traceback.
+`final_unless_retry_helps` to make a permanent failure final on its first attempt; the CLI uses
+`is_user_error` to print such an error as one message instead of a traceback.
 """
 
 from __future__ import annotations
