@@ -16,6 +16,7 @@ import httpx
 from sdk._closing import ClosesOnExit
 from sdk._http import HttpClient, RetryPolicy, response_json
 from sdk._ids import check_id, check_training_shape_ref
+from sdk._promotion import promote, promotion_target
 from sdk.errors import ConfigError, FireworksError, TrainingShapeError
 from sdk.resources import CheckpointInfo, TrainingShapeProfile
 from sdk.settings import DEFAULT_BASE_URL, resolve_api_key
@@ -143,6 +144,35 @@ class FireworksClient(ClosesOnExit):
             if token in seen_tokens:  # a server bug would otherwise make this loop forever
                 raise FireworksError(f"listing checkpoints of {job_id}: page token repeated")
             seen_tokens.add(token)
+
+    def promote_checkpoint(
+        self,
+        job_id: str | None = None,
+        checkpoint_id: str | None = None,
+        output_model_id: str | None = None,
+        base_model: str | None = None,
+        *,
+        name: str | None = None,
+        hot_load_deployment_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Promote a checkpoint (T6) to model `accounts/<a>/models/<output_model_id>`.
+
+        Preferred: `name=` the checkpoint's full name
+        (`accounts/<a>/rlorTrainerJobs/<job>/checkpoints/<id>`); the `job_id, checkpoint_id`
+        form warns. Answers the model (`state`, `kind`, `peftDetails` for LoRA), waiting for
+        the promotion operation if the server answers one.
+        """
+        target = promotion_target(job_id, checkpoint_id, name)
+        return promote(
+            self._http,
+            self.account_id,
+            target,
+            output_model_id=output_model_id,
+            base_model=base_model,
+            hot_load_deployment_id=hot_load_deployment_id,
+            sleep=self._sleep,
+            clock=self._clock,
+        )
 
     def _job_path(self, job_id: str) -> str:
         check_id("job_id", job_id)  # before the account lookup: bad input sends nothing
