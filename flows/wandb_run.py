@@ -4,7 +4,8 @@ The W&B run id is derived from the flow run (whose id a Prefect retry keeps), an
 by a *new* flow run takes the id its ledger recorded, so every attempt of one training run
 writes to one W&B run (`resume="allow"`; the cookbook cannot, tinker-cookbook#281). Without
 `WANDB_API_KEY` the run is offline and its files stay under `run_dir`. Metrics use `train/step`
-as their axis (recipes.md §9). The config logged leaves out the platform (its key above all).
+as their axis (recipes.md §9). No key reaches W&B: the config logged leaves out the platform,
+and W&B records no command line, program or machine metadata (a key can be an argument).
 """
 
 from __future__ import annotations
@@ -75,7 +76,17 @@ class WandbRun:
             dir=str(run_dir) if run_dir is not None else None,
             config=logged_config.model_dump(mode="json", exclude={"platform"}),
             settings=wandb.Settings(
-                console="off", silent=True, x_disable_stats=True, disable_git=True
+                console="off",
+                silent=True,
+                x_disable_stats=True,
+                disable_git=True,
+                # W&B records the process's command line, host and program as run metadata,
+                # and a key given as `--set platform.api_key=…` is on that command line.
+                x_disable_meta=True,
+                x_disable_machine_info=True,
+                disable_code=True,
+                save_code=False,
+                program="fireloop",
             ),
         )
         run.define_metric("train/step")

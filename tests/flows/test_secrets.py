@@ -1,0 +1,161 @@
+"""No API key reaches any file a run writes, however the key was given.
+
+The real CLI runs in a subprocess, with W&B on (offline) and its own HOME, PREFECT_HOME and
+working directory inside one scratch root, so everything the run writes (run directory, W&B
+files, the temporary Prefect server's database, caches, its own output) lies under that root;
+every byte there is searched for every key. Keys enter through each door: `--set
+platform.api_key=…`, a config file, the `FIREWORKS_API_KEY` environment variable, and
+`fireloop backend --api-key …` (the standalone backend the run trains on, a remote platform
+to the flow). Before the fix, W&B's run file held the `--set` key (it records the command line).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "fireloop.cli"]
+RUN_TIMEOUT_S = 240
+# A short run that still saves a checkpoint and logs W&B metrics; no deployment.
+RUN_FIELDS = [
+    "max_steps=2",
+    "batch_size=4",
+    "checkpoint_every=1",
+    "eval_every=0",
+    "sample_eval=false",
+    "flow_retries=0",
+    "wandb.project=leak-test",
+    "wandb.mode=offline",
+]
+
+
+def _key(door: str) -> str:
+    return f"fw-{door}-{secrets.token_hex(16)}"
+
+
+def _environment(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PREFECT_"))}
+    env.pop("FIREWORKS_API_KEY", None)
+    env |= {
+        "HOME": str(root / "home"),
+        "PREFECT_HOME": str(root / "prefect"),
+        "WANDB_DIR": str(root / "wandb-dir"),
+        "WANDB_CACHE_DIR": str(root / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+        "TMPDIR": str(root / "tmp"),
+    }
+    for name in ("home", "prefect", "tmp"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def _leaks(root: Path, keys: dict[str, str]) -> list[str]:
+    """`door: file` for every file under `root` that holds a key (as text, any encoding)."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        for door, key in keys.items():
+            if key.encode() in data or key.encode("utf-16-le") in data:
+                found.append(f"{door}: {path.relative_to(root)}")
+    return found
+
+
+def _run_cli(root: Path, env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
+    sets = [part for field in RUN_FIELDS for part in ("--set", field)]
+    result = subprocess.run(
+        [*CLI, "run", "sft", *sets, *args],
+        cwd=root / "work",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    (root / "cli-output.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _wandb_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*.wandb") if p.is_file()]
+
+
+@pytest.fixture
+def standalone_backend(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    """`fireloop backend --api-key KEY` in a subprocess: (base URL, key, its output file)."""
+    key = _key("backend-api-key")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log_path = tmp_path / "backend-output.txt"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*CLI, "backend", "--port", str(port), "--api-key", key, "--data-dir", "platform"],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                httpx.get(f"{base_url}/health", timeout=1.0)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert process.poll() is None, log_path.read_text(errors="replace")
+        yield base_url, key, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_a_key_given_through_every_door_is_written_nowhere(
+    tmp_path: Path, standalone_backend: tuple[str, str, Path]
+) -> None:
+    """One run, so the module stays cheap: the backend's key (`--api-key`) is also the run's
+    `--set platform.api_key` (the README's way, the one W&B used to record) and its
+    `FIREWORKS_API_KEY`; the config file holds a second key, which `--set` overrides."""
+    base_url, key, backend_output = standalone_backend
+    file_key = _key("config-file")
+    root = tmp_path / "scan"
+    (root / "work").mkdir(parents=True)
+    config_file = tmp_path / "sft.yaml"  # outside the scanned root: it holds a key by design
+    config_file.write_text(yaml.safe_dump({"platform": {"api_key": file_key}}))
+    env = _environment(root) | {"FIREWORKS_API_KEY": key}
+    _run_cli(
+        root,
+        env,
+        [
+            "--config",
+            str(config_file),
+            "--set",
+            f"platform.base_url={base_url}",
+            "--set",
+            f"platform.api_key={key}",
+            "--set",
+            "run_name=leak",
+        ],
+    )
+    assert (root / "work" / "runs" / "leak" / "ledger.jsonl").is_file()
+    assert _wandb_files(root), "W&B wrote no run file: the scan would prove nothing"
+    keys = {"--api-key / --set / FIREWORKS_API_KEY": key, "config file": file_key}
+    assert _leaks(root, keys) == []
+    assert key not in backend_output.read_text(errors="replace")
