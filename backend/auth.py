@@ -4,6 +4,8 @@ The SDK sends the key as `X-Api-Key` on the control plane, adds `Authorization: 
 gateway, hotload and inference, and tinker spells it `X-API-Key`; any of them is accepted. This is
 ASGI middleware rather than a FastAPI dependency so that it runs before anything else looks at
 the request: an unauthenticated caller learns nothing (not even whether its JSON parses).
+The one exception is `GET /health`, which says only that the server answers (for smoke tests
+and supervisors that hold no key).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backend.errors import ApiError, error_response
 
 _BEARER = b"bearer "
+HEALTH_PATH = "/health"
 
 
 def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -46,6 +49,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         presented = presented_keys(scope["headers"])

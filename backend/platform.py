@@ -3,8 +3,11 @@
 `PlatformState` holds everything the routes serve (store, services, faults, hooks); `create_app`
 wires it into one app on one port; `LocalPlatform` runs that app in a background thread of the
 current process (tests, embedded flows) and `serve` in the foreground (`fireloop backend`).
-A restart is a new platform on the same data directory and key: jobs, deployments and checkpoint
-rows persist, and jobs that were RUNNING become FAILED (their trainer died with the process).
+Directories are made absolute once, at construction: the data directory (jobs, checkpoints,
+snapshots) and the shared read-only model cache (`backend.models.cache`). A restart is a new
+platform on the same data directory and key: jobs, deployments and checkpoint rows persist, jobs
+that were RUNNING become FAILED (their trainer died with the process), and the leftovers of saves
+that crashed are cleaned up. `GET /health` is the one route that needs no key.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from backend.auth import ApiKeyMiddleware
+from backend.auth import HEALTH_PATH, ApiKeyMiddleware
 from backend.control import Clock, account_guard
 from backend.control.accounts import accounts_router
 from backend.control.checkpoints import (
@@ -38,12 +41,16 @@ from backend.control.checkpoints import (
 )
 from backend.control.deployments import DeploymentService, deployments_router
 from backend.control.jobs import JobRecord, JobState, TrainerJob, TrainerJobService, jobs_router
+from backend.control.promotion import PromotionService, promotion_router
 from backend.control.shapes import TrainingShapeCatalog, shapes_router
 from backend.errors import install_error_handlers
 from backend.faults import FaultInjector, FaultMiddleware, FaultStats
-from backend.gateway import TrainerGateway, gateway_router
+from backend.gateway import GATEWAY_PREFIX, TrainerGateway, gateway_router
+from backend.models.cache import resolve_models_dir
 from backend.serving import HotloadService, ServingRuntime, serving_router
+from backend.serving.routes import HOTLOAD_PATH
 from backend.store import Store
+from backend.trainer.atomic import recover_directories
 from backend.trainer.routes import trainer_router
 from backend.trainer.service import TrainerRegistry
 
@@ -76,8 +83,12 @@ class PlatformState:
         account_id: str,
         timings: PlatformTimings,
         clock: Clock = time.time,
+        models_dir: Path | None = None,
     ) -> None:
-        self.data_dir = data_dir
+        self.data_dir = data_dir.resolve()
+        self.models_dir = resolve_models_dir(models_dir)
+        # Saves that crashed between their steps left temporary or set-aside directories.
+        recover_directories(self.data_dir / "jobs")
         self.api_key = api_key
         self.account_id = account_id
         self.timings = timings
@@ -92,6 +103,14 @@ class PlatformState:
             creating_s=timings.job_creating_s,
         )
         self.checkpoints = CheckpointService(self.store, clock, self.jobs)
+        self.promotions = PromotionService(
+            account_id=account_id,
+            data_dir=self.data_dir,
+            models_dir=self.models_dir,
+            store=self.store,
+            jobs=self.jobs,
+            clock=clock,
+        )
         self.deployments = DeploymentService(
             self.store,
             clock,
@@ -107,7 +126,7 @@ class PlatformState:
         # The trainers behind the gateway: one per RUNNING job, created on its first request.
         self.trainers = TrainerRegistry(self)
         # The deployments' serving replicas (they also gate CREATING → READY) and hotload.
-        self.serving = ServingRuntime(data_dir, self.deployments, clock)
+        self.serving = ServingRuntime(self.models_dir, self.deployments, clock)
         self.hotload = HotloadService(self.serving, data_dir)
 
     # Hooks and calls for the trainer and the serving side.
@@ -162,10 +181,12 @@ def create_app(state: PlatformState, *gateway_routers: APIRouter) -> FastAPI:
     app.state.platform = state
     app.state.trainer_gateway = state.gateway
     install_error_handlers(app)
+    app.include_router(health_router())
     check_account = account_guard(state.account_id)
     app.include_router(accounts_router(state.account_id))
     app.include_router(jobs_router(state.jobs, check_account))
     app.include_router(checkpoints_router(state.checkpoints, check_account))
+    app.include_router(promotion_router(state.promotions, check_account))
     app.include_router(shapes_router(state.shapes, check_account))
     app.include_router(deployments_router(state.deployments, check_account))
     trainer = trainer_router(state.gateway, state.trainers)
@@ -176,6 +197,28 @@ def create_app(state: PlatformState, *gateway_routers: APIRouter) -> FastAPI:
     app.add_middleware(FaultMiddleware, injector=state.faults)
     app.add_middleware(ApiKeyMiddleware, api_key=state.api_key)
     return app
+
+
+def health_router() -> APIRouter:
+    """`GET /health`: 200 while the server answers; the one route served without the key."""
+    router = APIRouter()
+
+    @router.get(HEALTH_PATH)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return router
+
+
+def route_prefixes(account_id: str) -> dict[str, str]:
+    """What the app serves, by part, as the startup log prints it."""
+    return {
+        "control plane": f"/v1/accounts/{account_id}/...",
+        "trainer gateway": f"{GATEWAY_PREFIX}/...",
+        "hotload": HOTLOAD_PATH,
+        "inference": "/inference/v1/completions",
+        "health (no key)": HEALTH_PATH,
+    }
 
 
 def generate_api_key() -> str:
@@ -206,7 +249,7 @@ class LocalPlatform:
 
     def __init__(
         self,
-        data_dir: Path | None = None,
+        data_dir: str | Path | None = None,
         api_key: str | None = None,
         account_id: str = "local",
         host: str = "127.0.0.1",
@@ -214,11 +257,16 @@ class LocalPlatform:
         timings: PlatformTimings | None = None,
         *,
         clock: Clock = time.time,
+        models_dir: str | Path | None = None,
     ) -> None:
+        """`data_dir` None: a temporary directory, removed on `stop`. `models_dir` None:
+        `$FIRELOOP_MODEL_CACHE`, else `~/.cache/fireloop/models`. Both become absolute here,
+        so a later change of the working directory cannot move them."""
         _check_loopback(host)
         if api_key is not None and api_key.startswith("tml-"):
             raise ValueError("api_key must not start with 'tml-' (the SDK treats it as tinker's)")
-        self._requested_data_dir = data_dir
+        self._requested_data_dir = None if data_dir is None else _absolute(data_dir)
+        self._models_dir = resolve_models_dir(models_dir)
         self._api_key = SecretStr(api_key or generate_api_key())
         self._account_id = account_id
         self._host = host
@@ -267,6 +315,11 @@ class LocalPlatform:
         return self._temp_dir
 
     @property
+    def models_dir(self) -> Path:
+        """The shared, read-only cache of built base models."""
+        return self._models_dir
+
+    @property
     def state(self) -> PlatformState:
         if self._state is None:
             raise RuntimeError("the platform is not started")
@@ -305,6 +358,7 @@ class LocalPlatform:
             account_id=self._account_id,
             timings=self._timings,
             clock=self._clock,
+            models_dir=self._models_dir,
         )
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         # proto=IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only
@@ -376,29 +430,47 @@ def _server_config(
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
-    data_dir: Path | None = None,
+    data_dir: str | Path | None = None,
     api_key: str | None = None,
     account_id: str = "local",
+    models_dir: str | Path | None = None,
 ) -> None:
     """Run the platform in the foreground until interrupted (`fireloop backend`).
 
     Without `api_key`, the key is read from (or created in) `<data_dir>/api-key` (mode 0600),
-    so a restarted server keeps its key; it is never logged.
+    so a restarted server keeps its key; it is never logged. The startup log names the data
+    directory, the model cache, the URL and the route prefixes served.
     """
     _check_loopback(host)
     _offline_environment()
-    root = data_dir or Path.cwd() / ".fireloop" / "backend"
+    root = _absolute(data_dir or Path(".fireloop") / "backend")
     root.mkdir(parents=True, exist_ok=True)
+    key_source = "given by the caller" if api_key else f"in {root / _KEY_FILE}"
     key = SecretStr(api_key or _stored_api_key(root / _KEY_FILE))
     state = PlatformState(
-        data_dir=root, api_key=key, account_id=account_id, timings=PlatformTimings()
+        data_dir=root,
+        api_key=key,
+        account_id=account_id,
+        timings=PlatformTimings(),
+        models_dir=resolve_models_dir(models_dir),
     )
     config = _server_config(create_app(state), foreground=True, host=host, port=port)
-    logger.info("local platform data in %s (API key in %s)", root, root / _KEY_FILE)
+    logger.info("local platform data directory: %s", state.data_dir)
+    logger.info("base model cache (read-only to the platform): %s", state.models_dir)
+    logger.info("API key: %s", key_source)
+    logger.info("serving on http://%s:%d", host, port)
+    for part, prefix in route_prefixes(account_id).items():
+        logger.info("  %-16s %s", part, prefix)
     try:
         uvicorn.Server(config).run()
     finally:
         state.close()
+
+
+def _absolute(directory: str | Path) -> Path:
+    # Resolved once: a relative path would otherwise change meaning with the working directory
+    # (and cannot be written as the file:// URL deployments report).
+    return Path(directory).expanduser().resolve()
 
 
 def _stored_api_key(path: Path) -> str:

@@ -77,6 +77,21 @@ class TrainingConfig(RequestModel):
     def _registered(cls, value: str) -> str:
         return registered_base_model(value)
 
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank_fits_model(cls, value: int, info: ValidationInfo) -> int:
+        # Checked here, before any trainer exists: a rank beyond the narrowest adapted layer
+        # adds no capacity, and a huge one would exhaust the shared backend's memory.
+        base_model = info.data.get("base_model")
+        if base_model is None:  # no base model: its own error is reported
+            return value
+        limit = resolve_model(base_model).max_lora_rank
+        if value > limit:
+            raise ValueError(
+                f"lora_rank {value} is larger than {base_model} allows: at most {limit}"
+            )
+        return value
+
     @field_validator("max_context_length")
     @classmethod
     def _fits_model(cls, value: int | None, info: ValidationInfo) -> int | None:

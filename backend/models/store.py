@@ -1,10 +1,10 @@
-"""The on-disk cache of built base models: `<data_dir>/models/<name>/`, complete or absent.
+"""The on-disk cache of built base models: `<models_dir>/<name>/`, complete or absent.
 
-Base models are built on first use (random init, or the SmolLM2 GGUF conversion) and are never
-committed. A directory counts only when its `COMPLETE` marker, written last, matches the build
-key and the files; builds happen in a temporary directory renamed into place, and concurrent
-builders (trainer and inference server starting together) serialise on a file lock, so nobody
-ever loads a half-written model (spec/models.md §1.3, §2.2; design.md "Checkpoints are atomic").
+One cache serves every platform and run on the machine (`backend.models.cache` says where), so a
+260 MB SmolLM2 build exists once, not once per run directory. Models are built on first use and
+published by a rename after a `COMPLETE` marker that matches the build key and the files; builders
+serialise on a file lock, so nobody loads a half-written model. A published model is read-only
+(files mode 0444): training and hotload only ever read it.
 """
 
 from __future__ import annotations
@@ -25,13 +25,23 @@ import filelock
 import transformers
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from backend.models.cache import resolve_models_dir
 from backend.models.errors import ModelBuildTimeoutError
 from backend.models.registry import LocalModelSpec, resolve_model
 from backend.models.smollm2 import convert_smollm2, locate_smollm2_gguf
 from backend.models.tiny import build_tiny
 
+__all__ = [
+    "ensure_model_dir",
+    "model_context_length",
+    "read_complete_marker",
+    "resolve_models_dir",
+    "tokenizer_dir",
+]
+
 logger = logging.getLogger(__name__)
 
+# Kept for callers that place a cache inside a data directory of their own (the benchmarks).
 MODELS_SUBDIR: Final = "models"
 MARKER_NAME: Final = "COMPLETE"
 # Bump when a builder's output changes: every cached directory then fails its key and rebuilds.
@@ -60,7 +70,7 @@ class CompleteMarker(BaseModel):
 
 
 def ensure_model_dir(
-    base_model: str, data_dir: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    base_model: str, models_dir: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
 ) -> Path:
     """The absolute directory of a complete build of `base_model`, building it if needed.
 
@@ -69,7 +79,7 @@ def ensure_model_dir(
     or `ModelBuildTimeoutError` when another builder holds the lock past `lock_timeout_s`.
     """
     spec = resolve_model(base_model)
-    root = data_dir.resolve() / MODELS_SUBDIR
+    root = models_dir.resolve()
     model_dir = root / spec.name
     build_key = _build_key(spec)
     if _is_complete(model_dir, spec.name, build_key):
@@ -94,21 +104,21 @@ def ensure_model_dir(
 
 
 def tokenizer_dir(
-    base_model: str, data_dir: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    base_model: str, models_dir: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
 ) -> Path:
     """The absolute tokenizer directory of `base_model`: the model directory itself.
 
     It is what `get_info` reports as `tokenizer_id`, so trainer, inference server and client
     load the same tokenizer files (spec/models.md §4).
     """
-    return ensure_model_dir(base_model, data_dir, lock_timeout_s=lock_timeout_s)
+    return ensure_model_dir(base_model, models_dir, lock_timeout_s=lock_timeout_s)
 
 
 def model_context_length(
-    base_model: str, data_dir: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    base_model: str, models_dir: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
 ) -> int:
     """The context length of the built model: `max_position_embeddings` of its config."""
-    model_dir = ensure_model_dir(base_model, data_dir, lock_timeout_s=lock_timeout_s)
+    model_dir = ensure_model_dir(base_model, models_dir, lock_timeout_s=lock_timeout_s)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     context_length = config["max_position_embeddings"]
     if not isinstance(context_length, int):
@@ -163,8 +173,14 @@ def _build_and_publish(spec: LocalModelSpec, root: Path, build_key: dict[str, st
             for path in sorted(tmp_dir.rglob("*"))
             if path.is_file()
         }
+        for path in tmp_dir.rglob("*"):
+            if path.is_file():
+                # Shared by every run: a stray write (training, hotload) fails instead of
+                # silently changing another run's base model.
+                path.chmod(0o444)
         marker = CompleteMarker(model=spec.name, build_key=build_key, files=files)
         _write_synced(tmp_dir / MARKER_NAME, marker.model_dump_json(indent=2).encode())
+        (tmp_dir / MARKER_NAME).chmod(0o444)
         _publish(tmp_dir, root / spec.name)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

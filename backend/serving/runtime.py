@@ -226,12 +226,12 @@ class ServingRuntime:
 
     def __init__(
         self,
-        data_dir: Path,
+        models_dir: Path,
         deployments: DeploymentService,
         clock: Clock,
         settings: ServingSettings | None = None,
     ) -> None:
-        self.data_dir = data_dir
+        self.models_dir = models_dir
         self.deployments = deployments
         self.clock = clock
         # Read when a replica starts or a request arrives: tests may replace it on a running
@@ -328,7 +328,7 @@ class ServingRuntime:
         started = time.monotonic()
         time.sleep(self.settings.start_delay_s)
         try:
-            factory, model, loop = _load_base(self.data_dir, replica, self.settings)
+            factory, model, loop = _load_base(self.models_dir, replica, self.settings)
         except Exception as exc:
             logger.exception("deployment %s: replica failed to start", replica.deployment_id)
             self._failed_to_start(replica, f"loading {replica.base_model!r} failed: {exc}")
@@ -365,7 +365,7 @@ class ServingRuntime:
 
 
 def _load_base(
-    data_dir: Path, replica: Replica, settings: ServingSettings
+    models_dir: Path, replica: Replica, settings: ServingSettings
 ) -> tuple[ModelFactory, DecodingModel, GenerationLoop]:
     # Imported here: torch, transformers and peft take seconds, and only a replica needs them.
     import torch
@@ -377,8 +377,8 @@ def _load_base(
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = ensure_model_dir(replica.base_model, data_dir)
-    context_length = model_context_length(replica.base_model, data_dir)
+    model_dir = ensure_model_dir(replica.base_model, models_dir)
+    context_length = model_context_length(replica.base_model, models_dir)
     factory = ModelFactory(model_dir, torch.device(device), context_length)
     model = factory.base()
     loop = GenerationLoop(f"serve-{replica.name}", model, settings.max_batch_size)

@@ -11,10 +11,14 @@ References accepted by `load_weights`, `weights_info` and the sampler routes
 `tinker://<run>/weights/<name>` (a job id, or a model id of this trainer), `tinker://<run>/
 sampler_weights/<name>`, `cross_job://<job>/<name>`, a bare name (this job), an absolute path
 (a checkpoint directory), and `gs://…` (refused: there is no object store locally).
+Every resolved path must lie inside the data directory once symlinks and `..` are resolved; this
+is checked before anything looks at the path, and an outside path gets one message whether it
+exists or not, so a client learns nothing about the rest of the file system.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,14 +66,36 @@ class ResolvedRef:
 class CheckpointStore:
     """Paths of every job's checkpoints and snapshots under one data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, models_dir: Path | None = None) -> None:
+        """`models_dir`: the model cache, where adapters may also be read from."""
         self.jobs_dir = data_dir / "jobs"
+        self._data_root = Path(os.path.realpath(data_dir))
+        self._read_roots = [self._data_root]
+        if models_dir is not None:
+            self._read_roots.append(Path(os.path.realpath(models_dir)))
+
+    def inside(
+        self, path: Path, ref: str, *, what: str = "path", model_cache: bool = False
+    ) -> Path:
+        """`path` with symlinks and `..` resolved, if that lies inside the data directory (or,
+        with `model_cache`, the model cache); else a `UserError` that does not depend on what
+        exists there. Called before anything else touches the path."""
+        real = Path(os.path.realpath(path))
+        roots = self._read_roots if model_cache else [self._data_root]
+        if not any(real.is_relative_to(root) for root in roots):
+            where = "data directory or model cache" if model_cache else "data directory"
+            raise UserError(
+                f"{what} {ref!r} is outside this platform's {where}: loads and saves stay inside it"
+            )
+        return real
 
     def state_dir(self, job_id: str, name: str) -> Path:
-        return self.jobs_dir / job_id / "checkpoints" / validate_name(name)
+        path = self.jobs_dir / validate_name(job_id, "job id") / "checkpoints" / validate_name(name)
+        return self.inside(path, name, what="checkpoint")
 
     def snapshot_dir(self, job_id: str, name: str) -> Path:
-        return self.jobs_dir / job_id / "snapshots" / validate_name(name, "snapshot name")
+        snapshots = self.jobs_dir / validate_name(job_id, "job id") / "snapshots"
+        return self.inside(snapshots / validate_name(name, "snapshot name"), name, what="snapshot")
 
     def list_states(self, job_id: str) -> list[str]:
         """Names of the job's complete resumable states, oldest first."""
@@ -115,7 +141,7 @@ class CheckpointStore:
         if "://" in ref:
             raise UserError(f"path {ref!r}: unknown scheme (expected tinker:// or cross_job://)")
         if ref.startswith("/"):
-            path = Path(ref)
+            path = self.inside(Path(ref), ref)  # before any look at what is there
             kind: RefKind = "snapshot" if path.parent.name == "snapshots" else "state"
             return ResolvedRef(kind, path, None, path.name)
         return ResolvedRef("state", self.state_dir(job_id, ref), job_id, ref)

@@ -20,7 +20,7 @@ import torch
 from backend.trainer import export, modeling, state
 from backend.trainer.batching import pack, target_logprobs
 from backend.trainer.datum import Datum, validate_datums
-from backend.trainer.errors import UserError
+from backend.trainer.errors import ServerError, UserError
 from backend.trainer.losses import LossFn, LossOutput, get_loss
 from backend.trainer.settings import AdamSettings, CheckpointType, GradNormalization, LoraSettings
 
@@ -149,10 +149,29 @@ class TrainableModel:
     def optim_step(
         self, adam: AdamSettings, normalization: GradNormalization | None = None
     ) -> dict[str, float]:
-        """Normalise, clip and apply the accumulated gradients with AdamW, then zero them (§9)."""
+        """Normalise, clip and apply the accumulated gradients with AdamW, then zero them (§9).
+
+        Never leaves non-finite weights or optimizer state, by refusing (`UserError`) first:
+        - non-finite gradients (an overflowing loss): weights and optimizer state unchanged,
+          the accumulated gradients dropped (they cannot be used; the next step starts clean);
+        - a step that would overflow: each parameter's AdamW update is first computed into a
+          scratch copy of that one parameter and checked (`_step_stays_finite`); only if every
+          one is finite does the real step run. A copy of the whole model and optimizer state
+          would make any refused step reversible, but doubles memory on every step; the dry run
+          costs one parameter's scratch memory and one more elementwise pass. On a refusal the
+          weights and optimizer state are as before, the (already normalised) gradients dropped.
+        A cheap isfinite check of the weights after the real step catches any disagreement
+        between the dry run and torch's kernels: that is a `ServerError` (reload a checkpoint).
+        """
         optimizer = self._require_optimizer("optim_step")
         params = [p for _, p in self._trainable]
         grads = [p.grad for p in params if p.grad is not None]
+        if not _all_finite(grads):
+            self._clear_gradients()
+            raise UserError(
+                "optim_step refused: the accumulated gradients are not finite (NaN or infinite; "
+                "check the loss and its weights); weights unchanged, gradients dropped"
+            )
         counts = {"num_loss_tokens": self._loss_tokens, "num_sequences": self._sequences}
         divisor = counts.get(normalization or "none", 0)
         if divisor > 0:  # a zero count leaves the gradient unchanged (§9)
@@ -161,6 +180,13 @@ class TrainableModel:
         grad_norm = _total_norm(grads)
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
+        if not _step_stays_finite(optimizer, params, adam):
+            self._clear_gradients()
+            raise UserError(
+                f"optim_step refused: learning_rate {adam.learning_rate:g} (weight_decay "
+                f"{adam.weight_decay:g}, eps {adam.eps:g}) would make the weights non-finite; "
+                "weights unchanged, gradients dropped"
+            )
         for group in optimizer.param_groups:
             # Hyper-parameters may change every step; AdamW's bias correction uses its own step.
             group.update(
@@ -170,6 +196,8 @@ class TrainableModel:
                 weight_decay=adam.weight_decay,
             )
         optimizer.step()
+        if not _all_finite(params):
+            raise ServerError("optim_step produced non-finite weights; reload the last checkpoint")
         metrics = {
             "grad_norm:mean": float(grad_norm),
             "learning_rate:mean": adam.learning_rate,
@@ -363,6 +391,47 @@ def _detached(output: tuple[torch.Tensor, LossOutput]) -> tuple[torch.Tensor, Lo
     metrics = {key: value.detach().cpu() for key, value in loss.metrics.items()}
     cpu_loss = LossOutput(loss.loss_N.detach().float().cpu(), metrics)
     return lp_N.detach().float().cpu(), cpu_loss
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """One fused reduction per tensor; no tensor-sized temporaries kept."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@torch.no_grad()
+def _step_stays_finite(
+    optimizer: torch.optim.AdamW, params: Sequence[torch.nn.Parameter], adam: AdamSettings
+) -> bool:
+    """Whether AdamW's next step keeps every parameter and moment finite, computed one
+    parameter at a time, so the scratch memory is a few copies of the largest parameter."""
+    for p in params:
+        if p.grad is None:
+            continue
+        try:
+            finite = _param_step_stays_finite(optimizer.state.get(p, {}), p, p.grad, adam)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, OverflowError):  # a factor beyond float range: torch refuses it
+            return False
+        if not finite:
+            return False
+    return True
+
+
+def _param_step_stays_finite(
+    state: Mapping[str, torch.Tensor], p: torch.Tensor, grad: torch.Tensor, adam: AdamSettings
+) -> bool:
+    """One parameter's AdamW step on scratch copies (torch's single-tensor AdamW, op for op)."""
+    beta1, beta2 = adam.beta1, adam.beta2
+    step = float(state["step"]) + 1 if "step" in state else 1.0
+    exp_avg = state["exp_avg"].clone() if "exp_avg" in state else torch.zeros_like(p)
+    exp_avg_sq = state["exp_avg_sq"].clone() if "exp_avg_sq" in state else torch.zeros_like(p)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(adam.eps)
+    new_p = p.mul(1 - adam.learning_rate * adam.weight_decay)
+    new_p.addcdiv_(exp_avg, denom, value=-adam.learning_rate / (1 - beta1**step))
+    return _all_finite([new_p, exp_avg, exp_avg_sq])
 
 
 def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:

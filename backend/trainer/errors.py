@@ -2,7 +2,8 @@
 
     ValueError
      └── UserError     bad input from the client: shapes, ids, unknown loss, missing input,
-                       incompatible checkpoint; maps to {"error": …, "category": "user"}
+          │            incompatible checkpoint; maps to {"error": …, "category": "user"}
+          └── DiskFullError  a save hit a full disk: fixed by freeing space, not by a new trainer
     RuntimeError
      └── ServerError   an internal failure of the trainer; maps to {"category": "server"}
 
@@ -18,3 +19,8 @@ class UserError(ValueError):
 
 class ServerError(RuntimeError):
     """The trainer failed internally; the request itself may have been valid."""
+
+
+class DiskFullError(UserError):
+    """A save found the disk full. Reported with `category: "user"`: it is not a lost trainer,
+    and a new trainer would fail the same way until someone frees space."""

@@ -37,6 +37,11 @@ class TrainerHost(Protocol):
     @property
     def data_dir(self) -> Path: ...
 
+    @property
+    def models_dir(self) -> Path:
+        """The shared, read-only cache of built base models."""
+        ...
+
     def record_checkpoint(
         self, job_id: str, name: str, checkpoint_type: CheckpointRowType
     ) -> object:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from backend.models.registry import UnknownModelError, canonical_model_name
+from backend.errors import describe_validation_errors
+from backend.models.registry import UnknownModelError, canonical_model_name, max_lora_rank
 from backend.models.store import ensure_model_dir
 from backend.trainer import sampling
 from backend.trainer.checkpoints import CheckpointStore, validate_name
@@ -63,7 +64,9 @@ def load_model(ctx: JobContext, entry: ModelEntry, request: CreateModelRequest) 
     try:
         _check_base_model(ctx, request.base_model)
         lora = _lora_settings(ctx, request)
-        model_dir = ensure_model_dir(ctx.base_model, ctx.host.data_dir)
+        model_dir = ensure_model_dir(ctx.base_model, ctx.host.models_dir)
+        if lora is not None:
+            _check_lora_rank(lora.rank, model_dir)
         entry.engine = TrainableModel(
             model_dir,
             base_model=ctx.base_model,
@@ -114,7 +117,11 @@ def optim_step(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
     try:
         adam = AdamSettings.model_validate(hyper)
     except ValidationError as exc:
-        raise UserError(f"adam_params: {exc.errors(include_url=False)[0]['msg']}") from None
+        errors = [
+            error | {"loc": ("adam_params", *error["loc"])}
+            for error in exc.errors(include_url=False)
+        ]
+        raise UserError(describe_validation_errors(errors)) from None
     engine = entry.require_engine()
     metrics = engine.optim_step(adam, request.grad_accumulation_normalization)
     # May preempt this very job (scheduled fault injection): the step is applied, its result
@@ -195,6 +202,9 @@ def load_adapter(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
     adapter_dir = Path(request.adapter_path)
     if not adapter_dir.is_absolute():
         raise UserError(f"adapter_path {request.adapter_path!r} must be an absolute directory")
+    adapter_dir = ctx.checkpoints.inside(
+        adapter_dir, request.adapter_path, what="adapter_path", model_cache=True
+    )
     engine.load_adapter(adapter_dir)
     return {
         "model_id": entry.model_id,
@@ -259,6 +269,18 @@ def _lora_settings(ctx: JobContext, request: CreateModelRequest) -> LoraSettings
     )
 
 
+def _check_lora_rank(rank: int, model_dir: Path) -> None:
+    """Refuse a rank above the model's smallest adapted width, read from its config (a larger
+    one adds parameters without adding rank, and a huge one exhausts memory)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    limit = max_lora_rank(config)
+    if rank > limit:
+        raise UserError(
+            f"lora_rank {rank} is larger than this model allows: at most {limit} "
+            "(its smallest adapted layer width)"
+        )
+
+
 def _checkpoint_type(value: str | None) -> CheckpointType:
     if value is None:
         return "base"
@@ -291,7 +313,7 @@ def _missing_checkpoint(ctx: JobContext, job_id: str | None, name: str, path: st
 def new_sampler_cache(ctx: JobContext) -> SamplerCache:
     """The job's cache of loaded sampler models (built on its first `asample`)."""
     return SamplerCache(
-        ensure_model_dir(ctx.base_model, ctx.host.data_dir), resolve_device(ctx.device)
+        ensure_model_dir(ctx.base_model, ctx.host.models_dir), resolve_device(ctx.device)
     )
 
 

@@ -188,7 +188,7 @@ class JobTrainer:
         entry = self._entry(model_id)
         from backend.models.store import tokenizer_dir  # imports transformers
 
-        tokenizer = tokenizer_dir(self.context.base_model, self.context.host.data_dir)
+        tokenizer = tokenizer_dir(self.context.base_model, self.context.host.models_dir)
         return GetInfoResponse(
             model_id=model_id,
             model_data=ModelData(
@@ -343,7 +343,7 @@ class TrainerRegistry:
         # Read when a trainer is created (and per request for the retrieve hold): tests may
         # replace it on a running platform.
         self.settings = settings or TrainerSettings()
-        self._store = CheckpointStore(host.data_dir)
+        self._store = CheckpointStore(host.data_dir, models_dir=host.models_dir)
         self._trainers: dict[str, JobTrainer] = {}
         self._lock = threading.Lock()
         host.on_job_lost(self.job_lost)

@@ -16,6 +16,12 @@ CheckpointType = Literal["base", "delta", "merged_base"]
 
 # tinker-protocol.md §10: lora_alpha when the request has none (fireloop choice, the SDK default).
 DEFAULT_LORA_ALPHA = 32
+# No useful run steps with more: larger values only blow the weights up.
+MAX_LEARNING_RATE = 10.0
+# Decoupled decay multiplies weights by (1 - lr·wd); beyond 1 it is no longer a decay.
+MAX_WEIGHT_DECAY = 1.0
+# torch.manual_seed takes a signed 64-bit value.
+MAX_SEED = 2**63 - 1
 
 
 class LoraSettings(BaseModel):
@@ -29,21 +35,25 @@ class LoraSettings(BaseModel):
 
     rank: int = Field(gt=0)
     alpha: int = Field(default=DEFAULT_LORA_ALPHA, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
 
 
 class AdamSettings(BaseModel):
-    """AdamW hyper-parameters of one `optim_step` (tinker `AdamParams`, same names and defaults)."""
+    """AdamW hyper-parameters of one `optim_step` (tinker `AdamParams`, same names and defaults).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Bounded as well as typed: NaN, infinities, a negative or absurd learning rate (> 10), betas
+    outside [0, 1) or a non-positive eps are refused before they can reach the weights.
+    """
 
-    learning_rate: float = Field(default=1e-4, ge=0)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    learning_rate: float = Field(default=1e-4, ge=0, le=MAX_LEARNING_RATE)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
-    eps: float = Field(default=1e-12, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    eps: float = Field(default=1e-12, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=MAX_WEIGHT_DECAY)
     # 0 disables clipping.
     grad_clip_norm: float = Field(default=0.0, ge=0)

@@ -48,7 +48,8 @@ class SessionRequest(WireModel):
 
 class LoraConfigWire(WireModel):
     rank: StrictInt = Field(ge=0)
-    seed: int | None = None
+    # torch seeds are signed 64-bit: a larger seed would fail inside the trainer, not here.
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True

@@ -80,6 +80,29 @@ def test_the_key_is_accepted_in_every_spelling(shared_api: PlatformApi, header: 
     assert response.status_code == 200, response.text
 
 
+def test_health_answers_without_a_key_and_only_health_does(shared_api: PlatformApi) -> None:
+    base_url = shared_api.platform.base_url
+    health = httpx.get(base_url + "/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    # Only the exact path and only reads: neighbours and writes still need the key.
+    for method, path in (("GET", "/health/x"), ("GET", "/healthz"), ("POST", "/health")):
+        response = httpx.request(method, base_url + path)
+        shared_api.expect_error(response, 401, "UNAUTHENTICATED", "missing API key")
+
+
+def test_a_str_data_dir_is_made_absolute_at_construction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    platform = LocalPlatform(data_dir="relative/platform", models_dir="relative/models")
+    assert platform.data_dir == tmp_path.resolve() / "relative" / "platform"
+    assert platform.models_dir == tmp_path.resolve() / "relative" / "models"
+    monkeypatch.chdir("/")  # a later change of directory does not move it
+    with platform:
+        assert platform.data_dir == tmp_path.resolve() / "relative" / "platform"
+        assert (platform.data_dir / "platform.sqlite3").is_file()
+
+
 def test_generated_api_key_is_not_a_tinker_key(shared_api: PlatformApi) -> None:
     platform = shared_api.platform
     assert re.fullmatch(r"fw-local-[0-9a-f]{32}", platform.api_key)

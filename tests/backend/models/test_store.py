@@ -11,6 +11,7 @@ import filelock
 import pytest
 from transformers import AutoTokenizer
 
+from backend.models.cache import MODEL_CACHE_ENV, resolve_models_dir
 from backend.models.errors import ModelBuildTimeoutError, ModelPackageMissingError
 from backend.models.registry import REGISTERED_MODELS, UnknownModelError
 from backend.models.smollm2 import locate_smollm2_gguf
@@ -43,7 +44,7 @@ def test_every_spelling_reaches_one_complete_directory(
 ) -> None:
     spellings = ["tiny", "fireloop/tiny", "accounts/acme/models/tiny"]
     dirs = {ensure_model_dir(name, tmp_path) for name in spellings}
-    assert dirs == {tmp_path.resolve() / "models" / "tiny"}
+    assert dirs == {tmp_path.resolve() / "tiny"}
     assert _builds(caplog) == 1
     model_dir = dirs.pop()
     marker = read_complete_marker(model_dir)
@@ -61,11 +62,11 @@ def test_tokenizer_dir_is_absolute_and_context_from_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    directory = tokenizer_dir("fireloop/tiny", Path("data"))
+    directory = tokenizer_dir("fireloop/tiny", Path("models"))
     assert directory.is_absolute()
-    assert directory == ensure_model_dir("tiny", tmp_path / "data")
+    assert directory == ensure_model_dir("tiny", tmp_path / "models")
     assert AutoTokenizer.from_pretrained(directory).encode("hi") == [104, 105]
-    assert model_context_length("tiny", Path("data")) == REGISTERED_MODELS["tiny"].context_length
+    assert model_context_length("tiny", Path("models")) == REGISTERED_MODELS["tiny"].context_length
 
 
 def test_tiny_chatml_is_the_tiny_model_with_chatml(tmp_path: Path) -> None:
@@ -87,6 +88,8 @@ def test_a_directory_without_a_valid_marker_is_rebuilt(
 ) -> None:
     model_dir = ensure_model_dir("tiny", tmp_path)
     weights = (model_dir / "model.safetensors").read_bytes()
+    for path in model_dir.iterdir():  # published read-only; the damage comes from outside
+        path.chmod(0o644)
     if damage == "no_marker":
         (model_dir / MARKER_NAME).unlink()
     elif damage == "truncated_marker":
@@ -105,7 +108,7 @@ def test_a_directory_without_a_valid_marker_is_rebuilt(
 
 
 def test_leftovers_of_a_dead_builder_are_removed(tmp_path: Path) -> None:
-    leftover = tmp_path / "models" / "tiny.tmp-deadbeef"
+    leftover = tmp_path / "tiny.tmp-deadbeef"
     leftover.mkdir(parents=True)
     (leftover / "config.json").write_text("{}")
     ensure_model_dir("tiny", tmp_path)
@@ -133,12 +136,11 @@ def test_concurrent_builders_build_once(tmp_path: Path, caplog: pytest.LogCaptur
 
 
 def test_a_held_lock_times_out_with_a_clear_error(tmp_path: Path) -> None:
-    lock_path = tmp_path / "models" / "tiny.lock"
-    lock_path.parent.mkdir(parents=True)
+    lock_path = tmp_path / "tiny.lock"
     with filelock.FileLock(lock_path), pytest.raises(ModelBuildTimeoutError) as raised:
         ensure_model_dir("tiny", tmp_path, lock_timeout_s=0.05)
     assert "tiny.lock" in str(raised.value)
-    assert not (tmp_path / "models" / "tiny").exists()
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_unknown_model_names_the_registered_ones(tmp_path: Path) -> None:
@@ -156,3 +158,21 @@ def test_installed_package_has_the_gguf() -> None:
     package = locate_smollm2_gguf()
     assert package.gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert package.gguf_path.stat().st_size > 90_000_000
+
+
+def test_a_published_model_is_read_only(tmp_path: Path) -> None:
+    model_dir = ensure_model_dir("tiny", tmp_path)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in model_dir.iterdir()}
+    assert modes and set(modes.values()) == {0o444}, modes
+
+
+def test_the_cache_is_the_argument_else_the_env_var_else_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(MODEL_CACHE_ENV, "from-env")
+    assert resolve_models_dir("given") == tmp_path.resolve() / "given"
+    assert resolve_models_dir() == tmp_path.resolve() / "from-env"
+    monkeypatch.delenv(MODEL_CACHE_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_models_dir() == tmp_path.resolve() / "home" / ".cache" / "fireloop" / "models"

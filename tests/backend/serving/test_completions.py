@@ -101,7 +101,7 @@ def test_greedy_is_deterministic_and_temperature_zero(serving: ServingHarness) -
 
 @pytest.fixture(scope="module")
 def decode(serving: ServingHarness) -> Callable[[list[int]], str]:
-    tokenizer = AutoTokenizer.from_pretrained(ensure_model_dir("tiny", serving.platform.data_dir))
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model_dir("tiny", serving.platform.models_dir))
     return lambda tokens: str(tokenizer.decode(tokens))
 
 
@@ -192,7 +192,9 @@ def test_sampling_logprobs_follow_the_filtered_distribution(
     }
     content = serving.complete(DEPLOYMENT, **request).json()["choices"][0]["logprobs"]["content"]
     tokens = PROMPT + [entry["token_id"] for entry in content]
-    model = load_hf_model(ensure_model_dir("tiny", serving.platform.data_dir), torch.device("cpu"))
+    model = load_hf_model(
+        ensure_model_dir("tiny", serving.platform.models_dir), torch.device("cpu")
+    )
     with torch.no_grad():
         logits_TV = model(input_ids=torch.tensor([tokens])).logits[0].float()
     for offset, entry in enumerate(content):

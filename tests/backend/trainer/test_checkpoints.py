@@ -49,7 +49,19 @@ def test_references_resolve_in_order(store: CheckpointStore, tmp_path: Path) -> 
     assert resolve("tinker://s-1:train:0/weights/s").job_id == "job-b"
     snapshot = resolve("tinker://job-a/sampler_weights/snap")
     assert (snapshot.kind, snapshot.path) == ("snapshot", jobs / "job-a" / "snapshots" / "snap")
-    assert resolve("/abs/ckpt").path == Path("/abs/ckpt")
+    inside = jobs / "job-x" / "checkpoints" / "c"
+    assert resolve(str(inside)) == ResolvedRef("state", inside, None, "c")
+
+
+@pytest.mark.parametrize("ref", ["/abs/ckpt", "/", "/etc", "{data}/../x", "{data}/jobs/../.."])
+def test_absolute_paths_outside_the_data_dir_are_refused_alike(
+    store: CheckpointStore, tmp_path: Path, ref: str
+) -> None:
+    ref = ref.format(data=tmp_path)
+    with pytest.raises(UserError) as raised:
+        store.resolve(ref, job_id="job-a")
+    expected = f"path {ref!r} is outside this platform's data directory"
+    assert str(raised.value).startswith(expected)
 
 
 @pytest.mark.parametrize(

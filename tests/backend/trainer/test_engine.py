@@ -22,8 +22,9 @@ from backend.trainer.settings import AdamSettings, LoraSettings
 
 BASE = "fireloop/tiny"
 # First AdamW step with lr = eps = 1e6 moves each weight by g·1e6/(|g| + 1e6) ≈ g: the weight
-# change reads back the (normalised, clipped) gradient through the public API.
-READ_GRAD = AdamSettings(learning_rate=1e6, eps=1e6)
+# change reads back the (normalised, clipped) gradient through the public API. Built without
+# validation: the wire refuses such a learning rate, the engine applies whatever it is given.
+READ_GRAD = AdamSettings.model_construct(learning_rate=1e6, eps=1e6)
 FROZEN = AdamSettings(learning_rate=0.0)
 TRAIN = AdamSettings(learning_rate=3e-3, weight_decay=0.01, grad_clip_norm=1.0)
 
