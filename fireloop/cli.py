@@ -18,6 +18,7 @@ console = Console()
 
 @app.command()
 def backend(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = (
         "127.0.0.1"
     ),
@@ -28,15 +29,70 @@ def backend(
     api_key: Annotated[
         str | None,
         typer.Option(
-            envvar="FIREWORKS_API_KEY", help="Key clients must present.", show_default=False
+            envvar="FIREWORKS_API_KEY",
+            help="Key clients must present (prefer the env var or --api-key-file: a command "
+            "line is visible to other local users).",
+            show_default=False,
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(help="Read the key from this file (first line).", show_default=False),
+    ] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Shared cache of built base models [default: $FIRELOOP_MODEL_CACHE, else "
+            "~/.cache/fireloop/models].",
+            show_default=False,
         ),
     ] = None,
     account_id: Annotated[str, typer.Option(help="The one account served.")] = "local",
 ) -> None:
-    """Serve the local platform (control plane, trainer gateway) in the foreground."""
+    """Serve the local platform (control plane, trainer gateway, hotload, inference) in the
+    foreground. Without a key option, the key kept in <data-dir>/api-key is used (created once)."""
+    import logging
+
+    # typer ships its own click: compare with its enum, not the separately installed one.
+    from typer._click.core import ParameterSource
+
     from backend import serve
 
-    serve(host=host, port=port, data_dir=data_dir, api_key=api_key, account_id=account_id)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    on_command_line = ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE
+    if api_key_file is not None:
+        # The file, named on purpose, wins over FIREWORKS_API_KEY; two explicit keys are an error.
+        if on_command_line:
+            console.print("give the key one way: --api-key-file or --api-key", markup=False)
+            raise typer.Exit(2)
+        try:
+            lines = api_key_file.read_text(encoding="utf-8").strip().splitlines()
+        except OSError as exc:
+            console.print(
+                f"--api-key-file: cannot read {api_key_file}: {exc.strerror}", markup=False
+            )
+            raise typer.Exit(2) from None
+        if not lines or not lines[0].strip():
+            console.print(f"--api-key-file: {api_key_file} is empty", markup=False)
+            raise typer.Exit(2)
+        api_key = lines[0].strip()
+    elif on_command_line:
+        logging.getLogger("fireloop.backend").warning(
+            "--api-key on the command line is visible to other local users in the process "
+            "list; prefer FIREWORKS_API_KEY or --api-key-file"
+        )
+    try:
+        serve(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            api_key=api_key,
+            account_id=account_id,
+            models_dir=models_dir,
+        )
+    except ValueError as exc:  # a non-loopback host
+        console.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
 
 
 run_app = typer.Typer(help="Run a recipe flow.", no_args_is_help=True)
