@@ -434,18 +434,20 @@ def serve(
     api_key: str | None = None,
     account_id: str = "local",
     models_dir: str | Path | None = None,
+    api_key_source: str = "given by the caller",
 ) -> None:
     """Run the platform in the foreground until interrupted (`fireloop backend`).
 
     Without `api_key`, the key is read from (or created in) `<data_dir>/api-key` (mode 0600),
-    so a restarted server keeps its key; it is never logged. The startup log names the data
-    directory, the model cache, the URL and the route prefixes served.
+    so a restarted server keeps its key; it is never logged, only where it came from
+    (`api_key_source`). The startup log names the data directory, the model cache, the URL and
+    the route prefixes served.
     """
     _check_loopback(host)
     _offline_environment()
     root = _absolute(data_dir or Path(".fireloop") / "backend")
     root.mkdir(parents=True, exist_ok=True)
-    key_source = "given by the caller" if api_key else f"in {root / _KEY_FILE}"
+    key_source = api_key_source if api_key else f"kept in {root / _KEY_FILE}"
     key = SecretStr(api_key or _stored_api_key(root / _KEY_FILE))
     state = PlatformState(
         data_dir=root,

@@ -107,6 +107,7 @@ def test_startup_log_names_the_data_dir_url_and_routes_but_not_the_key(backend: 
         "/health",
     ):
         assert prefix in log, log
+    assert "API key: from FIREWORKS_API_KEY" in log  # where it came from, never the key
     assert KEY not in log
 
 
@@ -175,6 +176,7 @@ def test_key_file_is_read_and_sigterm_stops_the_server(tmp_path: Path) -> None:
     finally:
         code = running.stop()
     assert code in (0, -signal.SIGTERM), running.log()
+    assert f"API key: from {key_file}" in running.log()
     assert KEY not in running.log()
     assert "visible to other local users" not in running.log()
 
