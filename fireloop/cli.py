@@ -60,6 +60,7 @@ def backend(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     on_command_line = ctx.get_parameter_source("api_key") == ParameterSource.COMMANDLINE
+    key_source = "from --api-key" if on_command_line else "from FIREWORKS_API_KEY"
     if api_key_file is not None:
         # The file, named on purpose, wins over FIREWORKS_API_KEY; two explicit keys are an error.
         if on_command_line:
@@ -75,7 +76,7 @@ def backend(
         if not lines or not lines[0].strip():
             console.print(f"--api-key-file: {api_key_file} is empty", markup=False)
             raise typer.Exit(2)
-        api_key = lines[0].strip()
+        api_key, key_source = lines[0].strip(), f"from {api_key_file}"
     elif on_command_line:
         logging.getLogger("fireloop.backend").warning(
             "--api-key on the command line is visible to other local users in the process "
@@ -89,6 +90,7 @@ def backend(
             api_key=api_key,
             account_id=account_id,
             models_dir=models_dir,
+            api_key_source=key_source,
         )
     except ValueError as exc:  # a non-loopback host
         console.print(str(exc), markup=False)
