@@ -219,6 +219,61 @@ def config_reference(
     print(config_reference_markdown(recipes[recipe]), end="")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (it holds ledger.jsonl).")],
+    out: Annotated[Path, typer.Option(help="Directory to write (must be empty, or --force).")],
+    step: Annotated[
+        int | None,
+        typer.Option(
+            help="Export the checkpoint saved after N optimizer steps: the ledger's "
+            "checkpoint 'step-N' (its next_step). Default: the newest checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option(help="LoRA runs: write the base model with the adapter merged in.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out directory.")] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Platform data directory holding the checkpoints, for a run on a standalone "
+            "`fireloop backend` (default: <run-dir>/platform).",
+            show_default=False,
+        ),
+    ] = None,
+    model_cache: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FIRELOOP_MODEL_CACHE",
+            help="The base-model cache (default: ~/.cache/fireloop/models).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Export a run's checkpoint: a Hugging Face model directory (full-parameter runs, or
+    --merged) or a PEFT adapter directory (LoRA runs) that transformers / peft load offline."""
+    import warnings
+
+    from fireloop.sft_cli import set_offline_defaults
+
+    set_offline_defaults()  # before transformers is imported: it reads them at import
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations
+    from fireloop.export_cli import ExportRequest, run_and_report
+
+    request = ExportRequest(
+        run_dir=run_dir,
+        out=out,
+        step=step,
+        merged=merged,
+        force=force,
+        data_dir=data_dir,
+        model_cache=model_cache,
+    )
+    raise typer.Exit(run_and_report(request, console))
+
+
 def main() -> None:
     app()
 
