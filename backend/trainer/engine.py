@@ -3,7 +3,9 @@
 Plain typed Python in and out, no HTTP: the protocol layer decodes JSON into `Datum`s, calls
 these methods in seq-id order (the engine is not thread-safe) and maps `UserError` to a
 `category: "user"` failure. Every method validates its whole input before touching state, so a
-rejected request leaves weights, gradients and counters as they were.
+rejected request leaves weights, gradients and counters as they were; the one exception is an
+`optim_step` refused because its gradients or its result would be non-finite, which keeps the
+weights and optimizer state but drops the gradients (see `optim_step`).
 """
 
 from __future__ import annotations
