@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -22,7 +23,13 @@ from tasks.platform import PlatformEndpoint, Waits
 if TYPE_CHECKING:
     from backend import LocalPlatform
 
-__all__ = ["EMBEDDED_WAITS", "embedded_endpoint", "stop_embedded_platforms"]
+__all__ = [
+    "EMBEDDED_WAITS",
+    "LocalModelFacts",
+    "embedded_endpoint",
+    "local_model_facts",
+    "stop_embedded_platforms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,32 @@ def embedded_endpoint(data_dir: Path, waits: Waits | None = None) -> PlatformEnd
         base_url=platform.base_url,
         api_key=SecretStr(platform.api_key),
         waits=waits or EMBEDDED_WAITS,
+    )
+
+
+@dataclass(frozen=True)
+class LocalModelFacts:
+    """What a run's checks need to know about a local base model before any trainer exists."""
+
+    tokenizer_dir: str  # the directory the trainer reports as its tokenizer (and its context)
+    max_lora_rank: int  # the platform refuses a larger rank
+
+
+def local_model_facts(base_model: str) -> LocalModelFacts | None:
+    """The embedded platform's build of `base_model` (built now if needed, in the shared model
+    cache the platform uses); None for a name the local registry does not know, which the
+    platform then refuses with its own message."""
+    from backend.models.cache import resolve_models_dir
+    from backend.models.registry import UnknownModelError, resolve_model
+    from backend.models.store import tokenizer_dir
+
+    try:
+        spec = resolve_model(base_model)
+    except UnknownModelError:
+        return None
+    return LocalModelFacts(
+        tokenizer_dir=str(tokenizer_dir(base_model, resolve_models_dir())),
+        max_lora_rank=spec.max_lora_rank,
     )
 
 

@@ -1,18 +1,23 @@
-"""SFT data for a run: validated before provisioning, rendered once a tokenizer is known.
+"""SFT data for a run: validated, measured and summarised before any compute.
 
-`load_sft_data` reads and validates every row (a missing file or a malformed line fails the
-run before any trainer exists, failure-modes M2) and fixes the eval set: an explicit
-`eval_dataset`, the toy task's eval split, or a seeded carve-out of the training file.
-`render_sft_data` renders both sets with the trainer's tokenizer; `SFTBatches` then serves the
-batch at any raw-row cursor as a pure function of `(seed, cursor)`, which is what makes a resumed
-run train exactly the rows an uninterrupted one would (failure-modes R1, R2, R4, D1).
+`load_sft_data` reads and validates every row (a missing file, a malformed or oversized line
+fails the run before any trainer exists) and fixes the eval set: an explicit `eval_dataset`, the
+toy task's eval split, or a seeded carve-out of the training file. When the tokenizer is known
+before provisioning (`tokenizer_model`, or the embedded platform's local model) it also renders
+every row, checks it against the context length and the config against the model, and shows the
+dataset summary; otherwise `render_sft_data` does the same with the trainer's tokenizer, before
+the first step. `SFTBatches` then serves the batch at any raw-row cursor as a pure function of
+`(seed, cursor)`, so a resumed run trains exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Final
 
 import fsspec
 from tinker import types
@@ -25,22 +30,40 @@ from algorithms.datasets import (
     next_batch,
     render_dataset,
 )
-from algorithms.datums import build_sft_batch
+from algorithms.datums import DropReason, build_sft_batch, drop_reason
 from algorithms.toy_tasks import TOY_TASKS, exact_match, load_sft_dataset, prompt_of
 from flows.config import SFTConfig
+from flows.notices import notice
+from sdk import ConfigError
 from tasks.training import SourcedBatch
 
 __all__ = ["RenderedSFT", "SFTBatches", "SFTData", "load_sft_data", "render_sft_data"]
 
 _MAX_CARVE_RATIO = 10  # a carve-out takes at most 1 row in 10
+# An eval set this small moves by 10 % or more per row: its metrics say little.
+MIN_MEANINGFUL_EVAL_ROWS: Final = 10
+# Tokenizers that do not know their model's context report this huge sentinel.
+_UNKNOWN_CONTEXT: Final = 1_000_000_000
+_LINES_SHOWN: Final = 5
+_DROP_WORDS: Final[dict[DropReason, str]] = {
+    "too_long": "longer than max_seq_len",
+    "too_short": "under 2 tokens",
+    "no_weight": "nothing to train on after rendering",
+}
 
 
 @dataclass(frozen=True)
 class SFTData:
-    """Validated training and eval rows; `fingerprint` identifies the training data."""
+    """Validated training and eval rows; `fingerprint` identifies the training data.
+
+    `rendered` is set when the tokenizer was known before provisioning (rows already checked).
+    """
 
     train: ChatDataset
     eval: ChatDataset | None
+    eval_origin: str = "none"  # where the eval rows came from, for the summary
+    rows_read: int = 0  # training rows read (before any carve-out)
+    rendered: RenderedSFT | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -52,9 +75,12 @@ def _check_source(source: str) -> None:
     if source in TOY_TASKS:
         return
     fs, path = fsspec.core.url_to_fs(source)
+    tasks = ", ".join(sorted(TOY_TASKS))
     if not fs.exists(path):
-        tasks = ", ".join(sorted(TOY_TASKS))
         problem = DatasetProblem(source, 0, "(file)", f"no such file, and not a toy task ({tasks})")
+        raise DatasetError([problem])
+    if fs.isdir(path):
+        problem = DatasetProblem(source, 0, "(file)", "a directory, not a chat JSONL file")
         raise DatasetError([problem])
 
 
@@ -78,19 +104,77 @@ def _carve_out(train: ChatDataset, size: int, seed: int) -> tuple[ChatDataset, C
 
 
 def load_sft_data(config: SFTConfig) -> SFTData:
-    """The run's training and eval rows, validated in full (raises `DatasetError`)."""
+    """The run's training and eval rows, validated in full (raises `DatasetError`).
+
+    Rendered and checked against the model here too when its tokenizer is known without a
+    trainer (raises `DatasetError` for a row over the context, `ConfigError` for a setting the
+    model cannot take).
+    """
+    data = _read_sft_data(config)
+    tokenizer = _known_tokenizer(config)
+    if tokenizer is None:
+        return data
+    from transformers import AutoTokenizer  # slow to import: only when it is used
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tokenizer))
+    return replace(data, rendered=render_sft_data(data, renderer, config))
+
+
+def _read_sft_data(config: SFTConfig) -> SFTData:
     _check_source(config.dataset)
-    train = load_sft_dataset(config.dataset, seed=config.seed, max_rows=config.max_rows)
+    train = load_sft_dataset(
+        config.dataset,
+        seed=config.seed,
+        max_rows=config.max_rows,
+        max_line_bytes=config.max_line_bytes,
+    )
     if config.eval_dataset is not None:
         _check_source(config.eval_dataset)
         evaluation = load_sft_dataset(
-            config.eval_dataset, split="eval", seed=config.seed, max_rows=config.eval_size
+            config.eval_dataset,
+            split="eval",
+            seed=config.seed,
+            max_rows=config.eval_size,
+            max_line_bytes=config.max_line_bytes,
         )
-        return SFTData(train, evaluation)
+        return SFTData(train, evaluation, f"eval_dataset {config.eval_dataset}", len(train))
     task = TOY_TASKS.get(config.dataset)
     if task is not None:
-        return SFTData(train, task.dataset("eval", seed=config.seed, n_rows=config.eval_size))
-    return SFTData(*_carve_out(train, config.eval_size, config.seed))
+        evaluation = task.dataset("eval", seed=config.seed, n_rows=config.eval_size)
+        return SFTData(train, evaluation, f"the {task.name} task's eval split", len(train))
+    kept, carved = _carve_out(train, config.eval_size, config.seed)
+    origin = "a carve-out of the training file" if carved is not None else "none"
+    return SFTData(kept, carved, origin, len(train))
+
+
+def _known_tokenizer(config: SFTConfig) -> str | None:
+    """The tokenizer the trainer will use, when it is known before provisioning.
+
+    On the embedded platform this also checks `lora_rank` against the local model.
+    """
+    if config.tokenizer_model is not None:
+        return config.tokenizer_model
+    if config.platform is not None:
+        return None  # a remote trainer names its tokenizer once it runs
+    from flows.embedded import local_model_facts
+
+    facts = local_model_facts(config.base_model)
+    if facts is None:
+        return None  # an unknown model: the platform refuses it with the list it serves
+    if config.lora_rank > facts.max_lora_rank:
+        raise ConfigError(
+            f"lora_rank {config.lora_rank} is larger than {config.base_model} allows "
+            f"({facts.max_lora_rank}, its narrowest adapted layer); 0 = full-parameter"
+        )
+    return facts.tokenizer_dir
+
+
+def context_length_of(renderer: ChatRenderer) -> int | None:
+    """The tokenizer's `model_max_length` (the local models set their context), if it knows."""
+    length = getattr(renderer.tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < _UNKNOWN_CONTEXT:
+        return length
+    return None
 
 
 @dataclass(frozen=True)
@@ -115,8 +199,20 @@ class RenderedSFT:
 
 
 def render_sft_data(data: SFTData, renderer: ChatRenderer, config: SFTConfig) -> RenderedSFT:
-    """Render every row now, so a row the template cannot render fails before training."""
+    """Render and check every row now, so no bad row is found when its batch trains.
+
+    A row longer than the model's context fails, named by file and line, unless `max_seq_len`
+    is set: rows over it are dropped and counted. Data already rendered at load time is reused.
+    """
+    if data.rendered is not None:
+        return data.rendered
+    context = context_length_of(renderer)
+    if config.max_seq_len is not None and context is not None and config.max_seq_len > context:
+        raise ConfigError(
+            f"max_seq_len {config.max_seq_len} is larger than the model's context ({context})"
+        )
     train = render_dataset(data.train, renderer, config.train_on_what)
+    _check_context(data.train, train, context, config.max_seq_len)
     if not any(
         len(example.tokens) <= (config.max_seq_len or len(example.tokens)) for example in train
     ):
@@ -125,16 +221,113 @@ def render_sft_data(data: SFTData, renderer: ChatRenderer, config: SFTConfig) ->
         )
     eval_datums: list[types.Datum] = []
     prompts: list[list[int]] = []
+    eval_examples: list[SupervisedExample] = []
     if data.eval is not None:
-        examples = render_dataset(data.eval, renderer, config.train_on_what)
+        eval_examples = render_dataset(data.eval, renderer, config.train_on_what)
+        _check_context(data.eval, eval_examples, context, config.max_seq_len)
         batch = build_sft_batch(
-            list(enumerate(examples)),
+            list(enumerate(eval_examples)),
             loss_reduction=config.loss_reduction,
             max_seq_len=config.max_seq_len,
         )
         eval_datums = list(batch.datums)
         prompts = [renderer.build_generation_prompt(prompt_of(row)) for row in data.eval.rows]
+    _show_summary(data, train, eval_examples, context, config)
     return RenderedSFT(train, eval_datums, prompts, data.eval, renderer)
+
+
+def _check_context(
+    dataset: ChatDataset,
+    examples: Sequence[SupervisedExample],
+    context: int | None,
+    max_seq_len: int | None,
+) -> None:
+    """Refuse rows over the context, by file and line (with `max_seq_len` they are dropped)."""
+    if context is None or max_seq_len is not None:
+        return
+    source = dataset.source.removesuffix("#train").removesuffix("#eval")  # a carve-out's file
+    problems = [
+        DatasetProblem(
+            source,
+            line,
+            "messages",
+            f"{len(example.tokens)} tokens, more than the model's context of {context}; "
+            "shorten it, or set max_seq_len to drop longer rows",
+        )
+        for example, line in zip(examples, dataset.line_numbers, strict=True)
+        if len(example.tokens) > context
+    ]
+    if problems:
+        raise DatasetError(problems[:20], total=len(problems))
+
+
+def _show_summary(
+    data: SFTData,
+    train: Sequence[SupervisedExample],
+    eval_examples: Sequence[SupervisedExample],
+    context: int | None,
+    config: SFTConfig,
+) -> None:
+    """The dataset summary a person reads before training starts (the CLI prints notices)."""
+    for line in summary_lines(data, train, eval_examples, context, config):
+        level = logging.WARNING if line.startswith("warning:") else logging.INFO
+        notice(line, level=level)
+
+
+def summary_lines(
+    data: SFTData,
+    train: Sequence[SupervisedExample],
+    eval_examples: Sequence[SupervisedExample],
+    context: int | None,
+    config: SFTConfig,
+) -> list[str]:
+    """Rows, split, tokens, dropped rows and why, batch capping, and a small-eval warning."""
+    n_eval = len(data.eval) if data.eval is not None else 0
+    lines = [
+        f"dataset {config.dataset}: {data.rows_read} rows read; train {len(data.train)}, "
+        f"eval {n_eval} (eval from {data.eval_origin})"
+    ]
+    sizes = [len(example.tokens) for example in train]
+    limit = f"; context {context}" if context is not None else ""
+    lines.append(
+        f"train tokens: {sum(sizes)} total, max {max(sizes)}, mean {sum(sizes) / len(sizes):.1f} "
+        f"per row{limit}"
+    )
+    lines.extend(_dropped_lines("train", data.train, train, config.max_seq_len))
+    if data.eval is not None:
+        lines.extend(_dropped_lines("eval", data.eval, eval_examples, config.max_seq_len))
+    if config.batch_size > len(train):
+        lines.append(
+            f"batch_size {config.batch_size} capped to {len(train)}: the training set is smaller"
+        )
+    if n_eval < MIN_MEANINGFUL_EVAL_ROWS:
+        lines.append(
+            f"warning: the eval set has {n_eval} rows; its metrics mean little under "
+            f"{MIN_MEANINGFUL_EVAL_ROWS} (set eval_dataset, or eval_size for a toy task)"
+        )
+    return lines
+
+
+def _dropped_lines(
+    label: str,
+    dataset: ChatDataset,
+    examples: Sequence[SupervisedExample],
+    max_seq_len: int | None,
+) -> list[str]:
+    """One line per drop reason: how many rows, why, and the first few file lines."""
+    by_reason: dict[DropReason, list[int]] = {}
+    for example, line in zip(examples, dataset.line_numbers, strict=True):
+        reason = drop_reason(example, max_seq_len)
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(line)
+    counts = Counter({reason: len(lines) for reason, lines in by_reason.items()})
+    out = []
+    for reason, count in counts.most_common():
+        shown = ", ".join(str(line) for line in by_reason[reason][:_LINES_SHOWN])
+        more = ", …" if count > _LINES_SHOWN else ""
+        why = _DROP_WORDS[reason] + (f" ({max_seq_len})" if reason == "too_long" else "")
+        out.append(f"{label}: {count} of {len(examples)} rows dropped, {why} (lines {shown}{more})")
+    return out
 
 
 class SFTBatches:
