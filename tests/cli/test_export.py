@@ -194,6 +194,7 @@ def _break_copy(run_dir: Path, tmp_path: Path, how: str) -> Path:
     ("case", "args", "fragment"),
     [
         ("no ledger", [], "not a run directory: it has no ledger.jsonl"),
+        ("corrupt ledger", [], "ledger.jsonl cannot be read"),
         ("no such step", ["--step", "7"], "no checkpoint at step 7; it has steps 1"),
         ("files gone", [], "is gone"),
         ("incomplete", [], "incomplete: no COMPLETE marker"),
@@ -207,6 +208,11 @@ def test_cli_errors_are_one_clear_message(
     run_dir, out = full_run, tmp_path / "out"
     if case == "no ledger":
         run_dir = tmp_path
+    elif case == "corrupt ledger":
+        run_dir = tmp_path / "run"
+        shutil.copytree(full_run, run_dir)
+        lines = (run_dir / "ledger.jsonl").read_text().splitlines()
+        (run_dir / "ledger.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     elif case == "files gone":
         run_dir = _break_copy(full_run, tmp_path, "gone")
     elif case == "incomplete":
