@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from backend.models.registry import REGISTERED_MODELS
+from backend.models.registry import REGISTERED_MODELS, max_lora_rank
 from backend.models.smollm2 import SMOLLM2_PARAMETER_COUNT, SMOLLM2_VERSION, locate_smollm2_gguf
 from backend.models.store import ensure_model_dir, model_context_length, read_complete_marker
 
@@ -97,3 +97,10 @@ def test_greedy_answer_through_the_chat_template(smollm2: tuple[Any, Any]) -> No
     answer = _greedy_answer(smollm2, "What is the capital of France?")
     assert "Paris" in answer, answer
     assert answer.endswith("<|im_end|>"), answer
+
+
+def test_the_registry_lora_limit_is_the_converted_config(smollm2_dir: Path) -> None:
+    # The control plane answers from the registry before any model is built; the trainer reads
+    # the config. k/v projections: 3 heads of 64.
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert max_lora_rank(config) == REGISTERED_MODELS["smollm2-135m"].max_lora_rank == 192
