@@ -325,8 +325,9 @@ def _dropped_lines(
     for reason, count in counts.most_common():
         shown = ", ".join(str(line) for line in by_reason[reason][:_LINES_SHOWN])
         more = ", …" if count > _LINES_SHOWN else ""
-        why = _DROP_WORDS[reason] + (f" ({max_seq_len})" if reason == "too_long" else "")
-        out.append(f"{label}: {count} of {len(examples)} rows dropped, {why} (lines {shown}{more})")
+        why = _DROP_WORDS[reason] + (f" {max_seq_len}" if reason == "too_long" else "")
+        where = f"{'line' if count == 1 else 'lines'} {shown}{more}"
+        out.append(f"{label}: {count} of {len(examples)} rows dropped: {why} ({where})")
     return out
 
 

@@ -176,7 +176,7 @@ def test_a_20_row_file_is_summarised_with_a_small_eval_warning(
     assert f"dataset {path}: 20 rows read; train 18, eval 2" in text
     assert "(eval from a carve-out of the training file)" in text
     assert "train tokens: " in text and "context 256" in text
-    assert "1 of 18 rows dropped, longer than max_seq_len (40) (lines 20)" in text
+    assert "train: 1 of 18 rows dropped: longer than max_seq_len 40 (line 20)" in text
     assert "batch_size 64 capped to 18" in text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("the eval set has 2 rows" in r.getMessage() for r in warnings)
