@@ -206,3 +206,45 @@ def test_rows_the_template_cannot_render_fail_before_compute(tmp_path: Path) -> 
         render_dataset(dataset, renderer)
     (example,) = render_dataset(validate_dataset(_write(tmp_path, GOOD)), renderer)
     assert example.tokens == (*b"ab=ba", EOS_TOKEN_ID)
+
+
+# -- the line-size limit --------------------------------------------------------------------
+
+
+def _padded(length: int) -> str:
+    """A valid row of exactly `length` bytes (without its newline)."""
+    row = _row(USER, {"role": "assistant", "content": ""})
+    pad = length - len(row)
+    assert pad >= 0
+    return _row(USER, {"role": "assistant", "content": "x" * pad})
+
+
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_lines_at_and_over_the_limit_across_read_chunks(
+    tmp_path: Path, trailing_newline: bool
+) -> None:
+    limit = 100_000  # above the 64 KiB read chunk, so lines straddle chunk boundaries
+    lengths = [limit, limit + 1, 70_000, 5 * limit, limit - 1, limit + 1]
+    lines = [_padded(n) for n in lengths]
+    data = ("\n".join(lines) + ("\n" if trailing_newline else "")).encode()
+    path = tmp_path / "sizes.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(DatasetError) as raised:
+        validate_dataset(path, max_line_bytes=limit)
+    over = [line for line, n in enumerate(lengths, start=1) if n > limit]
+    assert [problem.line for problem in raised.value.problems] == over
+    assert all(
+        "longer than max_line_bytes (100000 bytes)" in p.message for p in raised.value.problems
+    )
+    kept = [line for line in lines if len(line) <= limit]
+    path.write_bytes(("\n".join(kept) + ("\n" if trailing_newline else "")).encode())
+    dataset = validate_dataset(path, max_line_bytes=limit)
+    assert dataset.line_numbers == tuple(range(1, len(kept) + 1))
+    assert dataset.fingerprint == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_deeply_nested_line_is_named_not_a_recursion_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text(GOOD + "\n" + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"deep\.jsonl:2: \(line\): JSON nested too deeply"):
+        validate_dataset(path)
