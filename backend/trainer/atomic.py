@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -183,6 +184,7 @@ def exchange_directories(first: Path, second: Path) -> bool:
     raise OSError(error, os.strerror(error), str(second))
 
 
+@functools.cache
 def _renameat2() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
