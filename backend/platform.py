@@ -93,7 +93,7 @@ class PlatformState:
         self.account_id = account_id
         self.timings = timings
         self.clock = clock
-        self.store = Store(data_dir / "platform.sqlite3")
+        self.store = Store(self.data_dir / "platform.sqlite3")
         self.shapes = TrainingShapeCatalog(account_id)
         self.jobs = TrainerJobService(
             self.store,
@@ -115,7 +115,7 @@ class PlatformState:
             self.store,
             clock,
             self.jobs,
-            data_dir / "hotload",
+            self.data_dir / "hotload",
             creating_s=timings.deployment_creating_s,
             updating_s=timings.deployment_updating_s,
         )
@@ -127,7 +127,7 @@ class PlatformState:
         self.trainers = TrainerRegistry(self)
         # The deployments' serving replicas (they also gate CREATING → READY) and hotload.
         self.serving = ServingRuntime(self.models_dir, self.deployments, clock)
-        self.hotload = HotloadService(self.serving, data_dir)
+        self.hotload = HotloadService(self.serving, self.data_dir)
 
     # Hooks and calls for the trainer and the serving side.
     def on_job_lost(self, callback: Callable[[str], None]) -> None:
