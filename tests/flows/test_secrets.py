@@ -156,6 +156,8 @@ def test_a_key_given_through_every_door_is_written_nowhere(
     )
     assert (root / "work" / "runs" / "leak" / "ledger.jsonl").is_file()
     assert _wandb_files(root), "W&B wrote no run file: the scan would prove nothing"
+    # The temporary Prefect server's database (flow parameters, logs, artifacts) is scanned too.
+    assert list((root / "prefect").rglob("*.db")), "no Prefect database under PREFECT_HOME"
     keys = {"--api-key / --set / FIREWORKS_API_KEY": key, "config file": file_key}
     assert _leaks(root, keys) == []
     assert key not in backend_output.read_text(errors="replace")
