@@ -126,18 +126,23 @@ def run_sft(
         list[str] | None,
         typer.Option("--set", help="Override a field: key=value (dotted keys nest)."),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option(help="Also show Prefect's log lines and third-party warnings.")
+    ] = False,
 ) -> None:
     """Run the SFT flow (embedded local platform unless the config names one). Data: a chat
-    JSONL file or a toy task (`fireloop tasks`); models: `fireloop models`."""
+    JSONL file or a toy task (`fireloop tasks`); models: `fireloop models`. Ctrl-C stops it
+    within seconds; the same command again resumes from its last checkpoint."""
     from fireloop.overrides import ConfigFileError
-    from fireloop.sft_cli import build_config, run_and_report
+    from fireloop.sft_cli import RunRequest, build_config, print_error, run_and_report
 
     try:
         data = build_config(config, set_ or [])
     except ConfigFileError as exc:
-        console.print(f"[red]{exc}[/]")
+        print_error(console, str(exc))
         raise typer.Exit(2) from None
-    raise typer.Exit(run_and_report(data, console))
+    request = RunRequest(data, config_file=config, assignments=tuple(set_ or ()), verbose=verbose)
+    raise typer.Exit(run_and_report(request, console))
 
 
 @app.command()
@@ -145,6 +150,9 @@ def demo(
     max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
     smoke: Annotated[
         bool, typer.Option(help="Only provision and tear down a trainer and a deployment.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option(help="Also show Prefect's log lines and third-party warnings.")
     ] = False,
 ) -> None:
     """The main job: SFT of the tiny model on string reversal, on the embedded platform,
@@ -154,7 +162,7 @@ def demo(
         return
     from datetime import UTC, datetime
 
-    from fireloop.sft_cli import run_and_report
+    from fireloop.sft_cli import RunRequest, run_and_report
 
     run_name = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     console.print(
@@ -162,7 +170,10 @@ def demo(
         "embedded local platform, evaluation through a hotloaded deployment"
     )
     data = {"run_name": run_name, "max_steps": max_steps, "dataset": "reverse"}
-    raise typer.Exit(run_and_report(data, console))
+    # Resuming a demo is `run sft` with the same fields: say them all.
+    assignments = tuple(f"{key}={value}" for key, value in data.items())
+    request = RunRequest(data, assignments=assignments, verbose=verbose)
+    raise typer.Exit(run_and_report(request, console))
 
 
 def _smoke() -> None:

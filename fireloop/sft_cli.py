@@ -1,19 +1,39 @@
-"""`fireloop run sft` and `fireloop demo`: the SFT flow from the terminal, with a progress bar
-and a report read back from the run's ledger (evaluations and verified hotloads).
+"""`fireloop run sft` and `fireloop demo`: the SFT flow from the terminal.
+
+The run reports to a Prefect server the CLI starts out of the terminal's signal path (or to
+PREFECT_API_URL), shows its notices above a live progress bar, prints a known user error as its
+message (exit 2), stops within seconds on Ctrl-C or SIGTERM (exit 130 / 143) saying how to
+resume, and ends with a summary of what exists afterwards and where it lives.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from fireloop.interrupts import interrupt_exit_code, sigterm_raises
 from fireloop.overrides import apply_overrides, load_config_file
+from fireloop.prefect_server import PrefectApi, prefect_api
+from fireloop.quiet import configure_output, printing_notices
+
+if TYPE_CHECKING:
+    from flows.lifecycle import RunResult
+    from flows.monitoring import Progress as StepProgress
+    from flows.sft import SFTConfig
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
 
 # Offline by default: no telemetry from Prefect, tinker or the hubs (env vars are read at import).
 _OFFLINE_DEFAULTS = {
@@ -24,6 +44,7 @@ _OFFLINE_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars
 }
+_SHOWN_METRICS = ("train/ce_loss", "train/lr", "eval/exact_match")
 
 
 def set_offline_defaults() -> None:
@@ -37,42 +58,179 @@ def build_config(config_file: Path | None, assignments: list[str]) -> dict[str, 
     return apply_overrides(data, assignments)
 
 
-def run_and_report(data: dict[str, Any], console: Console) -> int:
-    """Validate, run the SFT flow with a progress bar, print the report; the exit code."""
+@dataclass(frozen=True)
+class RunRequest:
+    """One `run sft` as the user typed it (to tell them how to run it again) and its config."""
+
+    data: dict[str, Any]
+    config_file: Path | None = None
+    assignments: tuple[str, ...] = ()
+    verbose: bool = False
+
+    def rerun_command(self, run_name: str) -> str:
+        """The `fireloop run sft` command that resumes this run: the same arguments, and the
+        run name spelled out when it was not given (generated, or the demo's)."""
+        args = ["fireloop", "run", "sft"]
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
+        for assignment in self.assignments:
+            args += ["--set", assignment]
+        if "run_name" not in self.data:
+            args += ["--set", f"run_name={run_name}"]
+        return shlex.join(args)
+
+
+def print_error(console: Console, message: str) -> None:
+    """`message` in red, as plain text: rich markup would eat brackets such as `[a-z]`."""
+    console.print(Text(message, style="red"))
+
+
+def run_and_report(request: RunRequest, console: Console) -> int:
+    """Validate, run the SFT flow with a progress bar, print the summary; the exit code."""
     set_offline_defaults()
-    from flows.sft import Progress as StepProgress
+    configure_output(verbose=request.verbose)
+    with sigterm_raises():
+        try:
+            with prefect_api() as api:  # starts now, while the flow modules import
+                return _run(request, api, console)
+        except BaseException as exc:
+            code = interrupt_exit_code(exc)
+            if code is None:
+                raise
+            console.print(Text(f"\ninterrupted before the run started (exit {code})"))
+            return code
+
+
+def _run(request: RunRequest, api: PrefectApi, console: Console) -> int:
     from flows.sft import SFTConfig, run_sft
 
     try:
-        config = SFTConfig.model_validate(data)
+        config = SFTConfig.model_validate(request.data)
     except ValidationError as exc:
-        console.print(f"[red]invalid SFT config[/]:\n{exc}")
-        return 2
-    columns = (
-        TextColumn("[bold]sft[/] {task.fields[run]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[metrics]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=config.max_steps, run=config.run_name, metrics="")
-
-        def on_progress(step: StepProgress) -> None:
-            shown = {k: v for k, v in step.metrics.items() if k in _SHOWN_METRICS}
-            text = "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in shown.items())
-            bar.update(task, completed=step.step + 1, metrics=text)
-
-        result = run_sft(config, on_progress=on_progress)
-    print_report(result.ledger_path, console)
-    console.print(
-        f"steps {result.steps_done}, last checkpoint {result.last_checkpoint}, "
-        f"serving {result.served_snapshot} on {result.deployment_id}; ledger {result.ledger_path}"
-    )
+        print_error(console, f"invalid SFT config:\n{exc}")
+        return EXIT_USER_ERROR
+    api.wait_ready()
+    bar = StepBar(console, config.run_name, config.max_steps)
+    with printing_notices(console):
+        try:
+            try:
+                result = run_sft(config, on_progress=bar.on_progress)
+            finally:
+                bar.close()
+        except BaseException as exc:
+            code = interrupt_exit_code(exc)
+            if code is not None:
+                print_interrupted(console, request, config, code)
+                return code
+            if not isinstance(exc, Exception):
+                raise
+            return report_failure(exc, console)
+    if not result.already_complete:
+        print_report(result.ledger_path, console)
+    print_summary(result, console)
     return 0
 
 
-_SHOWN_METRICS = ("train/ce_loss", "train/lr", "eval/exact_match")
+def report_failure(exc: Exception, console: Console) -> int:
+    """A known user error as its message (exit 2); anything else with its traceback (exit 1)."""
+    from flows.failures import is_user_error
+
+    if is_user_error(exc):
+        print_error(console, f"error: {exc}")
+        return EXIT_USER_ERROR
+    print_error(console, "".join(traceback.format_exception(exc)).rstrip())
+    console.print(Text("(run with --verbose for Prefect's log of the run)"))
+    return EXIT_FAILURE
+
+
+class StepBar:
+    """The live progress bar, started at the first finished step (a run that has nothing left
+    to do shows none)."""
+
+    def __init__(self, console: Console, run_name: str, total_steps: int) -> None:
+        self.console, self.run_name, self.total_steps = console, run_name, total_steps
+        self._progress: Progress | None = None
+
+    def on_progress(self, step: StepProgress) -> None:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("sft {task.fields[run]}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}", markup=False),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._progress.add_task("train", total=self.total_steps, run=self.run_name, metrics="")
+        shown = {k: v for k, v in step.metrics.items() if k in _SHOWN_METRICS}
+        text = "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in shown.items())
+        self._progress.update(self._progress.task_ids[0], completed=step.step + 1, metrics=text)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def print_interrupted(console: Console, request: RunRequest, config: SFTConfig, code: int) -> None:
+    """What a stopped run left, and the command that resumes it."""
+    from flows.ledger import CheckpointRow, read_ledger
+
+    what = "Ctrl-C" if code == 130 else "SIGTERM"
+    checkpoints = [
+        row for row in read_ledger(config.resolved_run_dir) if isinstance(row, CheckpointRow)
+    ]
+    if checkpoints:
+        last = checkpoints[-1]
+        kept = f"it resumes after step {last.next_step} (checkpoint {last.name})"
+    else:
+        kept = "no checkpoint was saved yet: it starts again from step 0"
+    console.print(Text(f"\nstopped by {what}: run {config.run_name} was not finished; {kept}."))
+    console.print(Text("resume with the same command:", style="bold"))
+    console.print(Text(f"  {request.rerun_command(config.run_name)}"), soft_wrap=True)
+
+
+def print_summary(result: RunResult, console: Console) -> None:
+    """What exists after the run, and where: files first, then the platform's resources."""
+    if not result.already_complete:  # that case was a notice of the flow's
+        console.print(
+            Text(
+                f"run {result.run_name}: {result.steps_done} steps, last checkpoint "
+                f"{result.last_checkpoint}"
+            )
+        )
+    rows: Sequence[tuple[str, str | None]] = (
+        ("checkpoints", result.checkpoint_dir),
+        ("ledger", result.ledger_path),
+        ("metrics", result.metrics_path),
+        ("W&B files", result.wandb_dir),
+        ("export", f"fireloop export {shlex.quote(result.run_dir)} --out <dir>"),
+    )
+    for label, value in rows:
+        if value is not None:  # whole, never folded or cut: people copy these
+            console.print(Text(f"  {label:<12} {value}"), soft_wrap=True)
+    console.print(Text(_resources_line(result)))
+
+
+_FATES = {
+    "kept": "kept (still running on the platform)",
+    "scaled_to_zero": "scaled to zero",
+    "deleted": "deleted",
+    "not_owned": "left as it was (not this run's)",
+}
+
+
+def _resources_line(result: RunResult) -> str:
+    if result.platform == "embedded":
+        return (
+            "the embedded platform stopped with this process, and its trainer and deployment "
+            "with it; the checkpoints stay on disk (a rerun of the same command resumes or "
+            "reports from them)"
+        )
+    line = f"trainer job {result.trainer_job_id}: {_FATES[result.trainer_after]}"
+    if result.deployment_id is not None and result.deployment_after is not None:
+        line += f"; deployment {result.deployment_id}: {_FATES[result.deployment_after]}"
+    return line
 
 
 def print_report(ledger_path: str, console: Console) -> None:
@@ -80,26 +238,28 @@ def print_report(ledger_path: str, console: Console) -> None:
     from flows.ledger import EvaluationRow, HotloadRow, read_ledger
 
     rows = read_ledger(str(Path(ledger_path).parent))
-    evals = Table(title="evaluation (weights before the step)")
-    evals.add_column("step", justify="right")
     names = sorted({k for r in rows if isinstance(r, EvaluationRow) for k in r.metrics})
-    for name in names:
-        evals.add_column(name, justify="right")
-    for row in rows:
-        if isinstance(row, EvaluationRow):
-            evals.add_row(
-                str(row.step), *(f"{row.metrics.get(n, float('nan')):.3f}" for n in names)
-            )
-    hotloads = Table(title="hotloads")
-    for column in ("step", "identity", "type", "verified"):
-        hotloads.add_column(column)
-    for row in rows:
-        if isinstance(row, HotloadRow):
+    if names:
+        evals = Table(title="evaluation (weights before the step)")
+        evals.add_column("step", justify="right")
+        for name in names:
+            evals.add_column(name, justify="right")
+        for row in rows:
+            if isinstance(row, EvaluationRow):
+                evals.add_row(
+                    str(row.step), *(f"{row.metrics.get(n, float('nan')):.3f}" for n in names)
+                )
+        console.print(evals)
+    hotload_rows = [row for row in rows if isinstance(row, HotloadRow)]
+    if hotload_rows:
+        hotloads = Table(title="hotloads")
+        for column in ("step", "identity", "type", "verified"):
+            hotloads.add_column(column)
+        for row in hotload_rows:
             hotloads.add_row(
                 str(row.step),
-                row.identity,
+                Text(row.identity),
                 str(row.checkpoint_type),
                 "yes" if row.verified else "NO",
             )
-    console.print(evals)
-    console.print(hotloads)
+        console.print(hotloads)
