@@ -74,6 +74,9 @@ class RunRequest:
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
         for assignment in self.assignments:
+            key, _, _ = assignment.partition("=")
+            if key.rsplit(".", 1)[-1] == "api_key":  # never print a key; the user has it
+                assignment = f"{key}=<your key>"
             args += ["--set", assignment]
         if "run_name" not in self.data:
             args += ["--set", f"run_name={run_name}"]

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from algorithms.datasets import DatasetError, DatasetProblem
-from fireloop.sft_cli import EXIT_FAILURE, EXIT_USER_ERROR, report_failure
+from fireloop.sft_cli import EXIT_FAILURE, EXIT_USER_ERROR, RunRequest, report_failure
 from flows.config import SFTConfig
 from sdk.errors import ConfigError
 from tests.cli.support import cli_env, ledger_rows, prefect_server, run_cli, sft_args
@@ -123,3 +123,20 @@ def test_finished_run_summary_tells_the_truth_and_a_rerun_is_already_complete(
     assert "already complete" in again.stdout
     assert "0/6" not in again.stdout  # no progress bar for a run with nothing left to do
     assert f"fireloop export {run_dir} --out" in again.stdout
+
+
+def test_the_resume_command_names_the_run_and_never_prints_a_key() -> None:
+    request = RunRequest(
+        {"max_steps": 5, "platform": {"api_key": "fw-secret-123456"}},
+        config_file=Path("my run.yaml"),
+        assignments=("max_steps=5", "platform.api_key=fw-secret-123456"),
+    )
+
+    command = request.rerun_command("sft-20261205-093000-ab12")
+
+    assert command == (
+        "fireloop run sft --config 'my run.yaml' --set max_steps=5 "
+        "--set 'platform.api_key=<your key>' --set run_name=sft-20261205-093000-ab12"
+    )
+    named = RunRequest({"run_name": "mine"}, assignments=("run_name=mine",))
+    assert named.rerun_command("mine") == "fireloop run sft --set run_name=mine"
