@@ -110,7 +110,9 @@ class TrainerSession(ClosesOnExit):
 
         job = resources.trainer
         key = endpoint.api_key.get_secret_value()
-        service = FiretitanServiceClient(job.base_url, key)
+        service = FiretitanServiceClient(
+            job.base_url, key, model_timeout_s=endpoint.waits.trainer_ready_timeout_s
+        )
         try:
             client = _training_client(service, job, base_model, lora_rank, lora_alpha, seed)
             if tokenizer_model is None:

@@ -20,6 +20,7 @@ Importing this module imports tinker, which imports torch: `sdk/__init__.py` loa
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -37,6 +38,7 @@ from tinker.lib.queue_state_logger import QueueStateLogger
 
 from sdk._closing import ClosesOnExit
 from sdk.concurrency import ConcurrencyController
+from sdk.errors import ConfigError, WaitTimeoutError
 from sdk.firetitan_sampling import FiretitanSamplingClient
 from sdk.firetitan_training import FiretitanTrainingClient
 from sdk.sampling import DeploymentSampler
@@ -62,6 +64,8 @@ FIRETITAN_CLIENT_CONFIG: Final[Mapping[str, bool]] = {
 
 _TINKER_KEY_PREFIX = "tml-"
 _CLOSE_TIMEOUT_S = 10.0
+# A trainer creating a model loads the base weights: minutes for a large model, never forever.
+DEFAULT_MODEL_TIMEOUT_S: Final = 1800.0
 # The name `InternalClientHolder.__init__` looks up to build its API-key auth provider.
 _SWAPPED_NAME = "ApiKeyAuthProvider"
 _auth_swap_lock = threading.Lock()
@@ -101,6 +105,7 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
     `FIREWORKS_BASE_URL`, then the public platform. `api_key` falls back to `FIREWORKS_API_KEY`.
     Constructing the client creates the session and starts its heartbeat; `close()` stops them.
     A trainer serves one base model, and a second session on it unloads the first one's models.
+    `model_timeout_s` bounds each model creation (`WaitTimeoutError` past it).
     """
 
     def __init__(
@@ -110,8 +115,12 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
         *,
         user_metadata: dict[str, str] | None = None,
         project_id: str | None = None,
+        model_timeout_s: float = DEFAULT_MODEL_TIMEOUT_S,
         **kwargs: Any,
     ) -> None:
+        if not model_timeout_s > 0:
+            raise ConfigError(f"model_timeout_s must be > 0, got {model_timeout_s}")
+        self._model_timeout_s = model_timeout_s
         key = resolve_api_key(api_key)
         url = (
             normalize_url(base_url, field="base_url")
@@ -334,7 +343,16 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
                 queue_state_observer=QueueStateLogger(base_model, "Model creation"),
             ).result_async()
 
-        response = self.holder.run_coroutine_threadsafe(_create()).result()
+        future = self.holder.run_coroutine_threadsafe(_create())
+        try:
+            response = future.result(timeout=self._model_timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.future().cancel()  # stops polling for a model nobody will use
+            raise WaitTimeoutError(
+                waited_for=f"the trainer to create a model of {base_model!r}",
+                last_state=None,
+                waited_s=self._model_timeout_s,
+            ) from None
         return model_seq_id, response.model_id
 
     def _client_matching_state(

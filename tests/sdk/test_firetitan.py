@@ -33,6 +33,7 @@ from sdk import (
     resolve_checkpoint_path,
 )
 from sdk.checkpoint_refs import logical_snapshot_name, make_cross_job_ref
+from sdk.errors import ConfigError, WaitTimeoutError
 from tests.trainer_support import BATCH, FAST_TIMINGS, TrainerPlatform
 
 logger = logging.getLogger(__name__)
@@ -382,3 +383,16 @@ def test_smollm2_creates_trains_one_step_and_saves(tp: TrainerPlatform) -> None:
     assert losses[0] > 0
     assert saved.result().path == "tinker://smollm2/weights/step-1"
     assert tp.checkpoint_rows("smollm2")[-1]["checkpointType"] == "CHECKPOINT_TYPE_TRAINING_LORA"
+
+
+def test_model_creation_has_a_deadline(tp: TrainerPlatform) -> None:
+    # A trainer that takes longer than the deadline to build the model: a typed wait timeout,
+    # never a wait without end (the deadline here is far below the real build time).
+    url = tp.create_job("model-deadline")
+    with (
+        FiretitanServiceClient(url, tp.api_key, model_timeout_s=0.001) as service,
+        pytest.raises(WaitTimeoutError, match="create a model of 'tiny'"),
+    ):
+        service.create_training_client("tiny")
+    with pytest.raises(ConfigError, match="model_timeout_s"):
+        FiretitanServiceClient(url, tp.api_key, model_timeout_s=0)
