@@ -31,7 +31,7 @@ __all__ = ["PrefectApi", "PrefectServerError", "TemporaryPrefectServer", "prefec
 API_URL_ENV: Final = "PREFECT_API_URL"
 STARTUP_TIMEOUT_S: Final = 120.0  # a cold start migrates its SQLite database; 2 shared CPUs
 STOP_GRACE_S: Final = 5.0
-DRAIN_TIMEOUT_S: Final = 5.0
+DRAIN_TIMEOUT_S: Final = 3.0
 
 
 class PrefectServerError(RuntimeError):

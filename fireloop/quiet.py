@@ -54,7 +54,7 @@ class NoticePrinter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             style = "yellow" if record.levelno >= logging.WARNING else ""
-            self.console.print(Text(record.getMessage(), style=style))
+            self.console.print(Text(record.getMessage(), style=style), soft_wrap=True)
         except Exception:  # a display failure must not break the run
             self.handleError(record)
 
@@ -72,9 +72,19 @@ def printing_notices(console: Console) -> Iterator[NoticePrinter]:
     notices.setLevel(logging.INFO)  # the root logger passes only warnings
     printer = NoticePrinter(console)
     root = logging.getLogger()
+    # Prefect's console handler (shown with --verbose) would print each notice a second time.
+    others = [handler for handler in root.handlers if isinstance(handler, logging.StreamHandler)]
+    for handler in others:
+        handler.addFilter(_not_a_notice)
     root.addHandler(printer)
     try:
         yield printer
     finally:
         root.removeHandler(printer)
+        for handler in others:
+            handler.removeFilter(_not_a_notice)
         notices.setLevel(previous_level)
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return record.name != NOTICE_LOGGER

@@ -85,7 +85,7 @@ class RunRequest:
 
 def print_error(console: Console, message: str) -> None:
     """`message` in red, as plain text: rich markup would eat brackets such as `[a-z]`."""
-    console.print(Text(message, style="red"))
+    console.print(Text(message, style="red"), soft_wrap=True)
 
 
 def run_and_report(request: RunRequest, console: Console) -> int:
@@ -188,20 +188,17 @@ def print_interrupted(console: Console, request: RunRequest, config: SFTConfig, 
         kept = f"it resumes after step {last.next_step} (checkpoint {last.name})"
     else:
         kept = "no checkpoint was saved yet: it starts again from step 0"
-    console.print(Text(f"\nstopped by {what}: run {config.run_name} was not finished; {kept}."))
+    console.print(
+        Text(f"\nstopped by {what}: run {config.run_name} was not finished; {kept}."),
+        soft_wrap=True,
+    )
     console.print(Text("resume with the same command:", style="bold"))
     console.print(Text(f"  {request.rerun_command(config.run_name)}"), soft_wrap=True)
 
 
 def print_summary(result: RunResult, console: Console) -> None:
-    """What exists after the run, and where: files first, then the platform's resources."""
-    if not result.already_complete:  # that case was a notice of the flow's
-        console.print(
-            Text(
-                f"run {result.run_name}: {result.steps_done} steps, last checkpoint "
-                f"{result.last_checkpoint}"
-            )
-        )
+    """What exists after the run, and where: files first, then the platform's resources (the
+    flow's own notice has already said how the run ended)."""
     rows: Sequence[tuple[str, str | None]] = (
         ("checkpoints", result.checkpoint_dir),
         ("ledger", result.ledger_path),
@@ -212,7 +209,7 @@ def print_summary(result: RunResult, console: Console) -> None:
     for label, value in rows:
         if value is not None:  # whole, never folded or cut: people copy these
             console.print(Text(f"  {label:<12} {value}"), soft_wrap=True)
-    console.print(Text(_resources_line(result)))
+    console.print(Text(_resources_line(result)), soft_wrap=True)
 
 
 _FATES = {
