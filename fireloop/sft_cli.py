@@ -24,7 +24,7 @@ from rich.text import Text
 
 from fireloop.interrupts import interrupt_exit_code, sigterm_raises
 from fireloop.overrides import apply_overrides, load_config_file
-from fireloop.prefect_server import PrefectApi, prefect_api
+from fireloop.prefect_server import PrefectApi, PrefectServerError, prefect_api
 from fireloop.quiet import configure_output, printing_notices
 
 if TYPE_CHECKING:
@@ -96,6 +96,9 @@ def run_and_report(request: RunRequest, console: Console) -> int:
         try:
             with prefect_api() as api:  # starts now, while the flow modules import
                 return _run(request, api, console)
+        except PrefectServerError as exc:
+            print_error(console, f"error: {exc} (or set PREFECT_API_URL to a running server)")
+            return EXIT_FAILURE
         except BaseException as exc:
             code = interrupt_exit_code(exc)
             if code is None:
@@ -192,7 +195,7 @@ def print_interrupted(console: Console, request: RunRequest, config: SFTConfig, 
         Text(f"\nstopped by {what}: run {config.run_name} was not finished; {kept}."),
         soft_wrap=True,
     )
-    console.print(Text("resume with the same command:", style="bold"))
+    console.print(Text("to resume, run:", style="bold"))
     console.print(Text(f"  {request.rerun_command(config.run_name)}"), soft_wrap=True)
 
 

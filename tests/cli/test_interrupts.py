@@ -102,7 +102,7 @@ def test_ctrl_c_stops_within_seconds_marks_the_flow_run_final_and_resumes(
     assert waited < STOP_WITHIN_S, f"{waited:.1f} s to stop\n{output}"
     assert set(flow_run_states(server, "sft-sigint")) <= FINAL_STATES
     assert flow_run_states(server, "sft-sigint"), "the flow run was never recorded"
-    assert "resume with the same command" in output
+    assert "to resume, run:" in output
     assert "--set run_name=sigint" in output
     assert "Error logging to API" not in output and "Traceback" not in output
     assert_resumes_to_reference(args, env, tmp_path, reference)
@@ -173,7 +173,7 @@ def test_with_its_own_prefect_server_it_stops_fast_and_leaves_no_server(
     with sqlite3.connect(tmp_path / "home" / "prefect.db") as db:
         states = [row[0] for row in db.execute("SELECT state_type FROM flow_run")]
     assert states and set(states) <= FINAL_STATES, states
-    assert "resume with the same command" in output
+    assert "to resume, run:" in output
     assert "Error logging to API" not in output and "Traceback" not in output
     if rerun:
         assert_resumes_to_reference(args, env, tmp_path, reference)
