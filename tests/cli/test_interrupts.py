@@ -177,3 +177,24 @@ def test_with_its_own_prefect_server_it_stops_fast_and_leaves_no_server(
     assert "Error logging to API" not in output and "Traceback" not in output
     if rerun:
         assert_resumes_to_reference(args, env, tmp_path, reference)
+
+
+def test_a_killed_cli_takes_its_prefect_server_with_it(tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the server is told by the kernel that its parent died."""
+    args = sft_args(tmp_path / "run", "killed", max_steps=MAX_STEPS)
+    log = tmp_path / "killed.log"
+    process = start_cli(args, cli_env(tmp_path / "home", None), tmp_path, log)
+    try:
+        deadline = time.monotonic() + 120
+        while not (servers := _prefect_servers_of(process.pid)):
+            assert process.poll() is None, log.read_text(encoding="utf-8")
+            assert time.monotonic() < deadline, "the CLI started no Prefect server"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the CLI's group: the server is not in it
+        process.wait()
+
+    _gone, alive = psutil.wait_procs(servers, timeout=15)
+    for orphan in alive:  # do not leave it behind even when the test fails
+        orphan.kill()
+    assert not alive, "the Prefect server outlived the killed CLI"
