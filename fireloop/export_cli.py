@@ -112,8 +112,8 @@ def run_and_report(request: ExportRequest, console: Console) -> int:
     try:
         result = export_run(request)
     except UserError as exc:  # ExportError and the store's own user errors
-        console.print(f"[red]export failed[/]: {escape(str(exc))}")
-        return 1
+        console.print(f"[red]export failed[/]: {escape(str(exc))}", soft_wrap=True)
+        return 2  # a user error, as for `fireloop run`
     seconds = time.monotonic() - started
     what = {
         "full": "Hugging Face model directory",
@@ -123,16 +123,18 @@ def run_and_report(request: ExportRequest, console: Console) -> int:
     step = "" if result.step is None else f" at step {result.step}"
     console.print(
         f"exported {escape(result.base_model)}{step} as a {what} to "
-        f"{escape(str(result.out_dir))} in {seconds:.1f} s"
+        f"{escape(str(result.out_dir))} in {seconds:.1f} s",
+        soft_wrap=True,  # whole paths: people copy them
     )
-    console.print(f"files: {', '.join(result.files)}")
+    console.print(f"files: {', '.join(result.files)}", soft_wrap=True)
     out = escape(str(result.out_dir))
     if result.kind == "lora":
         base = escape(str(result.base_model_dir))
         console.print(
             f"load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base}'), "
-            f"'{out}')"
+            f"'{out}')",
+            soft_wrap=True,
         )
     else:
-        console.print(f"load: AutoModelForCausalLM.from_pretrained('{out}')")
+        console.print(f"load: AutoModelForCausalLM.from_pretrained('{out}')", soft_wrap=True)
     return 0

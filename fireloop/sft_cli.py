@@ -207,12 +207,21 @@ def print_summary(result: RunResult, console: Console) -> None:
         ("ledger", result.ledger_path),
         ("metrics", result.metrics_path),
         ("W&B files", result.wandb_dir),
-        ("export", f"fireloop export {shlex.quote(result.run_dir)} --out <dir>"),
+        ("export", _export_command(result)),
     )
     for label, value in rows:
         if value is not None:  # whole, never folded or cut: people copy these
             console.print(Text(f"  {label:<12} {value}"), soft_wrap=True)
     console.print(Text(_resources_line(result)), soft_wrap=True)
+
+
+def _export_command(result: RunResult) -> str:
+    command = f"fireloop export {shlex.quote(result.run_dir)} --out <dir>"
+    if result.platform == "embedded":
+        return command
+    # The checkpoints are the platform's: a standalone backend's data dir holds them, and the
+    # Fireworks platform keeps them remote (promotion makes a model of one there).
+    return f"{command} --data-dir <backend data dir> (fireloop backend; on Fireworks: promote)"
 
 
 _FATES = {
@@ -227,8 +236,8 @@ def _resources_line(result: RunResult) -> str:
     if result.platform == "embedded":
         return (
             "the embedded platform stopped with this process, and its trainer and deployment "
-            "with it; the checkpoints stay on disk (a rerun of the same command resumes or "
-            "reports from them)"
+            f"with it; the checkpoints stay on disk: export them, or train run {result.run_name} "
+            "further with a larger max_steps and extend=true"
         )
     line = f"trainer job {result.trainer_job_id}: {_FATES[result.trainer_after]}"
     if result.deployment_id is not None and result.deployment_after is not None:

@@ -172,7 +172,7 @@ def test_cli_finds_checkpoints_of_a_standalone_backend_with_data_dir(
     out = tmp_path / "model"
     args = ["export", str(run_dir), "--out", str(out)]
     missing = CliRunner().invoke(app, args)
-    assert missing.exit_code == 1 and "--data-dir" in missing.output, missing.output
+    assert missing.exit_code == 2 and "--data-dir" in missing.output, missing.output
     result = CliRunner().invoke(app, [*args, "--data-dir", str(backend_data)])
     assert result.exit_code == 0, result.output
     expected = _trainer_logprobs(_state_dir(full_run, "step-1"))
@@ -221,7 +221,7 @@ def test_cli_errors_are_one_clear_message(
         out.mkdir()
         (out / "keep").write_text("mine")
     result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), *args])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert not out.exists() or (out / "keep").read_text() == "mine"
