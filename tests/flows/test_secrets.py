@@ -3,10 +3,11 @@
 The real CLI runs in a subprocess, with W&B on (offline) and its own HOME, PREFECT_HOME and
 working directory inside one scratch root, so everything the run writes (run directory, W&B
 files, the temporary Prefect server's database, caches, its own output) lies under that root;
-every byte there is searched for every key. Keys enter through each door: `--set
-platform.api_key=…`, a config file, the `FIREWORKS_API_KEY` environment variable, and
-`fireloop backend --api-key …` (the standalone backend the run trains on, a remote platform
-to the flow). Before the fix, W&B's run file held the `--set` key (it records the command line).
+every byte there is searched for the key. The key the run uses enters through one door per
+case: `--set platform.api_key=…`, a config file, or the `FIREWORKS_API_KEY` environment
+variable; the standalone backend the run trains on (a remote platform to the flow) gets the
+same key by `fireloop backend --api-key …`, and its output is searched too. Before the fix,
+W&B's run file held the `--set` key (it records the command line).
 """
 
 from __future__ import annotations
@@ -92,18 +93,19 @@ def _wandb_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.wandb") if p.is_file()]
 
 
-@pytest.fixture
-def standalone_backend(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+@pytest.fixture(scope="module")
+def standalone_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
     """`fireloop backend --api-key KEY` in a subprocess: (base URL, key, its output file)."""
     key = _key("backend-api-key")
+    home = tmp_path_factory.mktemp("backend")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
-    log_path = tmp_path / "backend-output.txt"
+    log_path = home / "backend-output.txt"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*CLI, "backend", "--port", str(port), "--api-key", key, "--data-dir", "platform"],
-            cwd=tmp_path,
+            cwd=home,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -127,37 +129,33 @@ def standalone_backend(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
             process.wait()
 
 
-def test_a_key_given_through_every_door_is_written_nowhere(
-    tmp_path: Path, standalone_backend: tuple[str, str, Path]
+# The one key the run uses reaches it through exactly one door per case; the backend's own
+# door (`fireloop backend --api-key`) is the same key on the server side in every case.
+DOORS = ("--set platform.api_key", "config file", "FIREWORKS_API_KEY")
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_a_key_given_through_each_door_is_written_nowhere(
+    tmp_path: Path, standalone_backend: tuple[str, str, Path], door: str
 ) -> None:
-    """One run, so the module stays cheap: the backend's key (`--api-key`) is also the run's
-    `--set platform.api_key` (the README's way, the one W&B used to record) and its
-    `FIREWORKS_API_KEY`; the config file holds a second key, which `--set` overrides."""
     base_url, key, backend_output = standalone_backend
-    file_key = _key("config-file")
     root = tmp_path / "scan"
     (root / "work").mkdir(parents=True)
+    env = _environment(root)
+    platform: dict[str, str] = {"base_url": base_url}
+    args = ["--set", "run_name=leak"]
+    if door == "--set platform.api_key":
+        args += ["--set", f"platform.api_key={key}"]
+    elif door == "config file":
+        platform["api_key"] = key
+    else:
+        env["FIREWORKS_API_KEY"] = key
     config_file = tmp_path / "sft.yaml"  # outside the scanned root: it holds a key by design
-    config_file.write_text(yaml.safe_dump({"platform": {"api_key": file_key}}))
-    env = _environment(root) | {"FIREWORKS_API_KEY": key}
-    _run_cli(
-        root,
-        env,
-        [
-            "--config",
-            str(config_file),
-            "--set",
-            f"platform.base_url={base_url}",
-            "--set",
-            f"platform.api_key={key}",
-            "--set",
-            "run_name=leak",
-        ],
-    )
+    config_file.write_text(yaml.safe_dump({"platform": platform}))
+    _run_cli(root, env, ["--config", str(config_file), *args])
     assert (root / "work" / "runs" / "leak" / "ledger.jsonl").is_file()
     assert _wandb_files(root), "W&B wrote no run file: the scan would prove nothing"
     # The temporary Prefect server's database (flow parameters, logs, artifacts) is scanned too.
     assert list((root / "prefect").rglob("*.db")), "no Prefect database under PREFECT_HOME"
-    keys = {"--api-key / --set / FIREWORKS_API_KEY": key, "config file": file_key}
-    assert _leaks(root, keys) == []
+    assert _leaks(root, {door: key}) == []
     assert key not in backend_output.read_text(errors="replace")
