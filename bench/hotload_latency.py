@@ -12,10 +12,11 @@ fast hotload must still serve the trainer's weights. Measures only; asserts noth
 
     .venv/bin/python bench/hotload_latency.py                       # tiny, full + LoRA
     .venv/bin/python bench/hotload_latency.py --models tiny,smollm2-135m --modes full
-    .venv/bin/python bench/hotload_latency.py --models smollm2-135m --data-dir .fireloop/bench
+    .venv/bin/python bench/hotload_latency.py --models smollm2-135m --models-dir /tmp/models
 
-Built base models are cached in `<data-dir>/models` (the SmolLM2 conversion takes ~20 s), and
-each run's platform state and snapshots live in a temporary directory that is removed after it.
+Base models come from the shared model cache (`--models-dir`, else `$FIRELOOP_MODEL_CACHE`, else
+`~/.cache/fireloop/models`; the SmolLM2 conversion takes ~20 s, once), and each run's platform
+state and snapshots live in a temporary directory that is removed after it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from tinker import types
 
 from backend import LocalPlatform, PlatformTimings
-from backend.models.store import MODELS_SUBDIR, ensure_model_dir
+from backend.models.store import ensure_model_dir, resolve_models_dir
 from sdk import (
     DeploymentConfig,
     DeploymentManager,
@@ -181,7 +182,7 @@ def measure(
     platform: LocalPlatform, model: str, mode: str, rounds: int, deltas: int, poll_s: float
 ) -> Run:
     loop = HotloadLoop(platform, model, LORA_RANK if mode == "lora" else 0, poll_s)
-    config = json.loads((ensure_model_dir(model, platform.data_dir) / "config.json").read_text())
+    config = json.loads((ensure_model_dir(model, platform.models_dir) / "config.json").read_text())
     datums = make_datums(vocab_size=int(config["vocab_size"]))
     syncs: list[Sync] = []
     try:
@@ -238,24 +239,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="chains per model and mode")
     parser.add_argument("--deltas", type=int, default=3, help="delta syncs after each base")
     parser.add_argument("--poll-s", type=float, default=0.02, help="hotload status poll interval")
-    parser.add_argument("--data-dir", type=Path, default=Path(".fireloop/bench"))
+    parser.add_argument("--models-dir", type=Path, default=None, help="model cache")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models_dir = args.data_dir.resolve() / MODELS_SUBDIR
+    models_dir = resolve_models_dir(args.models_dir)
     runs: list[Run] = []
     for model in args.models.split(","):
-        ensure_model_dir(model, args.data_dir)  # build once, outside the timed platform
+        ensure_model_dir(model, models_dir)  # build once, outside the timed platform
     with tempfile.TemporaryDirectory(prefix="hotload-bench-") as tmp:
         # The platform's own data directory is fresh; its model cache is the persistent one.
-        (Path(tmp) / MODELS_SUBDIR).symlink_to(models_dir, target_is_directory=True)
         timings = PlatformTimings(
             job_pending_s=0.01,
             job_creating_s=0.01,
             deployment_creating_s=0.01,
             deployment_updating_s=0.01,
         )
-        with LocalPlatform(data_dir=Path(tmp), timings=timings) as platform:
+        with LocalPlatform(data_dir=tmp, models_dir=models_dir, timings=timings) as platform:
             for model in args.models.split(","):
                 for mode in args.modes.split(","):
                     started = time.perf_counter()

@@ -43,7 +43,7 @@ import httpx
 import torch
 
 from backend.models.registry import canonical_model_name
-from backend.models.store import ensure_model_dir
+from backend.models.store import ensure_model_dir, resolve_models_dir
 from backend.platform import generate_api_key
 from backend.trainer.modeling import load_hf_model
 from sdk import DeploymentConfig, DeploymentManager, DeploymentSampler, FixedConcurrencyController
@@ -311,7 +311,7 @@ def print_table(model: str, load: Load, baseline: Measurement, rows: list[Measur
 
 def run_model(model: str, args: argparse.Namespace, data_dir: Path, log_dir: Path) -> None:
     # Built here, before the server starts, so the build is not part of a deployment's start.
-    model_dir = ensure_model_dir(model, data_dir)
+    model_dir = ensure_model_dir(model, resolve_models_dir())  # the cache the server reads
     load = Load(
         prompts=make_prompts(vocab_size(model_dir), args.prompt_tokens),
         max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS.get(model, 64),

@@ -52,7 +52,7 @@ def test_trainer_throughput_runs(tmp_path: Path) -> None:
 def test_hotload_latency_serves_the_trainer_weights(tmp_path: Path) -> None:
     out = run_bench(
         "hotload_latency.py",
-        *("--modes", "full", "--rounds", "1", "--deltas", "1", "--data-dir", str(tmp_path)),
+        *("--modes", "full", "--rounds", "1", "--deltas", "1"),  # the session model cache
         tmp_path=tmp_path,
     )
     rows = [line for line in out.splitlines() if line.startswith("| tiny | full |")]

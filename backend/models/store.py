@@ -41,8 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Kept for callers that place a cache inside a data directory of their own (the benchmarks).
-MODELS_SUBDIR: Final = "models"
 MARKER_NAME: Final = "COMPLETE"
 # Bump when a builder's output changes: every cached directory then fails its key and rebuilds.
 BUILD_FORMAT: Final = "1"
