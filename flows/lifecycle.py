@@ -8,7 +8,7 @@ is over: completed, or failed for good (a failure no retry can fix, or the last 
 earlier failure is followed by the flow retry, which needs the trainer and the lock). The
 `RunContext` methods append a ledger row only after what it records is durable: a save read
 back from the control plane, a hotload the deployment was seen serving, computed evaluation
-metrics (design.md invariants).
+metrics: a resume trusts every row it reads.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ The W&B run id is derived from the flow run (whose id a Prefect retry keeps), an
 by a *new* flow run takes the id its ledger recorded, so every attempt of one training run
 writes to one W&B run (`resume="allow"`; the cookbook cannot, tinker-cookbook#281). Without
 `WANDB_API_KEY` the run is offline and its files stay under `run_dir`. Metrics use `train/step`
-as their axis (recipes.md §9). No key reaches W&B: the config logged leaves out the platform,
-and W&B records no command line, program or machine metadata (a key can be an argument).
+as their axis (a resumed run rewinds to it). No key reaches W&B: the config logged leaves out
+the platform, and W&B records no command line, program or machine metadata (a key can be an
+argument).
 """
 
 from __future__ import annotations

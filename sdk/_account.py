@@ -155,7 +155,7 @@ class FireworksClient(ClosesOnExit):
         name: str | None = None,
         hot_load_deployment_id: str | None = None,
     ) -> dict[str, Any]:
-        """Promote a checkpoint (T6) to model `accounts/<a>/models/<output_model_id>`.
+        """Promote a checkpoint to model `accounts/<a>/models/<output_model_id>`.
 
         Preferred: `name=` the checkpoint's full name
         (`accounts/<a>/rlorTrainerJobs/<job>/checkpoints/<id>`); the `job_id, checkpoint_id`

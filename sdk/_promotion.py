@@ -1,4 +1,4 @@
-"""Checkpoint promotion (T6): the request, the older-server fallback and the operation wait.
+"""Checkpoint promotion: the request, the older-server fallback and the operation wait.
 
 `FireworksClient.promote_checkpoint` turns a trainer job's checkpoint into a model of the
 account. The body is snake_case (the one control-plane body that is). A server may answer the

@@ -44,7 +44,7 @@ ModelKind = Literal["HF_BASE_MODEL", "HF_PEFT_ADDON"]
 
 
 class PromoteRequest(BaseModel):
-    """The T6 body: snake_case on the wire (the one control-plane body that is)."""
+    """The promote request body: snake_case on the wire (the one control-plane body that is)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -218,7 +218,7 @@ class PromotionService:
 
 
 def promotion_router(service: PromotionService, check_account: AccountCheck) -> APIRouter:
-    """T6: `POST /v1/accounts/{account}/checkpoints/{checkpoint}:promote`."""
+    """The promote route: `POST /v1/accounts/{account}/checkpoints/{checkpoint}:promote`."""
     router = APIRouter(
         prefix="/v1/accounts/{account}/checkpoints", dependencies=[Depends(check_account)]
     )

@@ -151,7 +151,7 @@ class TrainableModel:
     def optim_step(
         self, adam: AdamSettings, normalization: GradNormalization | None = None
     ) -> dict[str, float]:
-        """Normalise, clip and apply the accumulated gradients with AdamW, then zero them (§9).
+        """Normalise, clip and apply the accumulated gradients with AdamW, then zero them.
 
         Never leaves non-finite weights or optimizer state, by refusing (`UserError`) first:
         - non-finite gradients (an overflowing loss): weights and optimizer state unchanged,

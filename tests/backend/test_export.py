@@ -206,7 +206,7 @@ def test_a_non_empty_out_dir_is_replaced_only_with_force(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-# -- promotion (T6) ----------------------------------------------------------------------------
+# -- promotion --------------------------------------------------------------------------------
 
 
 def _promote(tp: TrainerPlatform, job_id: str, checkpoint: str, model_id: str) -> httpx.Response:
