@@ -17,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 from tinker import types
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
 from backend import LocalPlatform
 from backend.export import ExportError, export_checkpoint
@@ -31,6 +30,7 @@ from sdk import (
     GradAccNormalization,
     TrainerJobManager,
 )
+from tests.export_support import hf_model, max_gap, peft_model
 from tests.trainer_support import ACCOUNT, BATCH, FAST_TIMINGS, TrainerPlatform
 
 LORA_RANK = 4
@@ -111,19 +111,6 @@ def _plain_logprobs(model: torch.nn.Module) -> list[torch.Tensor]:
     return results
 
 
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-
-
-def _hf_model(directory: Path) -> PreTrainedModel:
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    return model.eval()
-
-
-def _peft_model(base_dir: Path, adapter_dir: Path) -> torch.nn.Module:
-    return PeftModel.from_pretrained(_hf_model(base_dir), adapter_dir).eval()
-
-
 def test_full_export_loads_with_transformers_and_matches_the_trainer(
     full_run: TrainedRun, base_dir: Path, tmp_path: Path
 ) -> None:
@@ -132,9 +119,9 @@ def test_full_export_loads_with_transformers_and_matches_the_trainer(
     assert (result.kind, result.step) == ("full", STEPS)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
         assert (out / name).is_file(), name
-    assert _max_diff(_plain_logprobs(_hf_model(out)), full_run.logprobs) <= PARITY
+    assert max_gap(_plain_logprobs(hf_model(out)), full_run.logprobs) <= PARITY
     # The weights really moved: the untrained base model answers differently.
-    assert _max_diff(_plain_logprobs(_hf_model(base_dir)), full_run.logprobs) > 1e-3
+    assert max_gap(_plain_logprobs(hf_model(base_dir)), full_run.logprobs) > 1e-3
     assert AutoTokenizer.from_pretrained(out)("abc")["input_ids"] == list(b"abc")
 
 
@@ -147,7 +134,7 @@ def test_lora_export_is_a_peft_adapter_that_matches_the_trainer(
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["base_model_name_or_path"]) == (LORA_RANK, str(base_dir))
     assert (out / "adapter_model.safetensors").is_file() and not (out / "config.json").exists()
-    assert _max_diff(_plain_logprobs(_peft_model(base_dir, out)), lora_run.logprobs) <= PARITY
+    assert max_gap(_plain_logprobs(peft_model(base_dir, out)), lora_run.logprobs) <= PARITY
     assert AutoTokenizer.from_pretrained(out)("abc")["input_ids"] == list(b"abc")
 
 
@@ -157,7 +144,7 @@ def test_merged_lora_export_is_a_full_model_that_matches_the_trainer(
     out = tmp_path / "merged"
     assert export_checkpoint(lora_run.state_dir, base_dir, out, merged=True).kind == "merged"
     assert not (out / "adapter_config.json").exists()
-    assert _max_diff(_plain_logprobs(_hf_model(out)), lora_run.logprobs) <= PARITY
+    assert max_gap(_plain_logprobs(hf_model(out)), lora_run.logprobs) <= PARITY
 
 
 def test_merged_export_of_a_full_parameter_checkpoint_is_refused(
@@ -243,7 +230,7 @@ def test_promoting_a_lora_state_lands_the_export_in_the_model_registry(
     exported_weights = load_file(exported / "adapter_model.safetensors")
     assert promoted_weights.keys() == exported_weights.keys()
     assert all(torch.equal(promoted_weights[k], exported_weights[k]) for k in promoted_weights)
-    assert _max_diff(_plain_logprobs(_peft_model(base_dir, promoted)), lora_run.logprobs) <= PARITY
+    assert max_gap(_plain_logprobs(peft_model(base_dir, promoted)), lora_run.logprobs) <= PARITY
     duplicate = _promote(tp, lora_run.job_id, "step-3", "lora-step-3")
     assert duplicate.status_code == 409, duplicate.text
 
@@ -255,8 +242,8 @@ def test_promoting_a_full_parameter_state_gives_a_loadable_base_model(
     assert response.status_code == 200, response.text
     model = response.json()["model"]
     assert model["kind"] == "HF_BASE_MODEL" and "peftDetails" not in model
-    promoted = _hf_model(Path(model["localPath"]))
-    assert _max_diff(_plain_logprobs(promoted), full_run.logprobs) <= PARITY
+    promoted = hf_model(Path(model["localPath"]))
+    assert max_gap(_plain_logprobs(promoted), full_run.logprobs) <= PARITY
 
 
 def test_sampler_snapshots_promote_but_deltas_do_not(
@@ -267,8 +254,8 @@ def test_sampler_snapshots_promote_but_deltas_do_not(
     assert adapter.json()["model"]["kind"] == "HF_PEFT_ADDON"
     base = _promote(tp, full_run.job_id, full_run.snapshot_names["base"], "full-snapshot")
     assert base.status_code == 200, base.text
-    promoted = _hf_model(Path(base.json()["model"]["localPath"]))
-    assert _max_diff(_plain_logprobs(promoted), full_run.logprobs) <= PARITY
+    promoted = hf_model(Path(base.json()["model"]["localPath"]))
+    assert max_gap(_plain_logprobs(promoted), full_run.logprobs) <= PARITY
     delta = _promote(tp, full_run.job_id, full_run.snapshot_names["delta"], "full-delta")
     assert delta.status_code == 400, delta.text
     assert "not promotable" in delta.json()["error"]["message"]

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel
 from typer.testing import CliRunner
 
 from backend.models.store import ensure_model_dir, resolve_models_dir
@@ -25,6 +23,7 @@ from backend.trainer.engine import TrainableModel
 from backend.trainer.state import read_state
 from fireloop.cli import app
 from flows.ledger import Ledger, RunHeader
+from tests.export_support import hf_model, max_gap, peft_model
 
 PARITY = 1e-5
 FIREFLOOP = [sys.executable, "-m", "fireloop.cli"]
@@ -118,15 +117,6 @@ def _plain_logprobs(model: torch.nn.Module) -> list[torch.Tensor]:
     return results
 
 
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-
-
-def _hf_model(directory: Path) -> PreTrainedModel:
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    return model.eval()
-
-
 def test_cli_exports_the_newest_lora_checkpoint_as_a_peft_adapter(
     lora_run: Path, tmp_path: Path
 ) -> None:
@@ -135,9 +125,9 @@ def test_cli_exports_the_newest_lora_checkpoint_as_a_peft_adapter(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PEFT adapter" in done.stdout and "step 3" in done.stdout
     assert "Loading weights" not in done.stdout + done.stderr  # no download-style bars
-    adapter = PeftModel.from_pretrained(_hf_model(_base_dir()), out).eval()
+    adapter = peft_model(_base_dir(), out)
     expected = _trainer_logprobs(_state_dir(lora_run, "step-3"))
-    assert _max_diff(_plain_logprobs(adapter), expected) <= PARITY
+    assert max_gap(_plain_logprobs(adapter), expected) <= PARITY
 
 
 def test_cli_exports_an_earlier_step_merged(lora_run: Path, tmp_path: Path) -> None:
@@ -148,7 +138,7 @@ def test_cli_exports_an_earlier_step_merged(lora_run: Path, tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     assert "LoRA merged" in result.output
     expected = _trainer_logprobs(_state_dir(lora_run, "step-2"))
-    assert _max_diff(_plain_logprobs(_hf_model(out)), expected) <= PARITY
+    assert max_gap(_plain_logprobs(hf_model(out)), expected) <= PARITY
 
 
 def test_cli_exports_a_full_parameter_run_as_a_model_directory(
@@ -158,7 +148,7 @@ def test_cli_exports_a_full_parameter_run_as_a_model_directory(
     result = CliRunner().invoke(app, ["export", str(full_run), "--out", str(out)])
     assert result.exit_code == 0, result.output
     expected = _trainer_logprobs(_state_dir(full_run, "step-1"))
-    assert _max_diff(_plain_logprobs(_hf_model(out)), expected) <= PARITY
+    assert max_gap(_plain_logprobs(hf_model(out)), expected) <= PARITY
 
 
 def test_cli_finds_checkpoints_of_a_standalone_backend_with_data_dir(
@@ -176,7 +166,7 @@ def test_cli_finds_checkpoints_of_a_standalone_backend_with_data_dir(
     result = CliRunner().invoke(app, [*args, "--data-dir", str(backend_data)])
     assert result.exit_code == 0, result.output
     expected = _trainer_logprobs(_state_dir(full_run, "step-1"))
-    assert _max_diff(_plain_logprobs(_hf_model(out)), expected) <= PARITY
+    assert max_gap(_plain_logprobs(hf_model(out)), expected) <= PARITY
 
 
 def _break_copy(run_dir: Path, tmp_path: Path, how: str) -> Path:
