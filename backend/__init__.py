@@ -1,4 +1,4 @@
-"""The local platform: a Fireworks-compatible training platform on one machine (design.md).
+"""The local platform: a Fireworks-compatible training platform on one machine.
 
 One FastAPI app on one loopback port serves the control plane, the trainer gateway, hotload and
 inference. Run it in process with `LocalPlatform` or in the foreground with `serve`. The names

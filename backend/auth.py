@@ -1,4 +1,4 @@
-"""API-key authentication for every route of the local platform (spec §2.2).
+"""API-key authentication for every route of the local platform.
 
 The SDK sends the key as `X-Api-Key` on the control plane, adds `Authorization: Bearer` on the
 gateway, hotload and inference, and tinker spells it `X-API-Key`; any of them is accepted. This is
@@ -41,7 +41,7 @@ def key_matches(presented: list[bytes], expected: SecretStr) -> bool:
 
 
 class ApiKeyMiddleware:
-    """Answers 401 (JSON, §2.5) unless the request carries the platform's API key."""
+    """Answers 401 (JSON error body) unless the request carries the platform's API key."""
 
     def __init__(self, app: ASGIApp, api_key: SecretStr) -> None:
         self.app = app

@@ -1,7 +1,7 @@
-"""google.rpc-style error bodies for every failure the local platform answers (spec §2.5).
+"""google.rpc-style error bodies for every failure the local platform answers.
 
 Clients branch on the HTTP status and read `error.message`; tinker retries an empty 4xx as a proxy
-glitch (failure-modes P4). So every error path here, unknown routes and crashes included, answers
+glitch (16 times). So every error path here, unknown routes and crashes included, answers
 JSON with a message that names the offending field or value, and never a traceback or a secret.
 """
 
@@ -113,7 +113,7 @@ class ApiError(Exception):
 
 
 def error_body(grpc_code: GrpcCode, message: str, reason: str) -> dict[str, Any]:
-    """The JSON body of spec §2.5."""
+    """The google.rpc JSON error body: code, message, status and an `ErrorInfo` reason."""
     return {
         "error": {
             "code": int(grpc_code),
@@ -208,7 +208,7 @@ async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error of `app` a §2.5 JSON body."""
+    """Make every error of `app` answer with an `error_body` JSON body."""
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)

@@ -1,4 +1,4 @@
-"""Fault injection: preempt trainer jobs and fail requests on purpose (failure-modes.md §9).
+"""Fault injection: preempt trainer jobs and fail requests on purpose, so tests can prove recovery.
 
 Recovery code is only trusted once it has run against real failures. Three kinds, all driven by
 tests through `LocalPlatform`:
@@ -9,7 +9,7 @@ tests through `LocalPlatform`:
   resumed run that replays past the same count is not preempted again);
 - `inject_faults(rate, seed)`: that fraction of requests fails, deterministically for a seed:
   half answer 503 before the handler runs, half run the handler and then lose the response
-  (the case that makes non-idempotent retries dangerous, failure-modes P8).
+  (the case that makes non-idempotent retries dangerous: a retried create would make two).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The trainer gateway (spec §8): `/training/v1/rlorTrainerJobs/{account}/{job_id}/api/v1/*`.
+"""The trainer gateway: `/training/v1/rlorTrainerJobs/{account}/{job_id}/api/v1/*`.
 
 On the real platform this prefix routes to the job's trainer pod. Locally every route under it
 resolves the job first: unknown → 404, not RUNNING → 503 (the trainer is not up), RUNNING → the

@@ -145,7 +145,7 @@ class PlatformState:
     def record_checkpoint(
         self, job_id: str, name: str, checkpoint_type: CheckpointType
     ) -> Checkpoint:
-        """Publish a completed checkpoint of the job as a T5 row."""
+        """Publish a completed checkpoint of the job as a row of its checkpoint list."""
         return self.checkpoints.record_checkpoint(job_id, name, checkpoint_type)
 
     def record_optim_step(self, job_id: str, count: int) -> bool:
@@ -222,7 +222,7 @@ def route_prefixes(account_id: str) -> dict[str, str]:
 
 
 def generate_api_key() -> str:
-    # Never `tml-…`: that prefix switches the SDK's service client to plain tinker auth (§9.1).
+    # Never `tml-…`: that prefix switches the SDK's service client to plain tinker auth.
     return f"fw-local-{secrets.token_hex(16)}"
 
 
@@ -239,7 +239,7 @@ def _check_loopback(host: str) -> None:
 
 
 def _offline_environment() -> None:
-    # Models come from the data directory, never from a hub (models.md): fail fast, not hang.
+    # Models come from the data directory, never from a hub (offline): fail fast, not hang.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -2,7 +2,7 @@
 
 Why SQLite: a state change (a job's transition, a 409 check-and-insert) is one transaction, so it
 is atomic even with concurrent requests; the file survives a platform restart, which is how the
-local platform keeps its jobs and checkpoints like the real one (design.md); and it is in the
+local platform keeps its jobs and checkpoints like the real one; and it is in the
 standard library. Jobs and deployments are pydantic documents stored as JSON under an indexed id
 (the services own their schema); checkpoint rows have columns because they are paged in order.
 """

@@ -1,4 +1,4 @@
-"""The control plane of the local platform (spec §3): one module per resource, one router each.
+"""The control plane of the local platform: one module per resource, one router each.
 
 The wire conventions they share live here: camelCase JSON; request models that forbid unknown
 fields (a typo is a 400 naming it, never silently ignored); RFC 3339 times; client-chosen ids

@@ -1,4 +1,4 @@
-"""Accounts (spec §2.3, A1): the local platform serves exactly one account.
+"""Accounts (`GET /v1/accounts`): the local platform serves exactly one account.
 
 The SDK resolves its account id lazily from `GET /v1/accounts` and refuses keys that see zero
 or several accounts, so this answers exactly one, whatever page size is asked for.

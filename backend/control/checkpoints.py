@@ -1,4 +1,4 @@
-"""Checkpoint rows of trainer jobs (spec §3.4, T5): recorded by the trainer, paged by clients.
+"""Checkpoint rows of trainer jobs (the checkpoint list): recorded by the trainer, paged by clients.
 
 The rows are the control plane's durable record of what a job saved: clients page them (oldest
 first) to find the newest resumable checkpoint after a reconnect, for live and deleted jobs alike.
@@ -25,7 +25,7 @@ CheckpointType = Literal[
     "CHECKPOINT_TYPE_INFERENCE_LORA",
     "CHECKPOINT_TYPE_INFERENCE_ARC_V2",
 ]
-# §3.4: training states are resumable, not promotable; full and LoRA sampler exports are
+# Training states are resumable, not promotable; full and LoRA sampler exports are
 # promotable; an arc_v2 delta is not (it means nothing without its base).
 PROMOTABLE_TYPES: frozenset[str] = frozenset(
     {"CHECKPOINT_TYPE_INFERENCE_BASE", "CHECKPOINT_TYPE_INFERENCE_LORA"}
@@ -116,7 +116,7 @@ def _decode_token(token: str) -> int:
 
 
 def checkpoints_router(service: CheckpointService, check_account: AccountCheck) -> APIRouter:
-    """T5: `GET /v1/accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints`."""
+    """The checkpoint list: `GET /v1/accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints`."""
     router = APIRouter(
         prefix="/v1/accounts/{account}/rlorTrainerJobs", dependencies=[Depends(check_account)]
     )

@@ -1,4 +1,4 @@
-"""Deployments (spec §3.3, §4.2, §7; D1-D5): hotload-enabled inference endpoints of base models.
+"""Deployments (create, get, delete, patch): hotload-enabled inference endpoints of base models.
 
 A deployment goes `CREATING → READY` once its timer has run and, when a serving runtime is
 attached (`attach_replicas`), its replica has loaded the base weights; creation starts that load
@@ -44,7 +44,7 @@ DeploymentResetHook = Callable[[str], None]
 
 
 class ReplicaGate(Protocol):
-    """The serving side's answer to "are the base weights loaded?" (spec §4.2)."""
+    """The serving side's answer to "are the base weights loaded?"."""
 
     def replica_up_since(
         self, deployment_id: str, base_model: str, not_before: float
@@ -60,7 +60,7 @@ class Placement(RequestModel):
 
 
 class DeploymentCreate(RequestModel):
-    """The D1 body (§3.3); echoed back on the deployment."""
+    """The create (`POST .../deployments`) body; echoed back on the deployment."""
 
     base_model: str
     display_name: str | None = Field(default=None, max_length=63)
@@ -96,7 +96,8 @@ class DeploymentCreate(RequestModel):
 
 
 class DeploymentPatch(RequestModel):
-    """A D4/D5 body: only the mutable fields; which of them apply is said by `updateMask`."""
+    """A PATCH body (masked update or scale to zero): only the mutable fields; which of
+    them apply is said by `updateMask`."""
 
     display_name: str | None = None
     description: str | None = None
@@ -219,7 +220,7 @@ class DeploymentService:
     def update(
         self, deployment_id: str, patch: DeploymentPatch, update_mask: str | None
     ) -> Deployment:
-        """D4 (with a mask: exactly the masked fields) or D5 (without: the fields sent)."""
+        """PATCH with a mask (exactly the masked fields) or without one (the fields sent)."""
         fields = _mask_fields(update_mask) if update_mask else sorted(patch.model_fields_set)
         with self._resets() as reset:
             record = self._require(deployment_id)
@@ -373,7 +374,7 @@ def _merged(spec: DeploymentCreate, patch: DeploymentPatch, fields: list[str]) -
 
 
 def deployments_router(service: DeploymentService, check_account: AccountCheck) -> APIRouter:
-    """D1-D5 under `/v1/accounts/{account}/deployments`."""
+    """Create, get, delete and patch under `/v1/accounts/{account}/deployments`."""
     router = APIRouter(
         prefix="/v1/accounts/{account}/deployments", dependencies=[Depends(check_account)]
     )

@@ -1,4 +1,4 @@
-"""Trainer jobs (spec §3.1, §3.2, §4.1; T1-T4): wire models, the state machine, the service.
+"""Trainer jobs (create, get, delete, resume): wire models, the state machine, the service.
 
 State advances lazily: each read moves a job along `PENDING → CREATING → RUNNING` by the
 configured timers, computed from when it entered its state, so behaviour is deterministic for a
@@ -36,7 +36,7 @@ from backend.store import Store
 
 logger = logging.getLogger(__name__)
 
-# The states the local machine reaches (spec §4.1 lists the platform's full enum).
+# The states the local machine reaches (the real platform's enum has more).
 JobState = Literal[
     "JOB_STATE_PENDING",
     "JOB_STATE_CREATING",
@@ -110,7 +110,7 @@ class TrainingConfig(RequestModel):
 
 
 class TrainerJobCreate(RequestModel):
-    """The T1 body (§3.1); every field is echoed back on the job."""
+    """The job create body; every field is echoed back on the job."""
 
     service_mode: bool = True
     keep_alive: bool = False
@@ -143,7 +143,7 @@ class TrainerJobCreate(RequestModel):
         if self.disable_inactivity_cleanup:
             return None
         seconds = float(self.inactivity_timeout[:-1]) if self.inactivity_timeout else 0.0
-        return seconds or DEFAULT_INACTIVITY_S  # unset or 0 → the server default (§3.1)
+        return seconds or DEFAULT_INACTIVITY_S  # unset or 0 → the server default
 
 
 class JobStatus(ResponseModel):
@@ -152,7 +152,7 @@ class JobStatus(ResponseModel):
 
 
 class TrainerJob(TrainerJobCreate):
-    """The job object (§3.2): the create fields echoed, plus name, state and times."""
+    """The job object: the create fields echoed, plus name, state and times."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -198,7 +198,7 @@ class JobRecord(BaseModel):
 
 
 class CreateOptions(BaseModel):
-    """The T1 query parameters."""
+    """The query parameters of job create (`rlorTrainerJobId`, `trainingShape`, ...)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -419,7 +419,7 @@ class TrainerJobService:
 
 
 def jobs_router(service: TrainerJobService, check_account: AccountCheck) -> APIRouter:
-    """T1-T4 under `/v1/accounts/{account}/rlorTrainerJobs`."""
+    """Create, get, delete and resume under `/v1/accounts/{account}/rlorTrainerJobs`."""
     router = APIRouter(
         prefix="/v1/accounts/{account}/rlorTrainerJobs", dependencies=[Depends(check_account)]
     )

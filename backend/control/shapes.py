@@ -1,4 +1,4 @@
-"""Training shapes (spec §14, S1/S2): one validated shape version per registered base model.
+"""Training shapes (the shape-version routes): one validated shape version per base model.
 
 On the real platform a shape fixes the trainer image, accelerators and context length of a
 trainer job; locally it is derived from the model registry, so `resolve_training_profile` and the
@@ -135,7 +135,7 @@ class TrainingShapeCatalog:
 
 
 def shapes_router(catalog: TrainingShapeCatalog, check_account: AccountCheck) -> APIRouter:
-    """S1 and S2 under `/v1/accounts/{account}/trainingShapes`."""
+    """Latest-version and version routes under `/v1/accounts/{account}/trainingShapes`."""
     router = APIRouter(
         prefix="/v1/accounts/{account}/trainingShapes", dependencies=[Depends(check_account)]
     )

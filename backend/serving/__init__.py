@@ -3,7 +3,7 @@
 A deployment's replica (`runtime.py`) loads its base model, serves token-in completions with
 continuous batching on its own thread (`generation.py`, `loop.py`, `relay.py`,
 `completions.py`), and swaps in trainer snapshots on hotload (`hotload.py`, `weights.py`)
-without ever mixing weight versions in one response. `routes.py` mounts I1, H1 and H2.
+without ever mixing weight versions in one response. `routes.py` mounts completions and hotload.
 Only the replicas import torch, so the platform starts without it.
 """
 

@@ -1,11 +1,11 @@
-"""The completions wire (platform-api.md §11.3-§11.4): requests, choices, SSE chunks.
+"""The completions wire: requests, choices, SSE chunks.
 
 The local server is token-in: `prompt` is a list of token ids (a string prompt is a 400 naming
 the field). Each choice is one decoded sequence; `ChoiceStream` turns its progress into text
 deltas and `logprobs.content` entries. Text never shows a stop sequence: the terminating stop
 token (EOS or a stop id) is left out and the text is cut before a stop string, while
 `raw_output.completion_token_ids` keeps every generated token, stop tokens included (fireloop
-choice, spec §11.4). While streaming, text that could still turn out to begin a stop string, or
+choice). While streaming, text that could still turn out to begin a stop string, or
 an incomplete UTF-8 character, is held back until the next tokens decide it.
 """
 
@@ -230,8 +230,8 @@ PerfKey = Literal[
 
 
 def perf_metrics(timings: Timings, prompt_tokens: int) -> dict[PerfKey, float]:
-    """§11.4's server metrics, in seconds. Sequences join the decode batch right after their
-    prefill, so the generation queue is always empty; there is no prompt cache."""
+    """The server metrics of a completion, in seconds. Sequences join the decode batch right
+    after their prefill, so the generation queue is always empty; there is no prompt cache."""
     return {
         "num-concurrent-requests": float(timings.batch_size),
         "prefill-queue-duration": timings.admitted - timings.submitted,

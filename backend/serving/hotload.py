@@ -1,4 +1,4 @@
-"""Hotload (platform-api.md §10): load a trainer's sampler snapshot onto a deployment's replica.
+"""Hotload: load a trainer's sampler snapshot onto a deployment's replica.
 
 `POST /hot_load/v1/models/hot_load` checks everything it can before any load and answers a
 clear 4xx: the headers name a deployment of this account and its base model, the deployment is
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COMPRESSION_FORMAT = "arc_v2"
-CHECKSUM_FORMAT = "alder32"  # sic: the platform's literal (platform-api.md §15.1)
+CHECKSUM_FORMAT = "alder32"  # sic: the real platform's literal
 _SNAPSHOT_META = "snapshot.json"
 
 
@@ -61,13 +61,13 @@ class IncrementalSnapshotMetadata(BaseModel):
 
 
 class HotloadRequest(BaseModel):
-    """The H1 body; unknown fields → 400 "extra inputs are not permitted" (the SDK relies on
-    that text to drop `reset_prompt_cache` for servers without it)."""
+    """The hotload POST body; unknown fields → 400 "extra inputs are not permitted" (the SDK
+    relies on that text to drop `reset_prompt_cache` for servers without it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     identity: str = Field(min_length=1)
-    # Every swap resets every cache whatever this says (failure-modes W1).
+    # Every swap resets every cache whatever this says: a cache must not outlive its weights.
     reset_prompt_cache: bool = True
     incremental_snapshot_metadata: IncrementalSnapshotMetadata | None = None
 
@@ -105,7 +105,7 @@ class HotloadStatus(BaseModel):
 
 
 class HotloadService:
-    """H1/H2 over the serving runtime and the trainers' snapshot directories."""
+    """Hotload load and status over the serving runtime and the trainers' snapshot directories."""
 
     def __init__(self, runtime: ServingRuntime, data_dir: Path) -> None:
         self._runtime = runtime

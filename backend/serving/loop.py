@@ -7,7 +7,7 @@ this thread; the completions layer forwards it to the event loop).
 
 Weight swaps happen here too, and only on an empty batch: a swap waits until every request
 admitted before it has finished, so no response mixes two weight versions and no KV cache
-outlives the weights that computed it (failure-modes W1). New requests are refused (425) by the
+outlives the weights that computed it. New requests are refused (425) by the
 replica while a load is pending, so the wait is bounded by the requests already in flight.
 """
 

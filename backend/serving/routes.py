@@ -1,4 +1,4 @@
-"""The inference and hotload routes: I1 `/inference/v1/completions`, H1/H2 `/hot_load/...`.
+"""The inference and hotload routes: `/inference/v1/completions`, `/hot_load/...`.
 
 Completions run on the event loop but never compute: they resolve the deployment's replica,
 queue a `Submission` on its generation thread and relay its progress, as SSE chunks or as one
@@ -36,7 +36,7 @@ _STARTING = ("CREATING", "UPDATING")
 def serving_router(
     runtime: ServingRuntime, hotload: HotloadService, check_account: AccountCheck
 ) -> APIRouter:
-    """I1, H1 and H2 (their hosts default to the control plane's, spec §1)."""
+    """Completions and hotload POST/GET (their hosts default to the control plane's)."""
     router = APIRouter()
 
     @router.post("/inference/v1/completions", response_model=None)

@@ -1,10 +1,11 @@
 """Serving replicas: one per deployment with replicas, holding the weights it serves.
 
 A `Replica` is what a serving pod is on the real platform: it starts by loading the base model
-(until then the hotload status lists no replica, W5), then serves completions on its own
-generation thread and swaps weights when a hotload completes. It reports `readiness` and a new
-`current_snapshot_identity` only after the swapped weights serve (W3), and every swap and every
-start takes the next value of a per-deployment weight version that never goes back.
+(until then the hotload status lists no replica, so clients wait before a hotload), then
+serves completions on its own generation thread and swaps weights when a hotload completes. It
+reports `readiness` and a new `current_snapshot_identity` only after the swapped weights serve
+(so a client never reads a new identity from old weights), and every swap and every start takes
+the next value of a per-deployment weight version that never goes back.
 
 `ServingRuntime` owns the replicas: it starts one eagerly when a deployment is created or
 re-attached (the control plane asks `replica_up_since` before it reports READY), stops it when
@@ -184,7 +185,7 @@ class Replica:
     def finish_load(
         self, model: DecodingModel, identity: str, adapters: tuple[str, ...], version: int
     ) -> bool:
-        """The swap is done: only now do identity, version and readiness change (W3).
+        """The swap is done: only now do identity, version and readiness change.
         False when the replica was stopped meanwhile (nothing changes)."""
         with self.lock:
             if self.stopped:

@@ -1,6 +1,6 @@
 """Drawing the next token: temperature, top-k and top-p, and the logprobs of what was drawn.
 
-Two logprobs per token, both fp32 (platform-api.md §11.4): `logprob` is the log-softmax of the
+Two logprobs per token, both fp32: `logprob` is the log-softmax of the
 raw logits (temperature 1, no filtering), the same computation as the trainer's `forward`, so at
 equal weights sampler and trainer agree; `sampling_logprob` is the log-probability under the
 distribution the token was actually drawn from (tempered, top-k and top-p filtered, then
