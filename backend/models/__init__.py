@@ -1,1 +1,1 @@
-"""Offline base models of the local platform: the registry and the builders (spec/models.md)."""
+"""Offline base models of the local platform: the registry and the builders."""

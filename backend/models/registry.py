@@ -2,7 +2,7 @@
 
 Every place that accepts a base-model name (trainer creation, deployments, training shapes)
 resolves it here, so the three spellings of a name (`tiny`, `fireloop/tiny`,
-`accounts/<account>/models/tiny`) reach the same model everywhere (spec/models.md §5).
+`accounts/<account>/models/tiny`) reach the same model everywhere.
 """
 
 from __future__ import annotations

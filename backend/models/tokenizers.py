@@ -1,4 +1,4 @@
-"""The byte-level tokenizer of the tiny models, built in code (spec/models.md §1.2).
+"""The byte-level tokenizer of the tiny models, built in code (no download).
 
 CI needs a tokenizer with no input files and a vocabulary small enough that the LM head stays
 cheap: every UTF-8 byte is one token whose id equals the byte value, plus three specials. It is

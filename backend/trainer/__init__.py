@@ -1,4 +1,4 @@
-"""The local trainer: a PyTorch engine behind the tinker protocol (tinker-protocol.md).
+"""The local trainer: a PyTorch engine behind the tinker protocol.
 
 `TrainableModel` is one training run (full-parameter, LoRA or frozen base): forward,
 forward_backward with the built-in losses of `losses.LOSSES`, optim_step (AdamW), atomic

@@ -3,7 +3,7 @@
 A reader trusts a directory only if its `COMPLETE` marker lists every file with the right size
 and SHA-256; the marker is written (and fsynced) last and the rename is atomic on one file
 system, so a crash at any point leaves either the old state or a complete new one, never a
-half-written checkpoint that could be loaded (design.md, invariant "checkpoints are atomic").
+half-written checkpoint that could be loaded.
 Overwriting swaps the two directories in one step (`exchange_directories`), so some complete
 version is listed at every instant; `recover_directories` cleans what crashed saves left behind.
 A full disk is reported as `DiskFullError`, never as a lost trainer.

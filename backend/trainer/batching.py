@@ -59,7 +59,7 @@ def target_logprobs(
 
 
 def _autocast(device: torch.device) -> AbstractContextManager[object]:
-    # fp32 master weights; bf16 matmuls on GPU, plain fp32 on CPU (models.md §5).
+    # fp32 master weights; bf16 matmuls on GPU, plain fp32 on CPU (bf16 is slow there).
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()

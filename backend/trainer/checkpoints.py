@@ -6,8 +6,7 @@ client) still finds what an earlier one saved: resumable states under
 `<data_dir>/jobs/<job>/snapshots/<name>`. Directories are written atomically by the engine
 (temporary name, `COMPLETE` marker, rename), so a directory under its final name is complete.
 
-References accepted by `load_weights`, `weights_info` and the sampler routes
-(tinker-protocol.md §12, platform-api.md §9.6), resolved in this order:
+References accepted by `load_weights`, `weights_info` and the sampler routes, in this order:
 `tinker://<run>/weights/<name>` (a job id, or a model id of this trainer), `tinker://<run>/
 sampler_weights/<name>`, `cross_job://<job>/<name>`, a bare name (this job), an absolute path
 (a checkpoint directory), and `gs://…` (refused: there is no object store locally).
@@ -117,7 +116,7 @@ class CheckpointStore:
         job_id: str,
         model_owner: Callable[[str], str | None] | None = None,
     ) -> ResolvedRef:
-        """Resolve `ref` as seen from job `job_id` (§12); `UserError` for malformed refs.
+        """Resolve `ref` as seen from job `job_id`; `UserError` for malformed refs.
 
         `model_owner` maps a model id (`tinker://<model id>/weights/<name>`) to its job.
         Existence is not checked here: the loader verifies the directory's completion marker.

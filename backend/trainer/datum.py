@@ -1,8 +1,7 @@
 """Datums as the engine sees them: decoded from tinker 0.23 JSON and validated before any compute.
 
 Validation happens for the whole batch up front so a bad datum fails the request with a message
-naming the datum index and field, and never leaves half-accumulated gradients behind
-(tinker-protocol.md §7).
+naming the datum index and field, and never leaves half-accumulated gradients behind.
 """
 
 from __future__ import annotations
@@ -109,7 +108,7 @@ def encode_tensor_data(tensor: torch.Tensor) -> dict[str, Any]:
 
 
 def validate_datums(datums: Sequence[Datum], *, context_length: int, vocab_size: int) -> None:
-    """Check every datum against the model (§7): lengths, id ranges, per-token shapes."""
+    """Check every datum against the model: lengths, id ranges, per-token shapes."""
     if not datums:
         raise UserError("data must contain at least one datum")
     for index, datum in enumerate(datums):

@@ -37,7 +37,7 @@ _MAX_BATCH_LOGITS = 1 << 28
 @dataclass(frozen=True)
 class ForwardResult:
     """Per datum (input order): target `logprobs` and `elementwise_loss`, each (N,) fp32 CPU,
-    plus `name:reduction` metrics (tinker-protocol.md §6)."""
+    plus `name:reduction` metrics."""
 
     logprobs: list[torch.Tensor]
     elementwise_loss: list[torch.Tensor]
@@ -82,7 +82,7 @@ class TrainableModel:
         self._model = modeling.attach_lora(hf_model, lora) if lora else hf_model
         if base_only:
             self._model.requires_grad_(False)
-        # No dropout anywhere: both custom-loss phases must see identical logprobs (§8).
+        # No dropout anywhere: both custom-loss phases must see identical logprobs.
         self._model.eval()
         self._trainable = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
         self._generator = torch.Generator().manual_seed(lora.seed if lora else 0)
@@ -176,7 +176,7 @@ class TrainableModel:
             )
         counts = {"num_loss_tokens": self._loss_tokens, "num_sequences": self._sequences}
         divisor = counts.get(normalization or "none", 0)
-        if divisor > 0:  # a zero count leaves the gradient unchanged (§9)
+        if divisor > 0:  # a zero count leaves the gradient unchanged
             for grad in grads:
                 grad.div_(divisor)
         grad_norm = _total_norm(grads)
@@ -274,7 +274,7 @@ class TrainableModel:
         export_dtype: torch.dtype | None = None,
         overwrite: bool = False,
     ) -> Path:
-        """Write a sampler snapshot (platform-api.md §10.1) named by the directory.
+        """Write a sampler snapshot (what a deployment hotloads) named by the directory.
 
         LoRA: `base` = the PEFT adapter, `merged_base` = adapter folded into full weights.
         Full-parameter: `base` = full weights, `delta` = XOR against `previous` (a snapshot of

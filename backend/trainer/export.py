@@ -1,6 +1,6 @@
 """Sampler snapshots on disk: full HF weights, PEFT adapters, and XOR deltas between snapshots.
 
-A snapshot directory is what a deployment hotloads (platform-api.md §10.1). Every snapshot has
+A snapshot directory is what a deployment hotloads. Every snapshot has
 `snapshot.json` (type, identity = directory name, dtype) and the `COMPLETE` marker. `base` and
 `merged_base` hold an HF-loadable model (`config.json`, `model.safetensors`, tokenizer files);
 a LoRA snapshot holds `adapter_config.json` + `adapter_model.safetensors`; a `delta` holds

@@ -1,5 +1,5 @@
 """Futures of the tinker protocol: every long operation answers with a request id at once and
-its result is fetched later with `retrieve_future` (tinker-protocol.md §4).
+its result is fetched later with `retrieve_future`.
 
 The store keeps one `concurrent.futures.Future` per request id. `retrieve` long-polls: it holds
 the HTTP request until the result is ready or `hold_s` has passed, because the 0.23 client

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointRowType", "JobContext", "ModelEntry", "TrainerHost"]
 
-# The control plane's checkpoint types (platform-api.md §3.4).
+# The control plane's checkpoint types.
 CheckpointRowType = Literal[
     "CHECKPOINT_TYPE_TRAINING",
     "CHECKPOINT_TYPE_TRAINING_LORA",

@@ -1,5 +1,5 @@
-# ruff: noqa: N815  (shape-suffixed tensor names: lp_N, loss_N; style.md point 12)
-"""The built-in tinker losses (tinker-protocol.md §8) as small pure functions of one datum.
+# ruff: noqa: N815  (shape-suffixed tensor names: lp_N, loss_N, the house style)
+"""The built-in tinker losses as small pure functions of one datum.
 
 Each takes `lp_N` (fp32 target logprobs of the current weights, with grad), the datum's loss
 inputs and a typed config, and returns the per-token loss (it sums to the datum's loss: sums,
@@ -194,7 +194,7 @@ def _clipped_surrogate(
 
 
 def _rl_mask(inputs: LossInputs) -> torch.Tensor:
-    """Loss tokens of an RL loss: weights ≠ 0 when given, else advantages ≠ 0 (§9)."""
+    """Loss tokens of an RL loss: weights ≠ 0 when given, else advantages ≠ 0."""
     weights = inputs.get("weights")
     return weights != 0 if weights is not None else inputs["advantages"] != 0
 
@@ -262,7 +262,7 @@ class LossFn(Generic[ConfigT]):
             )
 
     def loss_token_mask(self, inputs: LossInputs) -> torch.Tensor:
-        """Positions that count as loss tokens for `num_loss_tokens` normalisation (§9)."""
+        """Positions that count as loss tokens for `num_loss_tokens` normalisation."""
         if self.required_inputs:
             return _rl_mask(inputs)
         weights = inputs.get("weights")
@@ -296,7 +296,7 @@ LOSSES: dict[str, LossFn[Any]] = {
         LossFn("dapo", dapo, DapoConfig, _RL_INPUTS),
     )
 }
-# Protocol names that need server-side features the local trainer keeps off (§8).
+# Protocol names that need server-side features the local trainer keeps off.
 _UNSUPPORTED = ("stable_reinforce", "custom")
 
 

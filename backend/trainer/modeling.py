@@ -22,7 +22,7 @@ from backend.trainer.errors import UserError
 from backend.trainer.export import Tensors, dtype_name
 from backend.trainer.settings import LoraSettings
 
-# LoRA target modules of Llama/Qwen-style models (models.md §5).
+# LoRA target modules of Llama/Qwen-style models: all attention and MLP projections.
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULE = "lm_head"

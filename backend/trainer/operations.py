@@ -60,7 +60,7 @@ def resolve_device(setting: str) -> str:
 
 
 def load_model(ctx: JobContext, entry: ModelEntry, request: CreateModelRequest) -> JsonDict:
-    """Build the engine for a `create_model` after checking it fits this job (§10)."""
+    """Build the engine for a `create_model` after checking it fits this job."""
     try:
         _check_base_model(ctx, request.base_model)
         lora = _lora_settings(ctx, request)
@@ -131,7 +131,7 @@ def optim_step(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
 
 
 def save_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
-    """Save weights + optimizer state as a resumable checkpoint of the job (§11)."""
+    """Save weights + optimizer state as a resumable checkpoint of the job."""
     request = parse(SaveWeightsRequest, body)
     engine = entry.require_engine()
     name = validate_name(request.path or f"step-{engine.step}")
@@ -144,7 +144,7 @@ def save_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
 
 
 def load_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
-    """Replace the weights (and optimizer state if asked) from a checkpoint reference (§12)."""
+    """Replace the weights (and optimizer state if asked) from a checkpoint reference."""
     request = parse(LoadWeightsRequest, body)
     if request.weights_access_token is not None:
         raise UserError("weights_access_token is not supported by the local trainer")
@@ -160,7 +160,7 @@ def load_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
 
 
 def save_weights_for_sampler(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
-    """Export a sampler snapshot of the job (§11; platform-api.md §9.4, §10.1)."""
+    """Export a sampler snapshot of the job, for a deployment to hotload."""
     request = parse(SaveForSamplerRequest, body)
     if request.path is None:
         return _ephemeral_snapshot(ctx, entry, request)

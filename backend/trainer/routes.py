@@ -1,4 +1,4 @@
-"""The tinker 0.23 JSON protocol under the trainer gateway (tinker-protocol.md §3-§12, §18).
+"""The tinker 0.23 JSON protocol under the trainer gateway.
 
 Mounted by `backend.gateway.gateway_router` under `/training/v1/rlorTrainerJobs/{account}/
 {job_id}/api/v1`. Every route resolves the job first; a job that is unknown or not RUNNING

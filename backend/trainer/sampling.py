@@ -1,7 +1,7 @@
 """Token sampling for stock tinker clients, from a sampler snapshot or the job's base model.
 
 Firetitan clients sample through deployments; the trainer samples only so that unmodified
-tinker clients (and parity tests) work against the local platform (tinker-protocol.md §13).
+tinker clients (and parity tests) work against the local platform.
 Decoding is the deployments' own batched decoder (`backend.serving.generation`), run to
 completion on the job's worker, so both paths draw tokens and compute logprobs the same way:
 the trainer's fp32 log-softmax, so at temperature 1 without top-k/top-p a sampled token's

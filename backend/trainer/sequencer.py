@@ -1,4 +1,4 @@
-"""Per-model ordering of tinker operations by `seq_id` (tinker-protocol.md §5).
+"""Per-model ordering of tinker operations by `seq_id`.
 
 The 0.23 client submits the chunks of one `forward_backward` concurrently and the first chunk
 *last*, so the server must wait for gaps: a lowest-first queue would run chunk 2 before chunk 1

@@ -74,7 +74,7 @@ class TrainerSettings(BaseModel):
 
     # How long `retrieve_future` holds a request for a result (below tinker's 45 s timeout).
     retrieve_hold_s: float = Field(default=25.0, gt=0)
-    # How long an operation waits behind a missing seq id before failing (§5).
+    # How long an operation waits behind a missing seq id before failing.
     gap_timeout_s: float = Field(default=900.0, gt=0)
     # How long finished results stay retrievable.
     future_ttl_s: float = Field(default=3600.0, gt=0)

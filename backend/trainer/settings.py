@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 GradNormalization = Literal["num_loss_tokens", "num_sequences", "none"]
 CheckpointType = Literal["base", "delta", "merged_base"]
 
-# tinker-protocol.md §10: lora_alpha when the request has none (fireloop choice, the SDK default).
+# lora_alpha when the request has none (fireloop choice: the SDK's explicit default).
 DEFAULT_LORA_ALPHA = 32
 # No useful run steps with more: larger values only blow the weights up.
 MAX_LEARNING_RATE = 10.0

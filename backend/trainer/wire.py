@@ -1,7 +1,7 @@
 """The JSON shapes of the tinker 0.23 protocol as the trainer gateway reads and answers them.
 
 Requests ignore unknown fields: later tinker clients and the Firetitan extensions add fields, and
-a trainer must not refuse a client for sending more than it needs (tinker-protocol.md §17).
+a trainer must not refuse a client for sending more than it needs.
 Ordered requests are parsed on the worker (`parse`), not in the route, so that a malformed one
 still consumes its sequence id and fails as a `category: "user"` future instead of stalling the
 operations queued behind it.
@@ -126,7 +126,7 @@ class RetrieveFutureRequest(WireModel):
 
 
 class ClientConfig(WireModel):
-    """tinker-protocol.md §3's recommended local answer: JSON, no JWT, plain httpx."""
+    """The answer to `/api/v1/client/config` for a local server: JSON, no JWT, plain httpx."""
 
     pjwt_auth_enabled: bool = False
     credential_default_source: str = "api_key"
@@ -202,7 +202,7 @@ class CheckpointListResponse(WireModel):
     checkpoints: list[str]
 
 
-# -- sampling (stock tinker clients; tinker-protocol.md §13) -------------------------------
+# -- sampling (stock tinker clients) -------------------------------------------------------
 
 
 class CreateSamplingSessionRequest(WireModel):
