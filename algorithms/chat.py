@@ -1,7 +1,7 @@
 """Chat rendering with loss masks: conversations -> (tokens, weights) through the HF chat template.
 
 The tokenizer's own chat template is the renderer, so training sees exactly the ids the serving
-side builds (renderer drift causes train/inference mismatch, failure-modes W12). Per-message token
+side builds (renderer drift causes train/inference mismatch). Per-message token
 spans come from rendering growing prefixes of the conversation; a template for which a prefix's
 tokens are not a prefix of the next render (one that rewrites earlier turns) is refused by name.
 """
@@ -42,7 +42,7 @@ class ChatTemplateError(ValueError):
 
 
 class ChatMessage(BaseModel):
-    """One chat message (recipes.md §3.1); unknown keys are ignored, known ones validated.
+    """One chat message; unknown keys are ignored, known ones validated.
 
     `content` may arrive as OpenAI parts (`[{"type": "text", "text": ...}]`): text parts are
     joined, any other part is refused. `reasoning_content` fills `thinking` when that is absent.
@@ -154,7 +154,7 @@ class _Span:
 def effective_train_on_what(
     messages: Sequence[ChatMessage], train_on_what: TrainOnWhat
 ) -> TrainOnWhat:
-    """`customized` as soon as any message carries `weight`/`trainable` (recipes.md §3.1)."""
+    """`customized` as soon as any message carries `weight`/`trainable`: the row chose its own."""
     if any(message.marks_trainable for message in messages):
         return "customized"
     return train_on_what
@@ -169,7 +169,7 @@ class ParsedResponse:
 
 
 def strip_trailing_assistant(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """The prompt part of a conversation: trailing assistant messages removed (recipes.md §3.3)."""
+    """The prompt part of a conversation: trailing assistant messages removed."""
     end = len(messages)
     while end > 0 and messages[end - 1].role == "assistant":
         end -= 1
@@ -182,7 +182,7 @@ def as_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[Cha
 
 
 class ChatRenderer:
-    """Renders conversations with a tokenizer's HF chat template (recipes.md §3.4).
+    """Renders conversations with a tokenizer's HF chat template.
 
     `build_supervised_example` gives (tokens, weights); `build_generation_prompt` the prompt ids
     for sampling; `parse_response` cuts a completion at its first stop token. `name` only labels

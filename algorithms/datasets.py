@@ -1,9 +1,9 @@
 """SFT chat JSONL: validated in full before any compute, fingerprinted, read in a seeded order.
 
 A bad row must fail the run before a trainer is provisioned, with the file, the 1-based line and
-the field (design.md: bad input gets a clear error). The epoch order is a pure function of
-`(seed, epoch)` and the data cursor counts raw rows consumed, so a resumed run computes where it
-is instead of replaying an iterator (failure-modes R2, R4, D1).
+the field, so the user can fix the input before spending anything. The epoch order is a pure
+function of `(seed, epoch)` and the data cursor counts raw rows consumed, so a resumed run
+computes where it is instead of replaying an iterator: no row is trained twice or skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _READ_CHUNK_BYTES: Final = 1 << 16
 
 
 class ChatRow(BaseModel):
-    """One SFT row (recipes.md §3.1): `messages` (≥ 1) and optional `tools`; extra keys ignored.
+    """One SFT row: `messages` (≥ 1) and optional `tools`; extra keys ignored.
 
     A row must have something to train on: an assistant message, or, when any message carries
     `weight`/`trainable`, a message marked trainable.
@@ -130,7 +130,7 @@ def write_jsonl(rows: Iterable[ChatRow], path: str | Path) -> str:
 
 
 def fingerprint_bytes(data: bytes) -> str:
-    """`sha256:<hex>` of the bytes: the dataset identity a ledger records (failure-modes R9)."""
+    """`sha256:<hex>` of the bytes: the dataset identity a ledger records, checked on resume."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -305,8 +305,9 @@ def cursor_position(cursor: int, n_rows: int) -> CursorPosition:
 def epoch_order(seed: int, epoch: int, n_rows: int, *, shuffle: bool = True) -> list[int]:
     """Row indices of epoch `epoch`: a permutation drawn from `random.Random(seed + epoch)`.
 
-    Pure (recipes.md §2 `shuffle`): the same arguments always give the same order, and no
-    global RNG is touched (failure-modes D1, D2). `shuffle=False` gives `0..n_rows-1`.
+    Pure: the same arguments always give the same order, and no global RNG is touched, so
+    a resumed run sees exactly the order of an uninterrupted one. `shuffle=False` gives
+    `0..n_rows-1`.
     """
     order = list(range(n_rows))
     if shuffle:
@@ -327,8 +328,9 @@ def next_batch(
 
     Rows are one stream, epoch after epoch, each in `epoch_order(seed, e, n_rows)`: a batch
     that reaches the end of an epoch continues in the next one, so resuming at an epoch
-    boundary starts the next epoch (failure-modes R2). `total_rows` (e.g. `epochs * n_rows`)
-    ends the stream; the last batch may be short and an exhausted stream gives `[]`.
+    boundary starts the next epoch instead of silently skipping it. `total_rows` (e.g.
+    `epochs * n_rows`) ends the stream; the last batch may be short and an exhausted stream
+    gives `[]`.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -1,9 +1,9 @@
 """SFT datums: rendered examples -> tinker `Datum`s, the drop rules, and loss normalisation.
 
-Every recipe shifts the same way (recipes.md §3.4): `model_input = tokens[:-1]`,
+Every recipe shifts the same way: `model_input = tokens[:-1]`,
 `target_tokens = tokens[1:]`, `weights = weights[1:]`, so a target's weight is its own token's.
 The server's `cross_entropy` is a weighted *sum*; exactly one normalisation must turn it into the
-loss the config names (recipes.md §4), so the weights and the `optim_step` normalisation are
+loss the config names, so the weights and the `optim_step` normalisation are
 chosen together here and checked as a pair.
 """
 
@@ -25,7 +25,7 @@ LossReduction = Literal["batch_token_mean", "example_mean", "token_sum"]
 GradNormalization = Literal["num_loss_tokens", "num_sequences", "none"]
 DropReason = Literal["too_short", "too_long", "no_weight"]
 
-# loss_reduction -> the one normalisation that pairs with its weights (recipes.md §4-§5):
+# loss_reduction -> the one normalisation that pairs with its weights:
 #   batch_token_mean: raw 0/1 weights, server divides by Σ w over the step  -> Σ nll·w / Σ w
 #   example_mean:     weights scaled to Σ_t w = 1 per example, server divides by the datums
 #                     -> (1/N) Σ_i (Σ_t nll_it w_it / Σ_t w_it)   (fireloop choice)
@@ -39,7 +39,8 @@ SFT_GRAD_NORMALIZATION: Final[dict[LossReduction, GradNormalization]] = {
 
 
 class NormalizationMismatchError(ValueError):
-    """An `optim_step` normalisation that does not pair with the loss reduction (§4 N4)."""
+    """An `optim_step` normalisation that does not pair with the loss reduction: normalising
+    twice or never scales the gradient wrongly, and silently."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def sft_datum(example: SupervisedExample, loss_reduction: LossReduction) -> type
 
 
 def drop_reason(example: SupervisedExample, max_seq_len: int | None) -> DropReason | None:
-    """Why a rendered row cannot train (recipes.md §3.4), or None when it can.
+    """Why a rendered row cannot train, or None when it can.
 
     Dropped: < 2 tokens, more than `max_seq_len` tokens (whole rows are dropped, never
     truncated: a cut reply would teach the model to stop mid-answer), or no positive weight on
@@ -143,7 +144,7 @@ def grad_normalization(loss_reduction: LossReduction) -> GradNormalization:
 
 
 def check_normalization(loss_reduction: LossReduction, normalization: str | None) -> None:
-    """Raise unless `normalization` is the one pairing for `loss_reduction` (§4 N4).
+    """Raise unless `normalization` pairs with `loss_reduction` (a wrong pair fails silently).
 
     `None` reads as `"none"`, as `optim_step` treats it.
     """
@@ -161,7 +162,7 @@ def weight_sum(datums: Sequence[types.Datum]) -> float:
 
 
 def mean_ce_loss(loss_sum: float, datums: Sequence[types.Datum]) -> float:
-    """Logged SFT loss `ce = loss:sum / Σ w` (recipes.md §5; Σ w = batch size for example_mean)."""
+    """Logged SFT loss `ce = loss:sum / Σ w` (Σ w = batch size for example_mean)."""
     total = weight_sum(datums)
     if total <= 0:
         raise ValueError("the datums carry no positive weight")

@@ -1,7 +1,7 @@
-"""Learning-rate schedules as pure functions of the step (recipes.md §2 `lr_schedule`).
+"""Learning-rate schedules as pure functions of the step (`lr_schedule`).
 
 The learning rate of step `t` depends on nothing but `t` and the config, so a run resumed at
-step `t` uses exactly the rates of an uninterrupted one (failure-modes R7); no scheduler
+step `t` uses exactly the rates of an uninterrupted one; no scheduler
 object carries state across a checkpoint.
 """
 

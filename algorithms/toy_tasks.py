@@ -1,6 +1,6 @@
-"""Built-in toy tasks: generated offline from a seed, scored without a model (recipes.md §3.5).
+"""Built-in toy tasks: generated offline from a seed, scored without a model.
 
-`reverse` is the SFT demo (models.md §1.4: `"abcd="` -> `"dcba"` + EOS, letters a-h, length
+`reverse` is the SFT demo (`"abcd="` -> `"dcba"` + EOS, letters a-h, length
 2-5), which the tiny model learns in seconds on a CPU. Which split a word belongs to depends on
 the word alone, so no seed can leak an eval word into training. A config names a task the way it
 names a file: `load_sft_dataset("reverse")` and `load_sft_dataset("data/train.jsonl")` give the
