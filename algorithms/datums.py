@@ -30,7 +30,7 @@ DropReason = Literal["too_short", "too_long", "no_weight"]
 #   example_mean:     weights scaled to Σ_t w = 1 per example, server divides by the datums
 #                     -> (1/N) Σ_i (Σ_t nll_it w_it / Σ_t w_it)   (fireloop choice)
 #   token_sum:        raw 0/1 weights, no normalisation -> Σ nll·w (grows with batch tokens;
-#                     the cookbook 6731197a behaviour, kept only because the spec names it)
+#                     kept only to match the reference cookbook's behaviour)
 SFT_GRAD_NORMALIZATION: Final[dict[LossReduction, GradNormalization]] = {
     "batch_token_mean": "num_loss_tokens",
     "example_mean": "num_sequences",

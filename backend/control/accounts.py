@@ -25,7 +25,7 @@ class AccountList(ResponseModel):
 
 
 def accounts_router(account_id: str) -> APIRouter:
-    """A1: `GET /v1/accounts`."""
+    """The account list: `GET /v1/accounts`."""
     router = APIRouter(prefix="/v1/accounts")
     account = Account(name=f"accounts/{account_id}", display_name="fireloop local platform")
 

@@ -29,7 +29,8 @@ _SEED_MASK = (1 << 63) - 1
 
 
 class CompletionRequest(BaseModel):
-    """The I1 body. Unknown fields are refused, so a misspelt option is never ignored."""
+    """The body of `POST /inference/v1/completions`. Unknown fields are refused, so a misspelt
+    option is never ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
