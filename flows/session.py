@@ -13,15 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import tinker
 from prefect.futures import PrefectFuture, wait
-from tinker import types
 
 from algorithms.chat import ChatRenderer
 from flows.ledger import CheckpointRow, Ledger
 from flows.notices import notice
-from sdk import DeploymentManager, DeploymentSampler, WeightSyncer
-from sdk._closing import ClosesOnExit
+from sdk import BadRequestError, ClosesOnExit, DeploymentManager, DeploymentSampler, WeightSyncer
 from tasks.checkpoints import list_resumable_checkpoints
 from tasks.errors import TrainerMismatchError, trainer_call
 from tasks.platform import PlatformEndpoint
@@ -88,8 +85,6 @@ class TrainerSession(ClosesOnExit):
     ) -> None:
         self.service, self.client, self.job, self.renderer = service, client, job, renderer
         self.deployments, self.syncer, self.sampler = deployments, syncer, sampler
-        self.hotloads = 0  # syncs done by this session: the first one is a `base` load
-        self.synced_point: int | None = None  # the step whose weights the deployment serves
 
     @classmethod
     def open(
@@ -166,13 +161,11 @@ def _training_client(
             return service.create_training_client(
                 base_model, lora_rank=lora_rank, seed=seed, lora_alpha=lora_alpha
             )
-    except tinker.RequestFailedError as exc:
-        if exc.category != types.RequestErrorCategory.User:
-            raise
+    except BadRequestError as exc:  # the SDK's error for a refused (user-category) request
         raise TrainerMismatchError(
             f"trainer job {job.job_id} refused base_model={base_model!r}, lora_rank={lora_rank}: "
-            f"{exc.message}; the job was created with other settings: use another run_name "
-            "or platform.trainer_job_id, or the job's settings"
+            f"{exc.server_message}; the job was created with other settings: use another "
+            "run_name or platform.trainer_job_id, or the job's settings"
         ) from None
 
 
@@ -195,7 +188,5 @@ def resume(endpoint: PlatformEndpoint, ledger: Ledger, session: TrainerSession) 
     with trainer_call(session.job.job_id, f"load_state_with_optimizer {row.name}", row.next_step):
         future = session.client.load_state_with_optimizer(row.state_path)
         future.result(timeout=endpoint.waits.save_timeout_s)
-    if session.syncer is not None:
-        session.syncer.reset_delta_chain()  # the next sync is a full `base` load
     notice(f"resumed from {row.name}: next step {row.next_step}, data cursor {row.data_cursor}")
     return ResumePoint(row.next_step, row.data_cursor, row, listed)

@@ -23,7 +23,7 @@ from flows.sft_data import RenderedSFT, SFTBatches, load_sft_data, render_sft_da
 from tasks.evaluation import sample_greedy
 from tasks.provision import TrainerSpec
 from tasks.training import OptimizerPlan, Segment, evaluate_loss, train_segment
-from tasks.weight_sync import SnapshotKind, save_and_hotload
+from tasks.weight_sync import HotloadResult, save_and_hotload
 
 __all__ = [
     "Progress",
@@ -115,7 +115,7 @@ def _train(config: SFTConfig) -> RunResult:
                 eval_due = cadence.eval_at(end) and not run.evaluated(end)
                 snapshot = None
                 if cadence.hotload_at(end, eval_due=eval_due):
-                    snapshot = _sync(run, session, end)
+                    snapshot = _sync(run, session, end).identity
                 if result.saved_name is not None:
                     run.record_checkpoint(result, snapshot)
                 if eval_due:
@@ -135,20 +135,26 @@ def _optimizer_plan(config: SFTConfig) -> OptimizerPlan:
     )
 
 
-def _sync(run: RunContext, session: TrainerSession, point: int) -> str:
-    """Save, hotload and verify the weights after `point` steps; the served identity.
+def _sync(run: RunContext, session: TrainerSession, point: int) -> HotloadResult:
+    """Save, hotload and verify the weights after `point` steps, and record the hotload.
 
-    A session's first sync is a full `base` load (a fresh client after a resume, W4); LoRA
-    adapters are always `base`; full-parameter syncs after the first are deltas.
+    The session's syncer picks the kind: a full `base` load first (every attempt has a fresh
+    syncer, so a resume starts with one too), then deltas; LoRA adapters are always `base`.
     """
     assert session.syncer is not None
-    first = session.hotloads == 0
-    kind: SnapshotKind = "base" if first or run.config.lora_rank > 0 else "delta"
-    hotload = save_and_hotload(session.syncer, f"step-{point}", kind, point, run.job_id)
-    session.hotloads += 1
-    session.synced_point = point
+    hotload = save_and_hotload(session.syncer, _snapshot_name(point), point, run.job_id)
     run.record_hotload(hotload)
-    return hotload.identity
+    return hotload
+
+
+def _snapshot_name(point: int) -> str:
+    return f"step-{point}"
+
+
+def _serves(session: TrainerSession, point: int) -> bool:
+    """Whether the deployment serves the weights after `point` steps (the syncer verified it)."""
+    synced = session.syncer.last_synced if session.syncer is not None else None
+    return synced is not None and synced.name == _snapshot_name(point)
 
 
 def _evaluate(run: RunContext, session: TrainerSession, rendered: RenderedSFT, point: int) -> None:
@@ -159,7 +165,7 @@ def _evaluate(run: RunContext, session: TrainerSession, rendered: RenderedSFT, p
     if rendered.eval_datums:
         metrics |= evaluate_loss(session.client, rendered.eval_datums, point, run.job_id, run.waits)
     if config.sample_eval and session.sampler is not None and rendered.eval_prompts:
-        if session.synced_point != point:
+        if not _serves(session, point):
             _sync(run, session, point)
         completions = sample_greedy(
             session.sampler,

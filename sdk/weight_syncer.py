@@ -3,9 +3,10 @@
 The chain rules (§10.1): a session's first sync is a full `base`; full-parameter runs then send
 `delta`s whose metadata names the last *hotloaded* identity; LoRA adapters are always `base`,
 never with metadata. After every hotload the syncer verifies that each replica is ready and
-serves the new snapshot (W7) and raises `StaleDeploymentError` otherwise: an evaluation must
-never read stale weights. After a failed hotload, a re-attach or a resume, call
-`reset_delta_chain()` so that the next sync is a full load again.
+serves the new snapshot and raises `StaleDeploymentError` otherwise: an evaluation must
+never read stale weights. The syncer alone decides base or delta: a failed save or hotload
+resets its chain itself, so the next sync is a full load; after a re-attach call
+`reset_delta_chain()`. `sync` returns a typed `SyncResult` (identity, kind, timings).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel, ConfigDict
 
 from sdk.deployment import DeploymentManager
 from sdk.errors import ConfigError, DeploymentError, HotloadError
@@ -27,7 +30,7 @@ from sdk.sampling_types import Tokenizer
 if TYPE_CHECKING:
     from sdk.firetitan_sampling import FiretitanSamplingClient
 
-__all__ = ["SamplerSnapshotSource", "WeightSyncer"]
+__all__ = ["SamplerSnapshotSource", "SyncResult", "SyncTiming", "WeightSyncer"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,39 @@ def _checkpoint_type(value: str) -> CheckpointType:
 
 def _zero_timing() -> dict[str, float]:
     return {"save_time_s": 0.0, "hotload_time_s": 0.0, "warmup_time_s": 0.0, "total_time_s": 0.0}
+
+
+class SyncTiming(BaseModel):
+    """Seconds spent in each phase of one sync (0 for a phase that did not run)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    save_s: float = 0.0
+    hotload_s: float = 0.0  # the load request until the deployment reports it done
+    verify_s: float = 0.0  # until every replica serves the new identity
+    warmup_s: float = 0.0
+    total_s: float = 0.0
+
+
+class SyncResult(BaseModel):
+    """One `WeightSyncer.sync`: the snapshot saved, its kind, where it is served, how long.
+
+    `deployment_id` is None when the syncer only saves (no deployment); otherwise every replica
+    of that deployment was verified serving `identity` before this result existed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str  # the name asked for
+    identity: str  # the snapshot identity the trainer returned (what a deployment loads)
+    kind: CheckpointType
+    deployment_id: str | None
+    timing: SyncTiming
+
+    @property
+    def hotloaded(self) -> bool:
+        """Whether the snapshot was hotloaded and verified (not only saved)."""
+        return self.deployment_id is not None
 
 
 @dataclass
@@ -85,6 +121,8 @@ class WeightSyncer:
     base_saved: bool = field(default=False, init=False)
     base_identity: str | None = field(default=None, init=False)
     last_timing: dict[str, float] = field(default_factory=_zero_timing, init=False)
+    # The last successful sync of this chain; None before the first and after a reset.
+    last_synced: SyncResult | None = field(default=None, init=False)
     _deployment_checked: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,19 +148,52 @@ class WeightSyncer:
     def save_and_hotload(self, name: str, checkpoint_type: str | None = None) -> str:
         """Save a sampler snapshot and, if enabled, hotload and verify it; the snapshot name.
 
-        Raises on any failure; the hotload's typed errors are `HotloadError` (refused, failed
-        or timed out), `StaleDeploymentError` (a replica still serves something else) and
-        `DeploymentError` (wrong deployment for this trainer or base model).
+        The same as `sync(name, checkpoint_type).identity`; see `sync` for the errors.
+        """
+        return self.sync(name, checkpoint_type).identity
+
+    def sync(self, name: str, checkpoint_type: str | None = None) -> SyncResult:
+        """Save a sampler snapshot and, if enabled, hotload and verify it; what was done.
+
+        The kind is the syncer's own decision unless `checkpoint_type` forces one: `base` for
+        the chain's first sync (`first_checkpoint_type`) and for every LoRA adapter, `delta`
+        after that. Raises on any failure, after resetting the chain (the next sync is a full
+        load): `HotloadError` (refused, failed or timed out), `StaleDeploymentError` (a replica
+        still serves something else), `DeploymentError` (wrong deployment for this trainer or
+        base model), or the training client's own error for a failed save.
         """
         started = self.clock()
         kind = self._next_checkpoint_type(checkpoint_type)
-        snapshot = self._save(name, kind)
-        timing = {**_zero_timing(), "save_time_s": self.clock() - started}
-        if self.hotload_enabled:
-            self._do_hotload(snapshot, kind, timing)
-        timing["total_time_s"] = self.clock() - started
-        self.last_timing = timing
-        return snapshot
+        try:
+            snapshot = self._save(name, kind)
+            save_s = self.clock() - started
+            phases = self._do_hotload(snapshot, kind) if self.hotload_enabled else (0.0,) * 3
+        except BaseException:
+            # Whatever the trainer or the deployment now holds, a full load is always valid.
+            self.reset_delta_chain()
+            raise
+        hotload_s, verify_s, warmup_s = phases
+        timing = SyncTiming(
+            save_s=save_s,
+            hotload_s=hotload_s,
+            verify_s=verify_s,
+            warmup_s=warmup_s,
+            total_s=self.clock() - started,
+        )
+        self.last_timing = {
+            "save_time_s": timing.save_s,
+            "hotload_time_s": timing.hotload_s + timing.verify_s,
+            "warmup_time_s": timing.warmup_s,
+            "total_time_s": timing.total_s,
+        }
+        self.last_synced = SyncResult(
+            name=name,
+            identity=snapshot,
+            kind=kind,
+            deployment_id=self.deployment_id if self.hotload_enabled else None,
+            timing=timing,
+        )
+        return self.last_synced
 
     def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
         """Save a sampler snapshot without hotloading it; None (logged) on any failure.
@@ -136,19 +207,22 @@ class WeightSyncer:
             return None
 
     def hotload(self, snapshot_name: str, checkpoint_type: str) -> bool:
-        """Hotload and verify an already saved snapshot; False (logged) on any failure."""
+        """Hotload and verify an already saved snapshot; False (logged) on any failure, after
+        which the next sync is a full load."""
         try:
-            self._do_hotload(snapshot_name, _checkpoint_type(checkpoint_type), _zero_timing())
+            self._do_hotload(snapshot_name, _checkpoint_type(checkpoint_type))
         except Exception:  # the contract: report, never raise
             logger.exception("hotloading %r failed", snapshot_name)
+            self.reset_delta_chain()
             return False
         return True
 
     def reset_delta_chain(self) -> None:
         """Make the next save a full `base` load (after a failed hotload, re-attach or resume),
-        and re-check the deployment before it."""
+        and re-check the deployment before it; `last_synced` is cleared (nothing is vouched for)."""
         self.base_saved = False
         self.base_identity = None
+        self.last_synced = None
         self._deployment_checked = False
 
     # -- deployment state ------------------------------------------------------------------
@@ -203,7 +277,8 @@ class WeightSyncer:
         logger.info("saved sampler snapshot %s (%s)", result.snapshot_name, kind)
         return result.snapshot_name
 
-    def _do_hotload(self, snapshot: str, kind: CheckpointType, timing: dict[str, float]) -> None:
+    def _do_hotload(self, snapshot: str, kind: CheckpointType) -> tuple[float, float, float]:
+        """Load, verify and warm up `snapshot`; the seconds of each of those three phases."""
         manager, deployment_id = self._target()
         if not self._deployment_checked:
             self._check_deployment(manager, deployment_id)
@@ -231,6 +306,8 @@ class WeightSyncer:
                 deployment_id=deployment_id,
                 snapshot_identity=snapshot,
             )
+        hotload_s = self.clock() - started
+        started = self.clock()
         manager.verify_hotload(
             deployment_id,
             self.base_model,
@@ -239,8 +316,9 @@ class WeightSyncer:
             poll_interval_s=self.verify_poll_interval_s,
         )
         self.base_identity = snapshot  # the chain follows what was *hotloaded* and verified
-        timing["hotload_time_s"] = self.clock() - started
+        verify_s = self.clock() - started
         logger.info("deployment %s serves %s (%s) on every replica", deployment_id, snapshot, kind)
+        warmup_s = 0.0
         if self.warmup_after_hotload:
             started = self.clock()
             manager.warmup(
@@ -248,7 +326,8 @@ class WeightSyncer:
                 max_retries=self.warmup_max_retries,
                 retry_interval_s=self.warmup_retry_interval_s,
             )
-            timing["warmup_time_s"] = self.clock() - started
+            warmup_s = self.clock() - started
+        return hotload_s, verify_s, warmup_s
 
     def _check_deployment(self, manager: DeploymentManager, deployment_id: str) -> None:
         """Once per chain: the deployment is this trainer's and base model's, and its hotload

@@ -1,7 +1,8 @@
-"""`WeightSyncer` against a fake deployment and training client: the delta chain (first base,
-then deltas with the exact metadata; LoRA always base; reset → base; a chain broken by
-`save_only`), identity verification on every replica, the W5 wait before the first load, the
-deployment checks made before any load, and the never-raising variants."""
+"""`WeightSyncer` against a fake deployment and training client: the syncer's own base/delta
+decision and its typed result (first base, then deltas with the exact metadata; LoRA always
+base; reset → base; a failed hotload → base), identity verification on every replica, the wait
+for replicas before the first load, the deployment checks made before any load, and the
+never-raising variants."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sdk import (
     StaleDeploymentError,
     WeightSyncer,
 )
+from sdk.weight_syncer import SyncResult
 from tests.sdk.conftest import FAST_RETRY
 from tests.sdk.fakes import API_KEY, BASE_URL, FakeClock
 from tests.sdk.serving_fakes import (
@@ -88,7 +90,80 @@ def delta_after(identity: str) -> dict[str, str]:
     }
 
 
-# -- the delta chain (§10.1) --------------------------------------------------------------------
+def kinds(results: list[SyncResult]) -> list[str]:
+    return [result.kind for result in results]
+
+
+# -- the syncer's decision: base or delta ------------------------------------------------------
+
+
+def test_sync_decides_base_then_delta_and_returns_what_it_did(
+    syncer: WeightSyncer, serving: FakeServing, policy: FakePolicyClient
+) -> None:
+    results = [syncer.sync(f"step-{i}") for i in (1, 2, 3)]
+    assert kinds(results) == ["base", "delta", "delta"]
+    assert [kind for _, kind in policy.saves] == kinds(results)  # what the trainer was asked
+    first = results[0]
+    assert (first.name, first.identity, first.deployment_id) == ("step-1", "step-1-c0ffee00", DEP)
+    assert first.hotloaded
+    assert metadata_sent(serving)[1:] == [delta_after(r.identity) for r in results[:2]]
+    assert syncer.last_synced == results[-1]
+    assert serving.replicas[0].identity == results[-1].identity
+    timing = results[-1].timing
+    assert timing.hotload_s > 0 and timing.verify_s >= 0  # fake seconds slept while polling
+    assert timing.total_s >= timing.save_s + timing.hotload_s + timing.verify_s + timing.warmup_s
+    assert syncer.last_timing["hotload_time_s"] == timing.hotload_s + timing.verify_s
+
+
+def test_sync_on_lora_is_always_base(manager: DeploymentManager, serving: FakeServing) -> None:
+    serving.lora = True
+    syncer = make_syncer(manager, FakePolicyClient(serving, lora_rank=8))
+    assert kinds([syncer.sync(f"step-{i}") for i in range(3)]) == ["base"] * 3
+    assert metadata_sent(serving) == [None, None, None]
+
+
+def test_sync_after_a_reset_is_base_and_nothing_is_vouched_for(syncer: WeightSyncer) -> None:
+    before = [syncer.sync("a"), syncer.sync("b")]
+    syncer.reset_delta_chain()
+    assert syncer.last_synced is None
+    assert kinds([*before, syncer.sync("c"), syncer.sync("d")]) == [
+        "base",
+        "delta",
+        "base",
+        "delta",
+    ]
+
+
+def test_sync_after_a_hotload_error_is_base_without_a_reset(
+    syncer: WeightSyncer, serving: FakeServing
+) -> None:
+    first = syncer.sync("s1")
+    syncer.save_only("s2")  # the trainer's next delta is taken against s2, never served
+    with pytest.raises(HotloadError) as caught:
+        syncer.sync("s3")
+    assert "s2-c0ffee00" in str(caught.value) and first.identity in str(caught.value)
+    assert syncer.last_synced is None  # the deployment's state is not vouched for
+    healed = syncer.sync("s4")  # no reset_delta_chain() call: the syncer reset itself
+    assert (healed.kind, metadata_sent(serving)[-1]) == ("base", None)
+    assert serving.replicas[0].identity == healed.identity
+    assert syncer.sync("s5").kind == "delta"
+
+
+def test_sync_after_a_failed_save_is_base(syncer: WeightSyncer, policy: FakePolicyClient) -> None:
+    syncer.sync("a")
+    policy.fail_next_save = True
+    with pytest.raises(RuntimeError, match="trainer unavailable"):
+        syncer.sync("b")
+    assert syncer.sync("c").kind == "base"
+
+
+def test_sync_without_a_deployment_saves_only(serving: FakeServing) -> None:
+    result = WeightSyncer(FakePolicyClient(serving)).sync("a")
+    assert (result.identity, result.kind, result.deployment_id) == ("a-c0ffee00", "base", None)
+    assert not result.hotloaded and result.timing.hotload_s == 0.0
+
+
+# -- the delta chain on the wire ---------------------------------------------------------------
 
 
 def test_first_sync_is_base_then_deltas_with_the_exact_metadata(
@@ -146,16 +221,13 @@ def test_save_only_twice_then_hotload_sends_the_chain_the_server_refuses(
     assert last == "s3-c0ffee00"
     with caplog.at_level(logging.ERROR, logger="sdk.weight_syncer"):
         assert not syncer.hotload(last, "delta")
-    # The chain follows the last *hotloaded* identity, not the last saved one (W8).
+    # The chain follows the last *hotloaded* identity, not the last saved one.
     assert metadata_sent(serving)[-1] == delta_after(first)
     assert "s2-c0ffee00" in caplog.text and first in caplog.text  # the refusal names both
-    assert syncer.base_identity == first
-    with pytest.raises(HotloadError) as caught:
-        syncer.save_and_hotload("s4")
-    assert "s3-c0ffee00" in str(caught.value) and first in str(caught.value)
-    syncer.reset_delta_chain()
-    assert syncer.save_and_hotload("s5") == "s5-c0ffee00"  # a base load heals the chain
-    assert serving.replicas[0].identity == "s5-c0ffee00"
+    assert syncer.base_identity is None  # the failure reset the chain
+    assert syncer.save_and_hotload("s4") == "s4-c0ffee00"  # a base load heals the chain
+    assert metadata_sent(serving)[-1] is None
+    assert serving.replicas[0].identity == "s4-c0ffee00"
 
 
 def test_a_second_run_on_the_same_deployment_starts_with_a_full_load(
