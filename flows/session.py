@@ -13,15 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import tinker
 from prefect.futures import PrefectFuture, wait
-from tinker import types
 
 from algorithms.chat import ChatRenderer
 from flows.ledger import CheckpointRow, Ledger
 from flows.notices import notice
-from sdk import DeploymentManager, DeploymentSampler, WeightSyncer
-from sdk._closing import ClosesOnExit
+from sdk import BadRequestError, ClosesOnExit, DeploymentManager, DeploymentSampler, WeightSyncer
 from tasks.checkpoints import list_resumable_checkpoints
 from tasks.errors import TrainerMismatchError, trainer_call
 from tasks.platform import PlatformEndpoint
@@ -164,13 +161,11 @@ def _training_client(
             return service.create_training_client(
                 base_model, lora_rank=lora_rank, seed=seed, lora_alpha=lora_alpha
             )
-    except tinker.RequestFailedError as exc:
-        if exc.category != types.RequestErrorCategory.User:
-            raise
+    except BadRequestError as exc:  # the SDK's error for a refused (user-category) request
         raise TrainerMismatchError(
             f"trainer job {job.job_id} refused base_model={base_model!r}, lora_rank={lora_rank}: "
-            f"{exc.message}; the job was created with other settings: use another run_name "
-            "or platform.trainer_job_id, or the job's settings"
+            f"{exc.server_message}; the job was created with other settings: use another "
+            "run_name or platform.trainer_job_id, or the job's settings"
         ) from None
 
 

@@ -9,6 +9,7 @@ Importing `sdk` pulls in httpx and pydantic only; the tinker-based clients load 
 
 from typing import TYPE_CHECKING, Any
 
+from sdk._closing import ClosesOnExit
 from sdk._http import RetryPolicy
 from sdk.checkpoint_refs import qualify_snapshot_name, resolve_checkpoint_path
 from sdk.concurrency import (
@@ -37,6 +38,7 @@ from sdk.errors import (
     ServerError,
     StaleDeploymentError,
     TrainerJobError,
+    TrainerLostError,
     TrainingShapeError,
     WaitTimeoutError,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "CheckpointInfo",
+    "ClosesOnExit",
     "CompletionResult",
     "ConcurrencyController",
     "ConfigError",
@@ -109,6 +112,7 @@ __all__ = [
     "TrainerJobConfig",
     "TrainerJobError",
     "TrainerJobManager",
+    "TrainerLostError",
     "TrainerServiceEndpoint",
     "TrainingShapeError",
     "TrainingShapeProfile",

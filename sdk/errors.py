@@ -22,12 +22,17 @@ Hierarchy:
   |  + APITimeoutError          the request timed out
   + WaitTimeoutError            (also TimeoutError) a wait's deadline passed
   + TrainerJobError             (also RuntimeError) a trainer job failed or was deleted
+  + TrainerLostError            (also RuntimeError) the trainer went away during a call
   + DeploymentError             (also RuntimeError) a deployment failed or was deleted
   |  + HotloadError             a hotload was refused, failed or did not finish in time
   |  + StaleDeploymentError     after a hotload, a replica serves another snapshot
   + TrainingShapeError          (also RuntimeError) a training shape has no usable version
   + SamplingRequestError        (also RuntimeError) a completion failed after its retries; retryable
      + DeploymentSamplerTimeoutError  (also TimeoutError) ... and the last failure was a timeout
+
+Failures of trainer calls (the tinker-based Firetitan clients) are mapped into this tree where
+they leave tinker (`sdk/firetitan_training.py`): a refused request (user category) is a
+`BadRequestError`, a trainer that stopped answering a `TrainerLostError`.
 
 No message ever carries request headers; the HTTP layer (`sdk/_http.py`) scrubs the API key
 out of server messages before they reach this module's constructors.
@@ -62,6 +67,7 @@ __all__ = [
     "ServerError",
     "StaleDeploymentError",
     "TrainerJobError",
+    "TrainerLostError",
     "TrainingShapeError",
     "WaitTimeoutError",
     "parse_api_error",
@@ -202,6 +208,25 @@ class TrainerJobError(FireworksError, RuntimeError):
         super().__init__(message)
         self.job_id = job_id
         self.state = state
+
+
+class TrainerLostError(FireworksError, RuntimeError):
+    """The trainer went away (preempted, failed, unreachable) during `operation`.
+
+    The operation's outcome is unknown, so it is never repeated in place (`retryable` is
+    False): reconnect (`TrainerJobManager.reconnect_and_wait`) and resume from the last
+    checkpoint. `job_id` and `step` are None where the raiser does not know them (the SDK's
+    clients know the trainer's URL, not its job); a caller that does re-raises with them.
+    """
+
+    def __init__(self, job_id: str | None, operation: str, step: int | None, cause: str) -> None:
+        who = f"trainer job {job_id}" if job_id else "the trainer"
+        at = "" if step is None else f" at step {step}"
+        super().__init__(
+            f"{who} lost during {operation}{at} ({cause}); its outcome is unknown: reconnect "
+            "and resume from the last checkpoint"
+        )
+        self.job_id, self.operation, self.step, self.cause = job_id, operation, step, cause
 
 
 class DeploymentError(FireworksError, RuntimeError):

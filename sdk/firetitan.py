@@ -15,6 +15,9 @@ How a Fireworks key gets through tinker 0.23 (a `tml-` key keeps the stock behav
   runs while `tinker.lib.internal_client_holder.ApiKeyAuthProvider` is swapped for a provider
   that only sets `X-API-Key`; a lock serialises the swap and it is restored in `finally`.
 
+Training calls fail with the SDK's own errors (`sdk.errors`), never tinker's or httpx's: the
+mapping lives in `sdk/firetitan_training.py` (`trainer_errors`).
+
 Importing this module imports tinker, which imports torch: `sdk/__init__.py` loads it lazily.
 """
 
@@ -40,7 +43,7 @@ from sdk._closing import ClosesOnExit
 from sdk.concurrency import ConcurrencyController
 from sdk.errors import ConfigError, WaitTimeoutError
 from sdk.firetitan_sampling import FiretitanSamplingClient
-from sdk.firetitan_training import FiretitanTrainingClient
+from sdk.firetitan_training import FiretitanTrainingClient, trainer_errors
 from sdk.sampling import DeploymentSampler
 from sdk.sampling_types import Tokenizer
 from sdk.settings import FireworksSettings, normalize_url, resolve_api_key
@@ -131,11 +134,12 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
         self._created_lock = threading.Lock()
         if key.startswith(_TINKER_KEY_PREFIX):
             # A tinker key: stock tinker behaviour, including the client-config fetch.
-            super().__init__(user_metadata, project_id, base_url=url, api_key=key, **kwargs)
+            with trainer_errors("create_session"):
+                super().__init__(user_metadata, project_id, base_url=url, api_key=key, **kwargs)
             return
         headers = {**kwargs.pop("default_headers", {}), "X-API-Key": key}
         kwargs.setdefault("_client_config", dict(FIRETITAN_CLIENT_CONFIG))
-        with _accept_any_key_format():
+        with _accept_any_key_format(), trainer_errors("create_session"):
             super().__init__(
                 user_metadata,
                 project_id,
@@ -345,7 +349,8 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
 
         future = self.holder.run_coroutine_threadsafe(_create())
         try:
-            response = future.result(timeout=self._model_timeout_s)
+            with trainer_errors(f"create_model {base_model}"):
+                response = future.result(timeout=self._model_timeout_s)
         except concurrent.futures.TimeoutError:
             future.future().cancel()  # stops polling for a model nobody will use
             raise WaitTimeoutError(
@@ -363,7 +368,8 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
     ) -> FiretitanTrainingClient:
         if weights_access_token is not None:
             raise NotImplementedError("weights_access_token is not supported by Firetitan trainers")
-        info = self.create_rest_client().get_weights_info_by_tinker_path(path).result()
+        with trainer_errors(f"get_weights_info {path}"):
+            info = self.create_rest_client().get_weights_info_by_tinker_path(path).result()
         return self.create_training_client(
             info.base_model,
             lora_rank=info.lora_rank or 0,

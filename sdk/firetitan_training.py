@@ -14,15 +14,21 @@ Ordered operations that tinker does not know are submitted the way tinker submit
 `holder.execute_with_retries`, `holder.run_coroutine_threadsafe` and `_APIFuture` (polls
 `retrieve_future`). Fields the stock request models (`extra="forbid"`) lack travel in the
 resources' documented `extra_body`.
+
+Every failure of a trainer call leaves this module (and `sdk/firetitan.py`) as the SDK's own
+error (`trainer_errors`): callers never see tinker's or httpx's exception types.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
+import httpx
+import tinker
 from pydantic import BaseModel, ConfigDict
 from tinker import types
 from tinker.lib.api_future_impl import _APIFuture
@@ -31,6 +37,7 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 from tinker.lib.public_interfaces.training_client import CustomLossFnV1, TrainingClient
 
 from sdk.checkpoint_refs import new_snapshot_suffix, qualify_snapshot_name, resolve_checkpoint_path
+from sdk.errors import BadRequestError, FireworksError, TrainerLostError, status_error
 from sdk.firetitan_types import (
     CHECKPOINT_TYPES,
     CheckpointType,
@@ -44,7 +51,7 @@ if TYPE_CHECKING:
     from tinker._client import AsyncTinker
     from tinker.lib.internal_client_holder import InternalClientHolder
 
-__all__ = ["FiretitanTrainingClient"]
+__all__ = ["FiretitanTrainingClient", "trainer_error", "trainer_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +61,105 @@ R = TypeVar("R")
 _SendOrdered = Callable[["AsyncTinker", int], Awaitable[types.UntypedAPIFuture]]
 
 
+# 404: the trainer route (or a request id it forgot) is gone; 410: the server forgot a promise.
+_GONE_STATUSES: Final = frozenset({404, 410})
+# How deep to follow `__cause__`/`__context__` (tinker wraps a 404 into a ValueError).
+_MAX_CHAIN: Final = 8
+_MAX_CAUSE_CHARS: Final = 300
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from, innermost last."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < _MAX_CHAIN:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _lost(operation: str, link: BaseException) -> TrainerLostError:
+    cause = f"{type(link).__name__}: {link}"[:_MAX_CAUSE_CHARS]
+    return TrainerLostError(None, operation, None, cause)
+
+
+def _mapped(link: BaseException, operation: str) -> FireworksError | None:
+    """The SDK error for one foreign exception, by type and status code; None if not foreign."""
+    if isinstance(link, tinker.RequestFailedError):
+        # A user-category failure is a refused request (it would fail again); any other
+        # category is the server failing the operation, typically because the trainer went away.
+        if link.category == types.RequestErrorCategory.User:
+            return BadRequestError(
+                f"{operation} was refused by the trainer: {link.message}",
+                status_code=400,
+                server_message=link.message,
+                request_id=link.request_id,
+            )
+        return _lost(operation, link)
+    if isinstance(link, tinker.APIStatusError):
+        if link.status_code in _GONE_STATUSES:
+            return _lost(operation, link)
+        return status_error(link.response, operation)
+    # Connection failures reach here only after tinker's own retry budget is spent.
+    if isinstance(link, tinker.APIConnectionError | httpx.TransportError):
+        return _lost(operation, link)
+    return None
+
+
+def trainer_error(exc: BaseException, operation: str) -> BaseException:
+    """The exception a failed trainer `operation` raises: the SDK's own error for a tinker or
+    httpx failure (found in `exc` or what it was raised from), else `exc` itself."""
+    if isinstance(exc, FireworksError):
+        return exc
+    for link in _chain(exc):
+        mapped = _mapped(link, operation)
+        if mapped is not None:
+            return mapped
+    return exc
+
+
+@contextmanager
+def trainer_errors(operation: str) -> Iterator[None]:
+    """Within the block, a tinker or httpx failure is raised as the SDK's error for it."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = trainer_error(exc, operation)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+def _identity(value: T) -> T:
+    return value
+
+
 class _CheckpointList(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     checkpoints: list[str]
 
 
-class _MappedFuture(APIFuture[T]):
-    """Another future's result passed through `transform` (which must be idempotent)."""
+class _TrainerFuture(APIFuture[T]):
+    """A tinker future whose failure is the SDK's error (`trainer_errors`) and whose result
+    is passed through `transform` (which must be idempotent)."""
 
-    def __init__(self, inner: APIFuture[T], transform: Callable[[T], T]) -> None:
+    def __init__(
+        self, inner: APIFuture[T], operation: str, transform: Callable[[T], T] = _identity
+    ) -> None:
         self._inner = inner
+        self._operation = operation
         self._transform = transform
 
     def result(self, timeout: float | None = None) -> T:
-        return self._transform(self._inner.result(timeout))
+        with trainer_errors(self._operation):
+            value = self._inner.result(timeout)
+        return self._transform(value)
 
     async def result_async(self, timeout: float | None = None) -> T:
-        return self._transform(await self._inner.result_async(timeout))
+        with trainer_errors(self._operation):
+            value = await self._inner.result_async(timeout)
+        return self._transform(value)
 
 
 class _CompletedFuture(APIFuture[T]):
@@ -143,6 +231,17 @@ class FiretitanTrainingClient(TrainingClient):
 
     # -- training --------------------------------------------------------------------------
 
+    def forward(
+        self,
+        data: list[types.Datum],
+        loss_fn: types.LossFnType,
+        loss_fn_config: dict[str, float] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """tinker's `forward` (no gradient), failing with the SDK's errors."""
+        with trainer_errors("forward"):
+            future = super().forward(data, loss_fn, loss_fn_config)
+        return _TrainerFuture(future, "forward")
+
     def forward_backward(
         self,
         data: list[types.Datum],
@@ -150,9 +249,10 @@ class FiretitanTrainingClient(TrainingClient):
         loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """tinker's `forward_backward`; cross-entropy results also carry `response_tokens`."""
-        future = super().forward_backward(data, loss_fn, loss_fn_config)
+        with trainer_errors("forward_backward"):
+            future = super().forward_backward(data, loss_fn, loss_fn_config)
         if loss_fn != "cross_entropy":
-            return future
+            return _TrainerFuture(future, "forward_backward")
         response_tokens = _count_response_tokens(data)
 
         def _add_response_tokens(
@@ -161,7 +261,7 @@ class FiretitanTrainingClient(TrainingClient):
             output.metrics.setdefault("response_tokens", response_tokens)
             return output
 
-        return _MappedFuture(future, _add_response_tokens)
+        return _TrainerFuture(future, "forward_backward", _add_response_tokens)
 
     def forward_backward_custom(
         self,
@@ -182,7 +282,9 @@ class FiretitanTrainingClient(TrainingClient):
                 f"forward_backward_custom(output={output!r}, pooling={pooling!r}): only "
                 "output='logprobs' is supported"
             )
-        return super().forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
+        with trainer_errors("forward_backward_custom"):
+            future = super().forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
+        return _TrainerFuture(future, "forward_backward_custom")
 
     def optim_step(
         self,
@@ -236,10 +338,44 @@ class FiretitanTrainingClient(TrainingClient):
         if name in self._saved_state_names:
             logger.warning("checkpoint name %r was already saved by this client", name)
         self._saved_state_names.add(name)
-        future = super().save_state(name, ttl_seconds=ttl_seconds)
+        operation = f"save_state {name}"
+        with trainer_errors(operation):
+            future: APIFuture[types.SaveWeightsResponse] = _TrainerFuture(
+                super().save_state(name, ttl_seconds=ttl_seconds), operation
+            )
         if timeout is not None:
             future.result(timeout=timeout)
         return future
+
+    def load_state(
+        self, path: str, weights_access_token: str | None = None
+    ) -> APIFuture[types.LoadWeightsResponse]:
+        """Load the weights of checkpoint `path` (optimizer state reset)."""
+        operation = f"load_state {path}"
+        with trainer_errors(operation):
+            future = super().load_state(path, weights_access_token=weights_access_token)
+        return _TrainerFuture(future, operation)
+
+    def load_state_with_optimizer(
+        self, path: str, weights_access_token: str | None = None
+    ) -> APIFuture[types.LoadWeightsResponse]:
+        """Load the weights and optimizer state of checkpoint `path`."""
+        operation = f"load_state_with_optimizer {path}"
+        with trainer_errors(operation):
+            future = super().load_state_with_optimizer(
+                path, weights_access_token=weights_access_token
+            )
+        return _TrainerFuture(future, operation)
+
+    def get_info(self) -> types.GetInfoResponse:
+        """The model's configuration and metadata."""
+        with trainer_errors("get_info"):
+            return super().get_info()
+
+    async def get_info_async(self) -> types.GetInfoResponse:
+        """Async version of get_info."""
+        with trainer_errors("get_info"):
+            return await super().get_info_async()
 
     def list_checkpoints(self) -> list[str]:
         """Resumable checkpoints of the trainer's job, oldest first; [] (and a warning) on error.
@@ -370,7 +506,7 @@ class FiretitanTrainingClient(TrainingClient):
                 queue_state_observer=self._queue_state_logger,
             ).result_async()
 
-        return self.holder.run_coroutine_threadsafe(_run())
+        return _TrainerFuture(self.holder.run_coroutine_threadsafe(_run()), request_type)
 
 
 _NO_TRAINER_SAMPLING = (

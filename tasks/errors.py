@@ -1,11 +1,10 @@
 """The failures tasks raise on top of the SDK's tree, and the mapping of trainer-call failures.
 
-A lost trainer shows itself in many shapes: tinker's `RequestFailedError` (server category)
-for an operation in flight, a 404/410 for the trainer route or a forgotten request id (sometimes
-wrapped in a `ValueError`), connection errors past tinker's retry budget, a `TrainerJobError`
-from the control plane, a deadline on a trainer result. `trainer_failure` folds every one of
-them into one `TrainerLostError`, by exception type and status code only, so that the
-flow-retry path is uniform:
+The SDK's training clients already raise a lost trainer as `sdk.errors.TrainerLostError` (they
+map tinker's failures by type and status code where those enter the SDK). Two more shapes
+reach a task: a `TrainerJobError` from the control plane and a deadline on a trainer result.
+`trainer_failure` folds all of them into one `TrainerLostError` that names the job, the
+operation and the step, so that the flow-retry path is uniform:
 the step's outcome is unknown, it is never repeated in place, and the flow retry reconnects
 and resumes from the ledger (design.md invariants). Every class here pickles (Prefect
 serializes failures) and says `retryable=False`: retrying in place is exactly what must not
@@ -18,10 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Final
 
-import tinker
-from tinker import types
-
-from sdk.errors import FireworksError, TrainerJobError
+from sdk.errors import FireworksError, TrainerJobError, TrainerLostError
 
 __all__ = [
     "DeploymentMismatchError",
@@ -33,31 +29,13 @@ __all__ = [
     "trainer_failure",
 ]
 
-# 404: the trainer route (or the request id) is gone; 410: the server forgot a promise.
-_GONE_STATUSES: Final = frozenset({404, 410})
-# How deep to follow `__cause__`/`__context__` (tinker wraps a 404 into a ValueError).
+# How deep to follow `__cause__`/`__context__` (a lost trainer may be wrapped by a caller).
 _MAX_CHAIN: Final = 8
+_MAX_CAUSE_CHARS: Final = 300
 
-
-class TrainerLostError(RuntimeError):
-    """The trainer went away (preempted, failed, unreachable) during `operation` at `step`.
-
-    The operation's outcome is unknown; recovery is the flow retry: `reconnect_and_wait`, then
-    the ledger's last resumable checkpoint. Not retryable in place.
-    """
-
-    retryable: ClassVar[bool] = False
-
-    def __init__(self, job_id: str, operation: str, step: int | None, cause: str) -> None:
-        self.job_id, self.operation, self.step, self.cause = job_id, operation, step, cause
-        at = "" if step is None else f" at step {step}"
-        super().__init__(
-            f"trainer job {job_id} lost during {operation}{at} ({cause}); the flow retry "
-            "reconnects and resumes from the last checkpoint in the ledger"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.job_id, self.operation, self.step, self.cause))
+# `TrainerLostError` is the SDK's own class, re-exported, not a subclass: one type for "the
+# trainer went away" whichever layer noticed, so `except`/`isinstance` never has to name two.
+# Recovery is the flow retry: `reconnect_and_wait`, then the ledger's last resumable checkpoint.
 
 
 class PlatformUnreachableError(ConnectionError):
@@ -104,17 +82,10 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _is_lost(exc: BaseException) -> bool:
-    if isinstance(exc, TrainerLostError | TrainerJobError | tinker.APIConnectionError):
+    if isinstance(exc, TrainerLostError | TrainerJobError):
         return True
-    if isinstance(exc, TimeoutError) and not isinstance(exc, FireworksError):
-        return True  # a trainer result past its deadline: an unknown outcome
-    if isinstance(exc, tinker.APIStatusError):
-        return exc.status_code in _GONE_STATUSES
-    if isinstance(exc, tinker.RequestFailedError):
-        # A user-category failure is a bad request (it would fail again); any other category
-        # is the server failing the operation, typically because its trainer went away.
-        return exc.category != types.RequestErrorCategory.User
-    return False
+    # A trainer result past its deadline: an unknown outcome.
+    return isinstance(exc, TimeoutError) and not isinstance(exc, FireworksError)
 
 
 def is_lost_trainer_symptom(exc: BaseException) -> bool:
@@ -125,12 +96,15 @@ def is_lost_trainer_symptom(exc: BaseException) -> bool:
 def trainer_failure(
     exc: BaseException, *, job_id: str, operation: str, step: int | None = None
 ) -> BaseException:
-    """The exception to raise for a failed trainer call: a `TrainerLostError` for every
-    lost-trainer symptom, else `exc` itself (a bad request stays what it is)."""
-    if isinstance(exc, TrainerLostError) or not is_lost_trainer_symptom(exc):
+    """The exception to raise for a failed trainer call: a `TrainerLostError` naming the job
+    for every lost-trainer symptom, else `exc` itself (a bad request stays what it is)."""
+    if isinstance(exc, TrainerLostError) and exc.job_id is not None:
         return exc
-    cause = f"{type(exc).__name__}: {exc}"
-    return TrainerLostError(job_id, operation, step, cause[:300])
+    if not is_lost_trainer_symptom(exc):
+        return exc
+    # The SDK's error knows its cause but not the job or step: keep its cause, add ours.
+    cause = exc.cause if isinstance(exc, TrainerLostError) else f"{type(exc).__name__}: {exc}"
+    return TrainerLostError(job_id, operation, step, cause[:_MAX_CAUSE_CHARS])
 
 
 @contextmanager

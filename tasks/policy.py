@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import httpx
 from prefect.tasks import exponential_backoff
 
 __all__ = [
@@ -32,12 +31,12 @@ LONG_TIMEOUT_S: Final = 12 * 3600.0
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a repeat of the same idempotent call may succeed: `exc.retryable`, or a
-    transport error that escaped the SDK's own retries."""
-    flag = getattr(exc, "retryable", None)
-    if isinstance(flag, bool):
-        return flag
-    return isinstance(exc, httpx.TransportError)
+    """Whether a repeat of the same idempotent call may succeed: `exc.retryable`.
+
+    The SDK raises its own errors for every transport failure (a connection error the SDK gave
+    up on says `retryable`), so no foreign exception type needs a rule of its own here.
+    """
+    return getattr(exc, "retryable", False) is True
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

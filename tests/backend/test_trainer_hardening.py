@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tinker
 from tinker import types
 
 from backend import LocalPlatform
 from backend.models.registry import REGISTERED_MODELS, max_lora_rank
-from sdk import FiretitanServiceClient
+from sdk import BadRequestError, FiretitanServiceClient
 from tasks.errors import is_lost_trainer_symptom
 from tests.backend.test_tinker_gateway import RawTinker, _raw_batch
 from tests.trainer_support import ACCOUNT, BATCH, FAST_TIMINGS, TrainerPlatform
@@ -226,9 +225,9 @@ def test_a_full_disk_is_reported_as_a_full_disk_not_a_lost_trainer(tp: TrainerPl
         with FiretitanServiceClient(base_url, tp.api_key) as service:
             client = service.create_training_client("tiny")
             client.forward_backward(BATCH, "cross_entropy").result(timeout=60)
-            with pytest.raises(tinker.RequestFailedError) as failure:
+            with pytest.raises(BadRequestError) as failure:  # the SDK's user-category error
                 client.save_state("full").result(timeout=60)
-            assert failure.value.category == types.RequestErrorCategory.User, str(failure.value)
+            assert failure.value.status_code == 400, str(failure.value)
             assert "no space left on device" in str(failure.value)
             assert str(checkpoints) in str(failure.value)
             assert not is_lost_trainer_symptom(failure.value)

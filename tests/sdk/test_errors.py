@@ -31,6 +31,7 @@ from sdk.errors import (
     ServerError,
     StaleDeploymentError,
     TrainerJobError,
+    TrainerLostError,
     TrainingShapeError,
     WaitTimeoutError,
     parse_api_error,
@@ -50,6 +51,7 @@ from tests.sdk.fakes import API_KEY, BASE_URL, FakeClock, FakeControlPlane, rpc_
         (APITimeoutError, ConnectionError),
         (WaitTimeoutError, TimeoutError),
         (TrainerJobError, RuntimeError),
+        (TrainerLostError, RuntimeError),
         (DeploymentError, RuntimeError),
         (TrainingShapeError, RuntimeError),
         (HotloadError, RuntimeError),
@@ -83,6 +85,7 @@ def test_every_branch_keeps_its_builtin_base(cls: type[Exception], builtin: type
         (APITimeoutError, True),
         (WaitTimeoutError, False),
         (TrainerJobError, False),
+        (TrainerLostError, False),
         (DeploymentError, False),
         (TrainingShapeError, False),
         (HotloadError, False),
@@ -188,6 +191,7 @@ ALL_ERRORS = [
     APITimeoutError("timed out"),
     WaitTimeoutError(waited_for="deployment d", last_state="CREATING", waited_s=600.0),
     TrainerJobError("failed: preempted", job_id="j1", state="JOB_STATE_FAILED"),
+    TrainerLostError(None, "optim_step", None, "RequestFailedError: preempted"),
     DeploymentError("is FAILED", deployment_id="d1", state="FAILED"),
     TrainingShapeError("no validated version"),
     HotloadError("refused", deployment_id="d1", snapshot_identity="s-1", state="error"),
@@ -309,3 +313,98 @@ def test_a_bad_key_is_described_not_echoed() -> None:
     assert "whitespace" in str(caught.value)
     assert key not in str(caught.value)
     assert "secret" not in repr(caught.value)
+
+
+# -- trainer calls: tinker's failures mapped where they enter the SDK -------------------------
+
+
+def _tinker_status(status: int) -> Exception:
+    import tinker
+
+    cls = {404: tinker.NotFoundError, 400: tinker.BadRequestError, 503: tinker.InternalServerError}
+    request = httpx.Request("POST", "http://trainer/api/v1/optim_step")
+    response = httpx.Response(status, request=request, json={"error": {"message": "m"}})
+    return cls[status]("m", response=response, body=None)
+
+
+def _tinker_failures() -> list[tuple[str, Exception, type[FireworksError]]]:
+    import tinker
+    from tinker import types
+
+    def wrapped_404() -> ValueError:
+        # tinker's shape for a forgotten request id: a ValueError raised from the 404.
+        try:
+            raise _tinker_status(404)
+        except tinker.NotFoundError as cause:
+            try:
+                raise ValueError("Error retrieving result: not found (status 404)") from cause
+            except ValueError as exc:
+                return exc
+
+    category = types.RequestErrorCategory
+    return [
+        (
+            "request-failed",
+            tinker.RequestFailedError("gone", "r1", category.Server),
+            TrainerLostError,
+        ),
+        (
+            "unknown-category",
+            tinker.RequestFailedError("?", "r2", category.Unknown),
+            TrainerLostError,
+        ),
+        ("404", _tinker_status(404), TrainerLostError),
+        ("wrapped-404", wrapped_404(), TrainerLostError),
+        (
+            "connection",
+            tinker.APIConnectionError(request=httpx.Request("GET", "http://trainer")),
+            TrainerLostError,
+        ),
+        ("transport", httpx.ConnectError("refused"), TrainerLostError),
+        (
+            "user-category",
+            tinker.RequestFailedError("rank 4", "r3", category.User),
+            BadRequestError,
+        ),
+        ("400", _tinker_status(400), BadRequestError),
+        ("503", _tinker_status(503), ServerError),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [(exc, cls) for _, exc, cls in _tinker_failures()],
+    ids=[name for name, _, _ in _tinker_failures()],
+)
+def test_trainer_failures_become_the_sdks_errors_by_type_and_status(
+    exc: Exception, expected: type[FireworksError]
+) -> None:
+    from sdk.firetitan_training import trainer_errors
+
+    with pytest.raises(FireworksError) as raised, trainer_errors("optim_step"):
+        raise exc
+    mapped = raised.value
+    assert type(mapped) is expected
+    assert raised.value.__cause__ is exc
+    assert "optim_step" in str(mapped)
+    clone = pickle.loads(pickle.dumps(mapped))  # Prefect serializes failures between processes
+    assert (type(clone), str(clone), clone.__dict__) == (expected, str(mapped), mapped.__dict__)
+    if expected is TrainerLostError:
+        assert mapped.retryable is False and isinstance(mapped, RuntimeError)
+
+
+def test_trainer_errors_leave_other_failures_alone() -> None:
+    from sdk.firetitan_training import trainer_errors
+
+    mine = ConfigError("lora_rank must be >= 0")
+    for exc in (mine, ValueError("a bug"), TimeoutError()):
+        with pytest.raises(type(exc)) as raised, trainer_errors("forward"):
+            raise exc
+        assert raised.value is exc
+
+
+def test_a_lost_trainer_names_the_job_when_known() -> None:
+    lost = TrainerLostError("job-1", "an optimizer step", 7, "preempted")
+    assert str(lost).startswith("trainer job job-1 lost during an optimizer step at step 7")
+    anonymous = TrainerLostError(None, "optim_step", None, "preempted")
+    assert str(anonymous).startswith("the trainer lost during optim_step (preempted)")

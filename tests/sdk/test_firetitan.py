@@ -9,6 +9,7 @@ run preempted and resumed from its checkpoint is bitwise identical to an uninter
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,7 @@ from sdk import (
     resolve_checkpoint_path,
 )
 from sdk.checkpoint_refs import logical_snapshot_name, make_cross_job_ref
-from sdk.errors import ConfigError, WaitTimeoutError
+from sdk.errors import BadRequestError, ConfigError, TrainerLostError, WaitTimeoutError
 from tests.trainer_support import BATCH, FAST_TIMINGS, TrainerPlatform
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def test_resume_after_preemption_matches_an_uninterrupted_run(tp: TrainerPlatfor
         old_suffix = client.session_id
         tp.platform.preempt("resume-cut")
         assert client.list_checkpoints() == []  # the trainer is gone: [] and a warning
-        with pytest.raises(tinker.NotFoundError):
+        with pytest.raises(TrainerLostError):  # the SDK's error, not tinker's 404
             client.forward(BATCH, "cross_entropy").result(timeout=30)
 
     manager = TrainerJobManager(tp.api_key, tp.platform.base_url)
@@ -203,6 +204,22 @@ def test_resume_after_preemption_matches_an_uninterrupted_run(tp: TrainerPlatfor
         by_path.load_state(str(tp.state_dir("resume-cut", "step-2"))).result()
         assert _all_equal(_logprobs(by_path), _logprobs(client))
         assert _train(client, 2) == straight[2:]
+
+
+def test_a_trainer_preempted_mid_step_raises_the_sdks_lost_trainer_error(
+    tp: TrainerPlatform,
+) -> None:
+    with _connect(tp, "lost-mid-step") as service:
+        client = service.create_training_client("tiny")
+        _train(client, 1)
+        tp.platform.schedule_preemption([2])  # the job goes away in its second optimizer step
+        client.forward_backward(BATCH, "cross_entropy").result(timeout=30)
+        with pytest.raises(TrainerLostError) as lost:
+            client.optim_step(ADAM).result(timeout=30)
+        assert lost.value.retryable is False and lost.value.operation == "OptimStep"
+        assert not isinstance(lost.value.__cause__, TrainerLostError)  # mapped once, at the edge
+        clone = pickle.loads(pickle.dumps(lost.value))  # Prefect serializes failures
+        assert (type(clone), str(clone)) == (TrainerLostError, str(lost.value))
 
 
 def test_rl_losses_take_their_inputs_over_the_wire(tp: TrainerPlatform) -> None:
@@ -290,7 +307,7 @@ def test_load_adapter_restores_an_exported_lora_adapter(tp: TrainerPlatform) -> 
         loaded = fresh.load_adapter(str(adapter_dir)).result()
         assert loaded.model_id == fresh.model_id
         assert _all_equal(_logprobs(fresh), _logprobs(trained))
-        with pytest.raises(tinker.RequestFailedError, match="absolute"):
+        with pytest.raises(BadRequestError, match="absolute"):
             fresh.load_adapter("relative/adapter").result()
 
 
@@ -302,18 +319,21 @@ def test_reference_model_is_the_frozen_base(tp: TrainerPlatform) -> None:
         assert _all_equal(_logprobs(reference), before)
         _train(policy, 1)
         assert _all_equal(_logprobs(reference), before)
-        with pytest.raises(tinker.RequestFailedError, match="base_only") as failure:
+        with pytest.raises(BadRequestError, match="base_only") as failure:
             reference.forward_backward(BATCH, "cross_entropy").result()
-        assert failure.value.category == types.RequestErrorCategory.User
+        assert failure.value.status_code == 400 and failure.value.retryable is False
 
 
 def test_client_guards_and_clear_errors(
     tp: TrainerPlatform, caplog: pytest.LogCaptureFixture
 ) -> None:
     with _connect(tp, "guards") as service:
-        with pytest.raises(tinker.RequestFailedError, match="lora_rank"):
+        with pytest.raises(BadRequestError, match="lora_rank") as refused:
             service.create_training_client("tiny", lora_rank=4)  # the job is full-parameter
-        with pytest.raises(tinker.RequestFailedError, match="one base model"):
+        assert "lora_rank" in (refused.value.server_message or "")
+        clone = pickle.loads(pickle.dumps(refused.value))
+        assert (type(clone), str(clone)) == (BadRequestError, str(refused.value))
+        with pytest.raises(BadRequestError, match="one base model"):
             service.create_training_client("smollm2-135m")
         client = service.create_training_client("tiny")  # the failed settings did not stick
         with pytest.raises(ValueError, match="already exists"):
@@ -327,7 +347,7 @@ def test_client_guards_and_clear_errors(
         client.save_state("dup").result()
         with (
             caplog.at_level(logging.WARNING, logger="sdk.firetitan_training"),
-            pytest.raises(tinker.RequestFailedError, match="already exists"),
+            pytest.raises(BadRequestError, match="already exists"),
         ):
             client.save_state("dup").result()
         assert "already saved" in caplog.text

@@ -12,16 +12,21 @@ import pickle
 import pkgutil
 from typing import Any
 
-import httpx
 import pytest
-import tinker
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
-from tinker import types
 
 import tasks
-from sdk import APIConnectionError, NotFoundError, ServerError, TrainerJobError, WaitTimeoutError
+from sdk import (
+    APIConnectionError,
+    BadRequestError,
+    NotFoundError,
+    ServerError,
+    TrainerJobError,
+    WaitTimeoutError,
+)
+from sdk import TrainerLostError as SdkTrainerLostError
 from tasks.errors import TrainerLostError, is_lost_trainer_symptom, trainer_call, trainer_failure
 from tasks.policy import retry_transient
 from tasks.provision import SUBMITTED_WAITS
@@ -68,7 +73,6 @@ def _failed(exc: BaseException) -> Any:
         (ServerError("503", status_code=503), True),
         (ServerError("501", status_code=501), False),
         (APIConnectionError("reset"), True),
-        (httpx.ConnectError("refused"), True),
         (NotFoundError("gone", status_code=404), False),
         (TrainerLostError("job", "an optimizer step", 3, "preempted"), False),
         (WaitTimeoutError(waited_for="x", last_state=None, waited_s=1.0), False),
@@ -84,42 +88,35 @@ def test_retry_transient_never_retries_a_success() -> None:
     assert retry_transient(None, None, Completed(data=1)) is False
 
 
-def _status_error(cls: type[tinker.APIStatusError], status: int) -> tinker.APIStatusError:
-    request = httpx.Request("POST", "http://trainer/api/v1/optim_step")
-    return cls("gone", response=httpx.Response(status, request=request), body=None)
+def _sdk_lost() -> SdkTrainerLostError:
+    """What the SDK's training client raises for a lost trainer: it knows no job or step."""
+    return SdkTrainerLostError(None, "optim_step", None, "NotFoundError: gone")
 
 
-def _lost_request() -> ValueError:
-    """tinker's shape for a forgotten request id: a ValueError raised from the 404."""
+def _wrapped_lost() -> RuntimeError:
+    """A lost trainer that a caller wrapped into another error on its way up."""
     try:
-        raise _status_error(tinker.NotFoundError, 404)
-    except tinker.NotFoundError as cause:
+        raise _sdk_lost()
+    except SdkTrainerLostError as cause:
         try:
-            raise ValueError("Error retrieving result: not found (status 404)") from cause
-        except ValueError as exc:
+            raise RuntimeError("the step failed") from cause
+        except RuntimeError as exc:
             return exc
+
+
+def test_the_task_error_is_the_sdk_error() -> None:
+    assert TrainerLostError is SdkTrainerLostError  # one type, whichever layer noticed
 
 
 @pytest.mark.parametrize(
     "exc",
     [
-        tinker.RequestFailedError("trainer gone", "req-1", types.RequestErrorCategory.Server),
-        tinker.RequestFailedError("?", "req-2", types.RequestErrorCategory.Unknown),
-        _status_error(tinker.NotFoundError, 404),
-        tinker.APIConnectionError(request=httpx.Request("GET", "http://trainer")),
+        _sdk_lost(),
         TrainerJobError("failed", job_id="job", state="JOB_STATE_FAILED"),
         TimeoutError(),
-        _lost_request(),
+        _wrapped_lost(),
     ],
-    ids=[
-        "request-failed",
-        "unknown-category",
-        "404",
-        "connection",
-        "job-failed",
-        "deadline",
-        "wrapped-404",
-    ],
+    ids=["sdk-lost", "job-failed", "deadline", "wrapped-lost"],
 )
 def test_every_lost_trainer_symptom_becomes_one_typed_error(exc: BaseException) -> None:
     assert is_lost_trainer_symptom(exc)
@@ -134,21 +131,27 @@ def test_every_lost_trainer_symptom_becomes_one_typed_error(exc: BaseException) 
 @pytest.mark.parametrize(
     "exc",
     [
-        tinker.RequestFailedError("lora_rank 4 != 0", "req-3", types.RequestErrorCategory.User),
-        _status_error(tinker.BadRequestError, 400),
+        BadRequestError("lora_rank 4 != 0", status_code=400),
+        NotFoundError("no such checkpoint", status_code=404),
         WaitTimeoutError(waited_for="a hotload", last_state=None, waited_s=1.0),
         ValueError("a bug"),
     ],
-    ids=["user-error", "400", "sdk-wait-deadline", "value-error"],
+    ids=["bad-request", "404-control-plane", "sdk-wait-deadline", "value-error"],
 )
 def test_other_failures_keep_their_type(exc: BaseException) -> None:
     assert trainer_failure(exc, job_id="job", operation="x") is exc
 
 
 def test_trainer_call_raises_the_typed_error_from_the_symptom() -> None:
-    symptom = tinker.RequestFailedError("gone", "req", types.RequestErrorCategory.Server)
+    symptom = _sdk_lost()
     with pytest.raises(TrainerLostError) as raised, trainer_call("job", "save_state step-5", 4):
         raise symptom
     assert raised.value.__cause__ is symptom
+    assert (raised.value.job_id, raised.value.step) == ("job", 4)
+    assert raised.value.cause == symptom.cause  # the SDK's diagnosis survives the re-raise
+    named = raised.value
+    with pytest.raises(TrainerLostError) as again, trainer_call("job", "an outer call", 9):
+        raise named
+    assert again.value is named  # already names its job: raised as it is
     with pytest.raises(KeyError), trainer_call("job", "anything"):
         raise KeyError("not a trainer failure")
