@@ -67,7 +67,8 @@ class RunDirInUseError(RuntimeError):
 
 
 # Errors that recur on every attempt: the same file, config, ledger or key meets the same
-# answer. 4xx answers other than 408/429 (which are `.retryable`) are the platform's final word.
+# answer. 4xx answers other than 408/429 (which are `.retryable`) are the platform's final word,
+# a trainer's refusal of a request (the SDK's `BadRequestError`) included.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     DatasetError,
     ChatTemplateError,

@@ -9,6 +9,10 @@ the step's outcome is unknown, it is never repeated in place, and the flow retry
 and resumes from the ledger (design.md invariants). Every class here pickles (Prefect
 serializes failures) and says `retryable=False`: retrying in place is exactly what must not
 happen.
+
+`TrainerLostError` here is the SDK's class re-exported, not a subclass of it: one type for "the
+trainer went away" whichever layer noticed, so no `except` has to name two; the SDK leaves
+`job_id` and `step` empty (its clients know a URL, not a job) and `trainer_call` fills them in.
 """
 
 from __future__ import annotations
@@ -32,10 +36,6 @@ __all__ = [
 # How deep to follow `__cause__`/`__context__` (a lost trainer may be wrapped by a caller).
 _MAX_CHAIN: Final = 8
 _MAX_CAUSE_CHARS: Final = 300
-
-# `TrainerLostError` is the SDK's own class, re-exported, not a subclass: one type for "the
-# trainer went away" whichever layer noticed, so `except`/`isinstance` never has to name two.
-# Recovery is the flow retry: `reconnect_and_wait`, then the ledger's last resumable checkpoint.
 
 
 class PlatformUnreachableError(ConnectionError):
