@@ -70,6 +70,7 @@ __all__ = [
     "TrainerLostError",
     "TrainingShapeError",
     "WaitTimeoutError",
+    "exception_chain",
     "parse_api_error",
     "status_error",
 ]
@@ -353,6 +354,20 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
         if secret:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# How deep `exception_chain` follows `__cause__`/`__context__` (tinker wraps a 404 in a ValueError).
+_MAX_CHAIN = 8
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or during, outermost first (bounded)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < _MAX_CHAIN:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
 
 
 def parse_api_error(response: httpx.Response, *, redact: Iterable[str] = ()) -> str:

@@ -37,7 +37,13 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 from tinker.lib.public_interfaces.training_client import CustomLossFnV1, TrainingClient
 
 from sdk.checkpoint_refs import new_snapshot_suffix, qualify_snapshot_name, resolve_checkpoint_path
-from sdk.errors import BadRequestError, FireworksError, TrainerLostError, status_error
+from sdk.errors import (
+    BadRequestError,
+    FireworksError,
+    TrainerLostError,
+    exception_chain,
+    status_error,
+)
 from sdk.firetitan_types import (
     CHECKPOINT_TYPES,
     CheckpointType,
@@ -63,19 +69,7 @@ _SendOrdered = Callable[["AsyncTinker", int], Awaitable[types.UntypedAPIFuture]]
 
 # 404: the trainer route (or a request id it forgot) is gone; 410: the server forgot a promise.
 _GONE_STATUSES: Final = frozenset({404, 410})
-# How deep to follow `__cause__`/`__context__` (tinker wraps a 404 into a ValueError).
-_MAX_CHAIN: Final = 8
 _MAX_CAUSE_CHARS: Final = 300
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and the exceptions it was raised from, innermost last."""
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < _MAX_CHAIN:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
 
 
 def _lost(operation: str, link: BaseException) -> TrainerLostError:
@@ -111,7 +105,7 @@ def trainer_error(exc: BaseException, operation: str) -> BaseException:
     httpx failure (found in `exc` or what it was raised from), else `exc` itself."""
     if isinstance(exc, FireworksError):
         return exc
-    for link in _chain(exc):
+    for link in exception_chain(exc):
         mapped = _mapped(link, operation)
         if mapped is not None:
             return mapped

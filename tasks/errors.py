@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Final
 
-from sdk.errors import FireworksError, TrainerJobError, TrainerLostError
+from sdk.errors import FireworksError, TrainerJobError, TrainerLostError, exception_chain
 
 __all__ = [
     "DeploymentMismatchError",
@@ -33,8 +33,6 @@ __all__ = [
     "trainer_failure",
 ]
 
-# How deep to follow `__cause__`/`__context__` (a lost trainer may be wrapped by a caller).
-_MAX_CHAIN: Final = 8
 _MAX_CAUSE_CHARS: Final = 300
 
 
@@ -71,16 +69,6 @@ class DeploymentMismatchError(ValueError):
     retryable: ClassVar[bool] = False
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and the exceptions it was raised from, innermost last."""
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < _MAX_CHAIN:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def _is_lost(exc: BaseException) -> bool:
     if isinstance(exc, TrainerLostError | TrainerJobError):
         return True
@@ -90,7 +78,7 @@ def _is_lost(exc: BaseException) -> bool:
 
 def is_lost_trainer_symptom(exc: BaseException) -> bool:
     """Whether `exc` (or an exception it was raised from) says the trainer is gone."""
-    return any(_is_lost(link) for link in _chain(exc))
+    return any(_is_lost(link) for link in exception_chain(exc))
 
 
 def trainer_failure(
