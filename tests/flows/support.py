@@ -18,6 +18,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.logging.handlers import APILogWorker
 
+from flows.ledger import Ledger, RunHeader
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -76,3 +78,18 @@ def files_text(root: Path) -> str:
 
 def jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def write_foreign_ledger(run_dir: Path) -> None:
+    """A ledger of another run in `run_dir`, with one checkpoint row."""
+    other = RunHeader(
+        run_id="someone-else",
+        recipe="sft",
+        config_hash="sha256:other",
+        base_model="fireloop/tiny",
+        tokenizer_model="fireloop/tiny",
+        lora_rank=0,
+        dataset_fingerprint="sha256:other-data",
+    )
+    ledger = Ledger.open(run_dir, other)
+    ledger.append_checkpoint(name="step-5", step=4, data_cursor=80, epoch=0, state_path="step-5")

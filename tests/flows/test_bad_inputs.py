@@ -13,7 +13,7 @@ import pytest
 
 from algorithms.datasets import DatasetError
 from backend import LocalPlatform
-from flows.ledger import CheckpointRow, Ledger, LedgerMismatchError, RunHeader, read_ledger
+from flows.ledger import CheckpointRow, LedgerMismatchError, read_ledger
 from flows.lifecycle import derive_id
 from flows.sft import run_sft
 from sdk import (
@@ -26,6 +26,7 @@ from sdk import (
 )
 from tasks.errors import DeploymentMismatchError, TrainerMismatchError
 from tests.flows.conftest import sft_config
+from tests.flows.support import write_foreign_ledger
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -115,17 +116,7 @@ def test_a_deployment_of_another_base_model(platform: LocalPlatform, tmp_path: P
 
 def test_a_run_dir_holding_another_runs_ledger(platform: LocalPlatform, tmp_path: Path) -> None:
     run_dir = tmp_path / "taken"
-    other = RunHeader(
-        run_id="someone-else",
-        recipe="sft",
-        config_hash="sha256:other",
-        base_model="fireloop/tiny",
-        tokenizer_model="fireloop/tiny",
-        lora_rank=0,
-        dataset_fingerprint="sha256:other-data",
-    )
-    ledger = Ledger.open(run_dir, other)
-    ledger.append_checkpoint(name="step-5", step=4, data_cursor=80, epoch=0, state_path="step-5")
+    write_foreign_ledger(run_dir)
     original = (run_dir / "ledger.jsonl").read_bytes()
     config = sft_config(platform, run_dir, flow_retries=0)
     with pytest.raises(LedgerMismatchError, match="belongs to another run: run_id"):

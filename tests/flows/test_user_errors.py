@@ -20,12 +20,12 @@ from algorithms.datasets import DatasetError
 from backend import LocalPlatform
 from flows.config import PlatformConfig, SFTConfig
 from flows.failures import is_user_error
-from flows.ledger import Ledger, LedgerMismatchError, RunHeader
+from flows.ledger import LedgerMismatchError
 from flows.sft import configured_sft_flow
 from sdk import AuthenticationError, BadRequestError
 from tasks.errors import PlatformUnreachableError
 from tests.flows.conftest import sft_config
-from tests.flows.support import read_run
+from tests.flows.support import read_run, write_foreign_ledger
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -53,17 +53,7 @@ def _unknown_model(platform: LocalPlatform, run_dir: Path) -> dict[str, Any]:
 
 
 def _foreign_ledger(platform: LocalPlatform, run_dir: Path) -> dict[str, Any]:
-    other = RunHeader(
-        run_id="someone-else",
-        recipe="sft",
-        config_hash="sha256:other",
-        base_model="fireloop/tiny",
-        tokenizer_model="fireloop/tiny",
-        lora_rank=0,
-        dataset_fingerprint="sha256:other-data",
-    )
-    ledger = Ledger.open(run_dir, other)
-    ledger.append_checkpoint(name="step-5", step=4, data_cursor=80, epoch=0, state_path="step-5")
+    write_foreign_ledger(run_dir)
     return {}
 
 
