@@ -1,6 +1,6 @@
 """`FireworksClient`: what both managers share — the HTTP client, the account, shapes, checkpoints.
 
-The account is never configured: it is resolved once, lazily, from the API key (spec §2.3), so a
+The account is never configured: it is resolved once, lazily, from the API key, so a
 key can't be paired with an account it doesn't belong to.
 """
 
@@ -85,7 +85,7 @@ class FireworksClient(ClosesOnExit):
 
     @property
     def account_id(self) -> str:
-        """The key's one account (A1), fetched on first use and cached."""
+        """The key's one account (`GET /v1/accounts`), fetched on first use and cached."""
         if self._account_id is None:
             self._account_id = self._fetch_account_id()
         return self._account_id
@@ -108,7 +108,7 @@ class FireworksClient(ClosesOnExit):
         check_training_shape_ref("training_shape_id", shape_id)
         params: dict[str, str | int] | None = None
         path = f"/v1/{shape_id}"
-        if "/versions/" not in shape_id:  # S1: ask for the latest validated version
+        if "/versions/" not in shape_id:  # unversioned: ask for the latest validated version
             path += "/versions"
             params = {"filter": "latest_validated=true", "pageSize": 1}
         response = self._http.request("GET", path, params=params, ok_statuses=tuple(_SHAPE_ADVICE))
@@ -124,7 +124,7 @@ class FireworksClient(ClosesOnExit):
         return TrainingShapeProfile.from_api(versions[0])
 
     def list_checkpoints(self, job_id: str, *, page_size: int = 200) -> list[CheckpointInfo]:
-        """Every checkpoint row of a trainer job (T5), oldest first, across all pages."""
+        """Every checkpoint row of a trainer job, oldest first, across all pages."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ConfigError(f"page_size must be a positive integer, got {page_size!r}")
         path = f"{self._job_path(job_id)}/checkpoints"

@@ -2,9 +2,9 @@
 
 Every control-plane, hotload and warmup call goes through `HttpClient.request` (with the retry
 loop) or `HttpClient.probe` (one attempt, a yes/no answer). Sampling goes through
-`AsyncHttpClient.post`: one attempt per call, because the sampler owns its retry loop (spec
-§2.4, §11.5). Callers get an `httpx.Response` or a typed error from `sdk.errors`; they never see
-an httpx exception.
+`AsyncHttpClient.post`: one attempt per call, because the sampler owns its retry loop (one
+logical completion is retried as a unit). Callers get an `httpx.Response` or a typed error from
+`sdk.errors`; they never see an httpx exception.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TIMEOUT_BY_VERB: Mapping[str, float] = {"GET": 30.0}
-_DEFAULT_TIMEOUT_S = 60.0  # POST, DELETE, PATCH (spec §2.1)
+_DEFAULT_TIMEOUT_S = 60.0  # POST, DELETE, PATCH, as in the published SDK
 _MAX_BACKOFF_EXPONENT = 32  # 2**32 s is past any cap; stops float growth on long budgets
-# The sampling client of spec §2.1: long reads (a completion may take minutes), many connections.
+# The sampling client: long reads (a completion may take minutes), many connections.
 _ASYNC_CONNECT_S = 30.0
 _ASYNC_READ_S = 600.0
 _ASYNC_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
@@ -126,7 +126,7 @@ def response_json(response: httpx.Response, what: str) -> dict[str, Any]:
 
 
 def tls_verify_default(url: str) -> bool:
-    """Spec §2.1: verify TLS only for `https` URLs whose host is a name, not an IP literal."""
+    """Verify TLS only for `https` URLs whose host is a name, not an IP literal."""
     parsed = httpx.URL(url)
     if parsed.scheme != "https":
         return False
@@ -144,7 +144,7 @@ def auth_headers(
     *,
     bearer: bool,
 ) -> dict[str, str]:
-    """Spec §2.2: JSON, `X-Api-Key`, the constructor's headers, per-call extras, then Bearer."""
+    """Headers in order: JSON, `X-Api-Key`, the constructor's headers, per-call extras, Bearer."""
     headers = {"Content-Type": "application/json", "X-Api-Key": api_key}
     headers.update(additional)
     headers.update(extra or {})

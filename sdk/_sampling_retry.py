@@ -1,4 +1,4 @@
-"""The retry loop of one logical completion (spec §11.5), apart from the sampler's API.
+"""The retry loop of one logical completion, apart from the sampler's API.
 
 Transient failures (HTTP 408/429/5xx, a truncated stream, no answer) back off exponentially
 with jitter, honouring `Retry-After` as a floor; a deployment answering 404/425 is swapping
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 COMPLETIONS_PATH = "/inference/v1/completions"
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _TIMEOUT_STATUSES = frozenset({408, 504})
-_HOTLOADING_STATUSES = frozenset({404, 425})  # the deployment is swapping weights (§10.3)
+_HOTLOADING_STATUSES = frozenset({404, 425})  # the deployment is swapping weights (a hotload)
 _REQUEST_ID_HEADERS = ("x-request-id", "x-fireworks-request-id", "cf-ray")
 AsyncSleep = Callable[[float], Awaitable[None]]
 
@@ -91,7 +91,7 @@ def _request_id(response: httpx.Response) -> str | None:
 
 
 class LogicalRequest:
-    """The attempts of one logical completion (§11.5), sharing one `x-request-id`."""
+    """The attempts of one logical completion, sharing one `x-request-id`."""
 
     def __init__(
         self,

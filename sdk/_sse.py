@@ -1,4 +1,4 @@
-"""Parse a buffered completions stream (Server-Sent Events) and turn it into a sample (§11.4).
+"""Parse a buffered completions stream (Server-Sent Events) and turn it into a sample.
 
 Two steps, kept apart so each is testable on plain strings: `parse_stream` assembles the chunks
 into one `CompletionResult` and says whether the stream was cut off (a truncation is retried);

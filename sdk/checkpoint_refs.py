@@ -1,11 +1,11 @@
-"""Names and references of trainer checkpoints and sampler snapshots (platform-api.md §9.4, §9.6).
+"""Names and references of trainer checkpoints and sampler snapshots.
 
 Pure string rules shared by the Firetitan training client, the weight syncer and the flows, kept
 apart from the tinker-based clients so that importing them never pulls in tinker (and torch).
 
 * A sampler snapshot is saved as `<name>-<suffix>`, the suffix being 8 hex digits drawn fresh for
   every training client, so a reconnected run never reuses a served snapshot's identity; match
-  logical names with `logical_snapshot_name` (failure-modes P6).
+  logical names with `logical_snapshot_name`, because the full name changes on every reconnect.
 * A resumable checkpoint is loaded by logical name (this job), by `cross_job://<job>/<name>`
   (another job of the account), or by an absolute path / `gs://` URI.
 """

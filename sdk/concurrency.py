@@ -1,4 +1,4 @@
-"""How many completions the sampler keeps in flight (spec §11.6).
+"""How many completions the sampler keeps in flight.
 
 `FixedConcurrencyController(n)` is a semaphore of n slots. `AdaptiveConcurrencyController`
 (the sampler's default) sizes the window by AIMD on the server's prefill-queue time: a queue

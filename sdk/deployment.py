@@ -1,8 +1,9 @@
 """`DeploymentManager`: create or reuse, wait for, update, scale down and delete deployments.
 
-Implements spec §7: the control plane (D1-D5), the I1 readiness and warmup probes, re-attaching
-a deployment to another trainer, and the hotload methods of §10, whose logic lives in
-`sdk.hotload` (this class is their public surface).
+The deployment calls of the control plane (create, get, update, scale to zero, delete), the
+completion probe used for readiness and warmup, re-attaching a deployment to another trainer,
+and the hotload methods, whose logic lives in `sdk.hotload` (this class is their public
+surface). The wire facts: docs/platform-contract.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
 WARMUP_TIMEOUT_S = 30.0
-# Token ids every served vocabulary has (§15 item 14): the probe's answer, not its text, matters.
+# Token ids every served vocabulary has: the probe's answer, not its text, matters.
 _PROBE_PROMPT = [1, 2]
 _SNAKE_CASE_FIELD = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 
@@ -130,7 +131,7 @@ class DeploymentManager(FireworksClient):
                 clock=self._clock,
             )
         except WaitTimeoutError as exc:
-            # Spec §7: proceed anyway; the create's 409 → GET path reports what is there.
+            # Proceed anyway, as the published SDK does: a 409 on create → GET shows what is there.
             logger.warning("%s; creating anyway", exc)
 
     def _create(self, config: DeploymentConfig) -> DeploymentInfo:
@@ -183,7 +184,7 @@ class DeploymentManager(FireworksClient):
         return info
 
     def _answers_completions(self, info: DeploymentInfo) -> bool:
-        """Whether the deployment already serves a tiny completion (I1, one attempt)."""
+        """Whether the deployment already serves a tiny completion (one attempt)."""
         model = info.inference_model or self._deployment_name(info.deployment_id)
         return self._probe_completion(model, PROBE_TIMEOUT_S)
 
@@ -195,7 +196,7 @@ class DeploymentManager(FireworksClient):
     def warmup(self, model: str, max_retries: int = 30, retry_interval_s: float = 10.0) -> bool:
         """Send a tiny completion to `model` (`accounts/<a>/deployments/<d>`) until one answers
         200, at most `max_retries` times: the first requests after a hotload can be slow or fail
-        (§10.4). False when none succeeded; never raises."""
+        while caches are rebuilt. False when none succeeded; never raises."""
         for attempt in range(1, max_retries + 1):
             try:
                 if self._probe_completion(model, WARMUP_TIMEOUT_S):
@@ -209,7 +210,7 @@ class DeploymentManager(FireworksClient):
         return False
 
     def get(self, deployment_id: str) -> DeploymentInfo | None:
-        """The deployment (D2), or None if it does not exist."""
+        """The deployment, or None if it does not exist."""
         path = self._deployment_path(deployment_id)
         response = self._http.request("GET", path, ok_statuses=(404,))
         if response.status_code == 404:
@@ -219,7 +220,7 @@ class DeploymentManager(FireworksClient):
     def update(
         self, deployment_id: str, body: Mapping[str, Any], update_mask: Sequence[str]
     ) -> DeploymentInfo:
-        """PATCH the fields named in `update_mask` (snake_case) from the camelCase `body` (D4)."""
+        """PATCH the fields named in `update_mask` (snake_case) from the camelCase `body`."""
         if isinstance(update_mask, str) or not update_mask:
             raise ConfigError("update_mask must be a non-empty list of snake_case field names")
         for field in update_mask:
@@ -231,7 +232,7 @@ class DeploymentManager(FireworksClient):
         return DeploymentInfo.from_api(response_json(response, path))
 
     def scale_to_zero(self, deployment_id: str) -> None:
-        """Set min and max replicas to 0, keeping the deployment (D5). Best effort: failures
+        """Set min and max replicas to 0, keeping the deployment. Best effort: failures
         are logged, never raised."""
         body = {"maxReplicaCount": 0, "minReplicaCount": 0}
         try:
@@ -242,7 +243,7 @@ class DeploymentManager(FireworksClient):
             logger.info("scaled deployment %s to zero", deployment_id)
 
     def delete(self, deployment_id: str) -> None:
-        """Hard-delete the deployment (D3). Best effort: failures are logged, never raised."""
+        """Hard-delete the deployment. Best effort: failures are logged, never raised."""
         params = {"ignoreChecks": "true", "hard": "true"}
         try:
             self._http.request("DELETE", self._deployment_path(deployment_id), params=params)
@@ -283,8 +284,9 @@ class DeploymentManager(FireworksClient):
     ) -> DeploymentInfo:
         """Point the deployment's hotload bucket at `trainer_job_name` (`accounts/<a>/
         rlorTrainerJobs/<j>`) and wait until the restarted pod no longer serves the old
-        trainer's snapshot. Already attached → returned as is, with no PATCH (W11). Reset the
-        delta chain of any syncer on this deployment afterwards."""
+        trainer's snapshot. Already attached → returned as is, with no PATCH (one that
+        changes nothing never restarts the pod, so the wait would time out). Reset the delta
+        chain of any syncer on this deployment afterwards."""
         deployment_id = deployment if isinstance(deployment, str) else deployment.deployment_id
         return reattach_trainer(
             self,
@@ -296,7 +298,7 @@ class DeploymentManager(FireworksClient):
             poll_interval_s=poll_interval_s,
         )
 
-    # -- hotload (spec §10; the logic is in sdk.hotload) ---------------------------------------
+    # -- hotload (the logic is in sdk.hotload) -------------------------------------------------
 
     def hotload(
         self,
@@ -308,7 +310,7 @@ class DeploymentManager(FireworksClient):
         timeout: float = 60,
         path: str | None = None,
     ) -> HotloadAck:
-        """Ask the deployment to load a snapshot (H1); a delta when metadata is given. `path`
+        """Ask the deployment to load a snapshot; a delta when metadata is given. `path`
         (an object-store URI) travels in `x-fireworks-hot-load-source-url`. Returns once the
         request is accepted; loading is asynchronous (see `wait_for_hotload`)."""
         return self._hotloader.hotload(
@@ -322,7 +324,7 @@ class DeploymentManager(FireworksClient):
         )
 
     def hotload_check_status(self, deployment_id: str, base_model: str) -> HotloadStatus:
-        """The deployment's hotload status (H2): per replica, what it serves and its stage."""
+        """The deployment's hotload status: per replica, what it serves and its stage."""
         return self._hotloader.check_status(deployment_id, base_model)
 
     def wait_for_hotload(
@@ -374,7 +376,7 @@ class DeploymentManager(FireworksClient):
         poll_interval_s: float = 1,
     ) -> HotloadStatus:
         """Wait until every replica is ready and serves `expected_identity`; otherwise
-        `StaleDeploymentError` naming the expected and the served identity (W7)."""
+        `StaleDeploymentError` naming the expected and the served identity."""
         return self._hotloader.verify(
             deployment_id,
             base_model,
@@ -390,7 +392,7 @@ class DeploymentManager(FireworksClient):
         timeout_s: float = 300,
         poll_interval_s: float = 5,
     ) -> HotloadStatus:
-        """Wait until the hotload status lists replicas (W5: loading earlier can crash them)."""
+        """Wait until the hotload status lists replicas (loading earlier can crash them)."""
         return self._hotloader.wait_for_replicas(
             deployment_id, base_model, timeout_s=timeout_s, poll_interval_s=poll_interval_s
         )

@@ -1,7 +1,8 @@
 """`DeploymentConfig`, an inference deployment for sampling and hotload, and its create request.
 
-Defaults follow the seed's table (spec §5.2); `build_deployment_request` is the exact D1 query
-and body of spec §3.3, kept apart from the manager so the wire format is testable on its own.
+Defaults are the published SDK's documented ones (docs/platform-contract.md, 'Configuration
+defaults'); `build_deployment_request` is the exact query and body of the create request, kept
+apart from the manager so the wire format is testable on its own.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class DeploymentConfig(ConfigModel):
 def build_deployment_request(
     config: DeploymentConfig, account_id: str
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """The D1 query parameters and JSON body for `config` in `account_id`."""
+    """The create request's query parameters and JSON body for `config` in `account_id`."""
     query = {"deploymentId": config.deployment_id}
     if config.skip_shape_validation:
         query["skipShapeValidation"] = "true"

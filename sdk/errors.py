@@ -257,7 +257,8 @@ class HotloadError(DeploymentError):
 
 class StaleDeploymentError(DeploymentError):
     """After a hotload, a replica still serves another snapshot, or is not ready: sampling from
-    the deployment would evaluate the wrong weights (failure-modes W7)."""
+    the deployment would evaluate the wrong weights. (A wait that looks at replica 0 alone, as the
+    published SDK's does, misses a lagging replica.)"""
 
     def __init__(
         self,
@@ -283,7 +284,7 @@ class TrainingShapeError(FireworksError, RuntimeError):
 
 
 class SamplingRequestError(FireworksError, RuntimeError):
-    """One logical completion failed after its retries (spec §11.5). Retryable: every failure
+    """One logical completion failed after its retries. Retryable: every failure
     the sampler retries is transient, so a later attempt (a task retry) may succeed.
 
     `final_status` is the last HTTP status (None when no answer came), `request_id` the server's

@@ -2,8 +2,8 @@
 
 A trainer speaks the tinker 0.23 JSON protocol behind the platform gateway
 (`{base_url}/training/v1/rlorTrainerJobs/{account}/{job}`). This client adds what the stock one
-lacks (platform-api.md §9.1, §9.2): Fireworks API keys, full-parameter and base-only (reference)
-models, LoRA alpha, and a guard against creating the same training client twice on one session.
+lacks: Fireworks API keys, full-parameter and base-only (reference) models, LoRA alpha, and a
+guard against creating the same training client twice on one session.
 
 How a Fireworks key gets through tinker 0.23 (a `tml-` key keeps the stock behaviour):
 
@@ -275,7 +275,7 @@ class FiretitanServiceClient(ClosesOnExit, ServiceClient):
         tokenizer: Tokenizer | str | None = None,
         concurrency_controller: ConcurrencyController | None = None,
     ) -> FiretitanSamplingClient:
-        """Wrap `deployment_sampler` in tinker's sampling interface (§11.7).
+        """Wrap `deployment_sampler` in tinker's sampling interface (`sample`).
 
         Firetitan trainers do not sample: without a sampler (sampling a `model_path` or a
         `base_model` directly) this needs the managed or serverless platform, which fireloop

@@ -1,4 +1,4 @@
-"""`FiretitanSamplingClient`: tinker's `sample` call shape over a `DeploymentSampler` (§11.7).
+"""`FiretitanSamplingClient`: tinker's `sample` call shape over a `DeploymentSampler`.
 
 Code written against tinker's `SamplingClient` (`sample(prompt, num_samples, sampling_params)`
 → a future of `SampleResponse`) runs unchanged against a deployment. The sampler's coroutines

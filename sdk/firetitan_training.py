@@ -1,9 +1,9 @@
 """FiretitanTrainingClient: tinker 0.23's TrainingClient with the Firetitan extensions.
 
-What it adds (platform-api.md §9.3, §9.4): `optim_step` with gradient-accumulation
-normalisation, a `response_tokens` metric on cross-entropy `forward_backward`, sampler
-snapshots with a checkpoint type and a per-client name suffix, `save_state` with a blocking
-timeout, trainer-side `list_checkpoints`, `load_adapter`, and cross-job checkpoint references.
+What it adds: `optim_step` with gradient-accumulation normalisation, a `response_tokens` metric
+on cross-entropy `forward_backward`, sampler snapshots with a checkpoint type and a per-client
+name suffix, `save_state` with a blocking timeout, trainer-side `list_checkpoints`,
+`load_adapter`, and cross-job checkpoint references.
 Sampling never goes through the trainer (deployments serve it), so the tinker shortcuts that
 would are refused.
 

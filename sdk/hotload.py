@@ -1,9 +1,10 @@
-"""Hotload (spec §10): ask a deployment to load a snapshot, watch it load, verify what it serves.
+"""Hotload: ask a deployment to load a snapshot, watch it load, verify what it serves.
 
-`Hotloader` is the logic behind `DeploymentManager.hotload*`: the H1 load request with the
-`reset_prompt_cache` drop-and-remember rule (§10.2), the H2 status read, the wire-compatible
-`wait` (replica 0 only, §10.3) and fireloop's stricter `verify` that every replica serves the
-snapshot (failure-modes W7). Sampling before `verify` succeeds would evaluate stale weights.
+`Hotloader` is the logic behind `DeploymentManager.hotload*`: the load request with the
+`reset_prompt_cache` drop-and-remember rule, the status read, the wire-compatible `wait`
+(replica 0 only, like the published SDK) and fireloop's stricter `verify` that every replica
+serves the snapshot. Sampling before `verify` succeeds would evaluate stale weights. The wire
+facts: docs/platform-contract.md, 'Hotload'.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _describe(status: HotloadStatus | None) -> str:
 
 
 class Hotloader:
-    """H1/H2 against `hotload_api_url`, for deployments named by `deployment_name(id)`."""
+    """Load requests and status reads at `hotload_api_url`, for deployments named by
+    `deployment_name(id)`."""
 
     def __init__(
         self,
@@ -108,7 +110,7 @@ class Hotloader:
         timeout: float,
         path: str | None,
     ) -> HotloadAck:
-        """H1: ask the deployment to load `snapshot_identity` (a delta when metadata is given)."""
+        """Ask the deployment to load `snapshot_identity` (a delta when metadata is given)."""
         body: dict[str, Any] = {"identity": snapshot_identity}
         if incremental_snapshot_metadata is not None:
             body["incremental_snapshot_metadata"] = (
@@ -152,7 +154,7 @@ class Hotloader:
     def check_status(
         self, deployment_id: str, base_model: str, *, retry: bool = True
     ) -> HotloadStatus:
-        """H2: every replica's served snapshot, readiness and loading stage."""
+        """The hotload status: every replica's served snapshot, readiness and loading stage."""
         what = f"hotload status of {deployment_id}"
         response = self._http.request(
             "GET",
@@ -171,7 +173,7 @@ class Hotloader:
         timeout_seconds: float,
         poll_interval: float,
     ) -> bool:
-        """The wire-compatible wait of §10.3: True once replica 0 is ready and serves
+        """The published SDK's wait: True once replica 0 is ready and serves
         `expected_identity`; False on an `error` stage for that identity or at the deadline,
         with the reason in `last_error_message`. Transient read failures are logged and outlived.
         """
@@ -219,7 +221,7 @@ class Hotloader:
         timeout_s: float,
         poll_interval_s: float,
     ) -> HotloadStatus:
-        """Wait until *every* replica is ready and serves `expected_identity` (W7).
+        """Wait until *every* replica, not only replica 0, is ready and serves `expected_identity`.
 
         A replica whose load of this identity failed → `HotloadError` at once; one still
         serving something else at the deadline → `StaleDeploymentError` naming both identities.
@@ -279,7 +281,7 @@ class Hotloader:
         self, deployment_id: str, base_model: str, *, timeout_s: float, poll_interval_s: float
     ) -> HotloadStatus:
         """Wait until the status lists at least one replica: a hotload sent before that can
-        crash a serving container (W5). `WaitTimeoutError` at the deadline."""
+        crash a serving container. `WaitTimeoutError` at the deadline."""
 
         def check() -> Done[HotloadStatus] | Pending:
             try:
@@ -308,8 +310,9 @@ def reattach_trainer(
     timeout_s: float,
     poll_interval_s: float,
 ) -> DeploymentInfo:
-    """`DeploymentManager.reattach_trainer` (§7): PATCH `hotLoadTrainerJob` unless it already
-    matches (W11), then poll until the deployment is READY and replica 0's identity (the served
+    """`DeploymentManager.reattach_trainer`: PATCH `hotLoadTrainerJob` unless it already
+    matches (a PATCH that changes nothing never restarts the pod, so the wait would time out),
+    then poll until the deployment is READY and replica 0's identity (the served
     snapshot, else the replica's name) changed or appeared."""
     check_interval("timeout_s", timeout_s, allow_zero=True)
     check_interval("poll_interval_s", poll_interval_s)

@@ -1,4 +1,4 @@
-"""The wire shapes of the hotload API (spec §10.2, §10.3), parsed tolerantly.
+"""The wire shapes of the hotload API, parsed tolerantly.
 
 Responses ignore unknown fields (a newer server never breaks us); the delta metadata of a
 request forbids them, because the server's schema does too.
@@ -24,7 +24,7 @@ __all__ = [
     "ReplicaStatus",
 ]
 
-# Both literals are the platform's, typo included (§15 item 1): "alder32", not "adler32".
+# Both literals are the platform's, typo included: "alder32", not "adler32".
 COMPRESSION_FORMAT = "arc_v2"
 CHECKSUM_FORMAT = "alder32"
 STAGE_ERROR = "error"
@@ -66,7 +66,7 @@ class LoadedAdapter(_Wire):
 
 
 class ReplicaStatus(_Wire):
-    """One replica's H2 status: the snapshot it serves, whether it is ready, its load stage.
+    """One replica's hotload status: the snapshot it serves, whether it is ready, its load stage.
 
     `identity` is the replica's own name where the server reports one (a pod name, new on every
     restart); the served snapshot is `current_snapshot_identity` ("" or None: base weights).
@@ -80,12 +80,12 @@ class ReplicaStatus(_Wire):
 
     @property
     def restart_marker(self) -> str | None:
-        """What changes when the replica restarts (§7 `reattach_trainer`): the served snapshot,
+        """What changes when the replica restarts (see `reattach_trainer`): the served snapshot,
         or, when none is served, the replica's own identity."""
         return self.current_snapshot_identity or self.identity
 
     def serves(self, identity: str) -> bool:
-        """Ready, and serving `identity` as its weights or as a loaded adapter (§10.3)."""
+        """Ready, and serving `identity` as its weights or as a loaded adapter."""
         if not self.readiness:
             return False
         if self.current_snapshot_identity == identity:
@@ -99,14 +99,14 @@ class ReplicaStatus(_Wire):
 
 
 class HotloadStatus(_Wire):
-    """The H2 answer. `replicas` is None when the server omitted the list (a schema error for
-    `wait`) and empty while the hot-load subsystem is not up yet (failure-modes W5)."""
+    """The hotload status answer. `replicas` is None when the server omitted the list (a schema
+    error for `wait`) and empty while the hot-load subsystem is not up yet (do not load then)."""
 
     replicas: list[ReplicaStatus] | None = None
 
 
 class HotloadAck(_Wire):
-    """The H1 answer: the server took the request; loading continues asynchronously."""
+    """The answer to a load request: the server took it; loading continues asynchronously."""
 
     identity: str | None = None
     accepted: bool | None = None

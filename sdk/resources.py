@@ -1,6 +1,6 @@
 """Platform resources as the SDK hands them out: frozen pydantic models, parsed from wire JSON.
 
-Each `from_api` reads the camelCase control-plane JSON of spec §3 tolerantly (unknown fields
+Each `from_api` reads the platform's camelCase control-plane JSON tolerantly (unknown fields
 ignored, missing ones defaulted), so a newer server never breaks an older client.
 """
 
@@ -58,7 +58,7 @@ class _Resource(BaseModel):
 
 
 class TrainerJob(_Resource):
-    """A trainer job (T2) with the fields the SDK reads (spec §3.2)."""
+    """A trainer job as the control plane describes it, with the fields the SDK reads."""
 
     name: str
     state: str = ""
@@ -74,7 +74,7 @@ class TrainerJob(_Resource):
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> TrainerJob:
-        """Parse a T1/T2 answer; the status text is the first non-empty of several spellings."""
+        """Parse a create or get answer; the status text is the first non-empty of its spellings."""
         status = data.get("status")
         status_text = _str(data, "statusMessage", "message") or _str(
             _mapping(status), "message", "statusMessage", "detail", "details"
@@ -110,7 +110,7 @@ class TrainerServiceEndpoint(_Resource):
 
 
 class TrainingShapeProfile(_Resource):
-    """A training shape version (spec §14): the infra settings a shape pins down."""
+    """A training shape version: the infra settings a shape pins down."""
 
     training_shape_version: str = ""
     trainer_image_tag: str = ""
@@ -141,7 +141,7 @@ class TrainingShapeProfile(_Resource):
 
     @classmethod
     def from_api(cls, version: Mapping[str, Any]) -> TrainingShapeProfile:
-        """Parse an S1/S2 training shape version."""
+        """Parse a training shape version (the latest validated one, or one named exactly)."""
         snapshot = _mapping(version.get("snapshot"))
         sharding = _mapping(snapshot.get("trainerShardingScheme"))
         fields = {
@@ -164,7 +164,7 @@ class TrainingShapeProfile(_Resource):
 
 
 class CheckpointInfo(_Resource):
-    """One checkpoint row of a trainer job (T5, spec §3.4)."""
+    """One row of a trainer job's checkpoint listing (docs/platform-contract.md, 'Checkpoints')."""
 
     name: str
     checkpoint_id: str
@@ -180,7 +180,7 @@ class CheckpointInfo(_Resource):
 
     @classmethod
     def from_api(cls, row: Mapping[str, Any]) -> CheckpointInfo:
-        """Parse one T5 row."""
+        """Parse one row of the checkpoint listing."""
         name = row.get("name") or ""
         return cls._build(
             "checkpoint row",
@@ -194,7 +194,7 @@ class CheckpointInfo(_Resource):
 
 
 class DeploymentInfo(_Resource):
-    """A deployment (D2); `inference_model` is the completions `model` string."""
+    """A deployment; `inference_model` is the `model` string of its completions requests."""
 
     deployment_id: str
     name: str
@@ -207,7 +207,7 @@ class DeploymentInfo(_Resource):
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> DeploymentInfo:
-        """Parse a D1/D2/D4 answer (camelCase, with snake_case fallbacks seen in the wild)."""
+        """Parse a create, get or update answer (camelCase; snake_case fallbacks seen in use)."""
         name = data.get("name") or ""
         return cls._build(
             "deployment",

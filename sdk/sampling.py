@@ -1,8 +1,8 @@
-"""`DeploymentSampler`: token-in, token-out sampling from a deployment (spec §11).
+"""`DeploymentSampler`: token-in, token-out sampling from a deployment.
 
 The client tokenizes (so the ids a loss sees are the ids the server sampled), sends one
 streaming completion per sample and keeps `raw_output` ids and both logprobs. One logical
-completion is retried as a unit (§11.5): transient failures back off, a deployment that is
+completion is retried as a unit: transient failures back off, a deployment that is
 hotloading (404/425) is waited out, and every attempt carries the same `x-request-id`.
 """
 
@@ -239,7 +239,7 @@ class DeploymentSampler:
         logical_request_id: str | None = None,
         **kw: Any,
     ) -> tuple[CompletionResult, ServerMetrics]:
-        """One streaming completion, retried as a unit (§11.5); the assembled result and the
+        """One streaming completion, retried as a unit; the assembled result and the
         server's metrics for it. `http_timeout` (s) is the read timeout of each attempt."""
         http_timeout = float(kw.pop("http_timeout", _DEFAULT_HTTP_TIMEOUT_S))
         body: dict[str, Any] = {
@@ -252,7 +252,7 @@ class DeploymentSampler:
             "perf_metrics_in_response": True,
             "raw_output": True,
             # Full-distribution sampling unless asked otherwise: on-policy RL must not inherit a
-            # model's generation config (§11.3).
+            # model's generation config (temperature, top-p, top-k); callers' kwargs still win.
             "top_p": 1.0,
             "top_k": 0,
             "logprobs": True,

@@ -1,5 +1,5 @@
 """What the deployment sampler hands out: completions, per-request server metrics, and the
-assembled streaming answer (spec §11.2, §11.4).
+assembled streaming answer.
 
 Frozen pydantic models, so results pickle into Prefect task results and can't be edited by
 accident between the sampler and the loss. Nothing here depends on httpx, tinker or torch.

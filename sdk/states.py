@@ -1,4 +1,5 @@
-"""Trainer-job and deployment states (spec §4) and the classes the wait loops act on.
+"""Trainer-job and deployment states and the classes the wait loops act on (what each class
+means: docs/platform-contract.md, 'Trainer job states' and 'Deployment states').
 
 States arrive as strings; an unknown one (a newer server) is treated as transitional rather
 than rejected, so the helpers take `str`, and the `Literal` types document the known values.
@@ -77,7 +78,7 @@ def is_failed(state: str) -> bool:
 
 
 def is_resumable(state: str) -> bool:
-    """`:resume` can bring the job back (spec §13 step 3)."""
+    """`:resume` can bring the job back: it failed, was cancelled or paused, or completed."""
     return state in RESUMABLE_JOB_STATES
 
 

@@ -1,7 +1,8 @@
 """`TrainerJobManager`: create, wait for, resume, reconnect to and delete service-mode trainers.
 
-Implements spec §6 and §13 over the control plane (T1-T5) and the trainer gateway's healthz
-probe (R1). Every wait has a deadline and ends in a typed error; every poll interval and
+Built on the control plane's trainer-job calls and the trainer gateway's health probe; what the
+job states mean and how readiness, resume and reconnect use them: docs/platform-contract.md,
+'Trainer job states'. Every wait has a deadline and ends in a typed error; every poll interval and
 timeout is a parameter with the reference SDK's default.
 """
 
@@ -65,7 +66,7 @@ class _ProgressLog:
 
 
 class _ReadinessDeadlines:
-    """The two deadlines of the readiness loop (spec §6 step 4).
+    """The two deadlines of the readiness loop.
 
     PENDING (waiting for capacity) is bounded by `pending_timeout_s` from the start. The first
     other state fixes a second deadline `timeout_s` later, which then applies in every state,
@@ -105,7 +106,7 @@ class TrainerJobManager(FireworksClient):
     boot_time_s: float | None = None
 
     def create(self, config: TrainerJobConfig) -> CreatedTrainerJob:
-        """Create the job (T1) without waiting. Idempotent per `config.requested_job_id`: the
+        """Create the job without waiting. Idempotent per `config.requested_job_id`: the
         generated id is stored there, and a 409 answer returns the job that already exists."""
         config.validate()
         if config.hot_load_deployment_id:
@@ -161,7 +162,7 @@ class TrainerJobManager(FireworksClient):
         timeout_s: float = 900,
         pending_timeout_s: float = 172800,
     ) -> TrainerServiceEndpoint:
-        """Poll until the job is RUNNING and its trainer answers healthz (spec §6).
+        """Poll until the job is RUNNING and its trainer answers healthz.
 
         PENDING (waiting for capacity) may last `pending_timeout_s`; from the first other state
         seen, the job has `timeout_s` to become healthy. That deadline is fixed once and never
@@ -207,7 +208,7 @@ class TrainerJobManager(FireworksClient):
         timeout_s: float = 900,
         pending_timeout_s: float = 172800,
     ) -> TrainerServiceEndpoint:
-        """Resume a FAILED/CANCELLED/PAUSED/COMPLETED job (T4, no body), then wait for it."""
+        """Resume a FAILED/CANCELLED/PAUSED/COMPLETED job (`:resume`, no body), then wait for it."""
         self._http.request("POST", f"{self._job_path(job_id)}:resume")
         logger.info("resumed trainer job %s", job_id)
         return self.wait_for_existing(
@@ -226,7 +227,7 @@ class TrainerJobManager(FireworksClient):
         pending_timeout_s: float = 172800,
         transitional_poll_s: float = 10,
     ) -> TrainerServiceEndpoint:
-        """Get back a trainer after a preemption or a client restart (spec §13).
+        """Get back a trainer after a preemption or a client restart.
 
         RUNNING → wait for health; FAILED/CANCELLED/PAUSED/COMPLETED → resume and wait; any
         other state is transitional and is re-checked every `transitional_poll_s` for at most
@@ -249,7 +250,7 @@ class TrainerJobManager(FireworksClient):
                 )
             if is_resumable(job.state):
                 return self.resume_and_wait(job_id, poll_interval_s, timeout_s, pending_timeout_s)
-            # Deviation from spec §13: a tombstone never comes back, so waiting 120 s is useless.
+            # Unlike the published SDK (which waits up to 120 s here): a tombstone never comes back.
             self._raise_if_deleted(job_id, job)
             if window.expired:
                 raise WaitTimeoutError(
@@ -272,19 +273,19 @@ class TrainerJobManager(FireworksClient):
                 self._sleep(min(retry_every_s, window.remaining))
 
     def try_get(self, job_id: str) -> TrainerJob | None:
-        """The job (T2), or None if it does not exist."""
+        """The job, or None if it does not exist."""
         response = self._http.request("GET", self._job_path(job_id), ok_statuses=(404,))
         if response.status_code == 404:
             return None
         return TrainerJob.from_api(response_json(response, f"get trainer job {job_id}"))
 
     def get(self, job_id: str) -> TrainerJob:
-        """The job (T2); `NotFoundError` if it does not exist."""
+        """The job; `NotFoundError` if it does not exist."""
         response = self._http.request("GET", self._job_path(job_id))
         return TrainerJob.from_api(response_json(response, f"get trainer job {job_id}"))
 
     def delete(self, job_id: str) -> None:
-        """Delete the job (T3). Best effort, for teardown: failures are logged, never raised."""
+        """Delete the job. Best effort, for teardown: failures are logged, never raised."""
         try:
             self._http.request("DELETE", self._job_path(job_id))
         except FireworksError as exc:
@@ -293,7 +294,7 @@ class TrainerJobManager(FireworksClient):
             logger.info("deleted trainer job %s", job_id)
 
     def trainer_url(self, job_id: str) -> str:
-        """The trainer gateway base URL of a job (spec §8)."""
+        """The trainer gateway base URL of a job; the tinker protocol lives under `/api/v1/`."""
         return f"{self.base_url}/training/v1/rlorTrainerJobs/{self.account_id}/{job_id}"
 
     def _healthy_url(self, job_id: str, job: TrainerJob) -> str | None:
@@ -308,7 +309,7 @@ class TrainerJobManager(FireworksClient):
 
     @classmethod
     def _raise_if_dead(cls, job_id: str, job: TrainerJob) -> None:
-        """A readiness wait ends on a deleted or FAILED job (spec §6 step 2)."""
+        """A readiness wait ends on a deleted or FAILED job."""
         cls._raise_if_deleted(job_id, job)
         if is_failed(job.state):
             raise TrainerJobError(

@@ -1,8 +1,8 @@
-"""`TrainerJobConfig`, a service-mode trainer's settings, and its create request (§3.1, §5.1).
+"""`TrainerJobConfig`, a service-mode trainer's settings, and its create request.
 
 Field checks run on construction and assignment; `validate()` adds the cross-field rules of the
 three launch paths (shape, auto-shape, manual). `build_create_request` turns a valid config into
-the exact T1 query and body, so the wire format is testable without a server.
+the exact create query and body, so the wire format is testable without a server.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class TrainerJobConfig(ConfigModel):
     lora_rank: int = Field(default=0, ge=0)
     max_context_length: int | None = Field(default=4096, gt=0)
     learning_rate: float = Field(default=1e-5, gt=0, allow_inf_nan=False)
-    # Micro-batches per optimizer step: the training loop's business; never sent (spec §5.1).
+    # Micro-batches per optimizer step: the training loop's business; never sent to the platform.
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     node_count: int = Field(default=1, ge=1)
     display_name: str | None = Field(default=None, min_length=1, max_length=63)
@@ -146,7 +146,7 @@ class TrainerJobConfig(ConfigModel):
 
     @property
     def launch_path(self) -> LaunchPath:
-        """Which §3.1 path `create` takes: a named shape, an auto-selected one, or manual."""
+        """Which launch path `create` takes: a named shape, an auto-selected one, or manual."""
         if self.training_shape_ref is not None:
             return "shape"
         return "auto" if self.auto_select_training_shape else "manual"
@@ -218,7 +218,7 @@ def _query(config: TrainerJobConfig, job_id: str) -> dict[str, str]:
 def build_create_request(
     config: TrainerJobConfig, job_id: str
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """The T1 query parameters and JSON body for `config`, creating the job `job_id`."""
+    """The create request's query parameters and JSON body for `config`, creating `job_id`."""
     body: dict[str, Any] = {
         "serviceMode": True,
         "keepAlive": False,

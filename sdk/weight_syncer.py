@@ -1,11 +1,12 @@
-"""`WeightSyncer`: save the policy's weights for serving and hotload them, delta-chained (§12).
+"""`WeightSyncer`: save the policy's weights for serving and hotload them, delta-chained.
 
-The chain rules (§10.1): a session's first sync is a full `base`; full-parameter runs then send
-`delta`s whose metadata names the last *hotloaded* identity; LoRA adapters are always `base`,
-never with metadata. After every hotload the syncer verifies that each replica is ready and
-serves the new snapshot and raises `StaleDeploymentError` otherwise: an evaluation must
-never read stale weights. The syncer alone decides base or delta: a failed save or hotload
-resets its chain itself, so the next sync is a full load; after a re-attach call
+The chain rules: a session's first sync is a full `base` (the deployment may still hold another
+run's snapshot); full-parameter runs then send `delta`s whose metadata names the last
+*hotloaded* identity; LoRA adapters are always `base`, never with metadata (see
+docs/platform-contract.md, 'Hotload'). After every hotload the syncer verifies that each
+replica is ready and serves the new snapshot and raises `StaleDeploymentError` otherwise: an
+evaluation must never read stale weights. The syncer alone decides base or delta: a failed
+save or hotload resets its chain itself, so the next sync is a full load; after a re-attach call
 `reset_delta_chain()`. `sync` returns a typed `SyncResult` (identity, kind, timings).
 """
 
@@ -198,7 +199,8 @@ class WeightSyncer:
     def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
         """Save a sampler snapshot without hotloading it; None (logged) on any failure.
 
-        A `delta` saved here and never hotloaded breaks the chain of the next hotload (W8).
+        A `delta` saved here and never hotloaded breaks the chain of the next hotload: a
+        delta applies only on top of the snapshot hotloaded last.
         """
         try:
             return self._save(name, self._next_checkpoint_type(checkpoint_type))
@@ -236,7 +238,10 @@ class WeightSyncer:
         return status.replicas[0].current_snapshot_identity or None
 
     def wait_for_hotload_ready(self, timeout_s: float = 300, poll_interval_s: float = 5) -> None:
-        """Wait until the deployment's hotload status lists replicas (W5); `WaitTimeoutError`."""
+        """Wait until the deployment's hotload status lists replicas; `WaitTimeoutError`.
+
+        A hotload sent before the status lists replicas can crash a serving container.
+        """
         manager, deployment_id = self._target()
         manager.wait_for_hotload_ready(
             deployment_id, self.base_model, timeout_s=timeout_s, poll_interval_s=poll_interval_s
@@ -264,7 +269,7 @@ class WeightSyncer:
 
     def _next_checkpoint_type(self, explicit: str | None) -> CheckpointType:
         """Explicit, else: LoRA → `base`; the chain's first save → `first_checkpoint_type`;
-        then `delta` (§9.4)."""
+        then `delta`."""
         if explicit is not None:
             return _checkpoint_type(explicit)
         if self.lora_rank > 0:
@@ -331,7 +336,8 @@ class WeightSyncer:
 
     def _check_deployment(self, manager: DeploymentManager, deployment_id: str) -> None:
         """Once per chain: the deployment is this trainer's and base model's, and its hotload
-        subsystem is up (W5). A snapshot it already holds is not a base for our deltas (W4)."""
+        subsystem is up (a hotload sent earlier can crash it). A snapshot it already holds, perhaps
+        another run's, is not a base for our deltas."""
         info = manager.get(deployment_id)
         if info is None:
             raise DeploymentError(
