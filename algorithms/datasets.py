@@ -154,7 +154,7 @@ def validate_dataset(
     line_numbers: list[int] = []
     problems: list[DatasetProblem] = []
     with fsspec.open(source, "rb") as handle:
-        for line_number, raw in enumerate(_lines(handle, digest, max_line_bytes), start=1):
+        for line_number, raw in enumerate(read_lines(handle, digest, max_line_bytes), start=1):
             if max_rows is not None and len(rows) >= max_rows:
                 continue
             if raw is None:
@@ -202,7 +202,7 @@ def render_dataset(
     return examples
 
 
-def _lines(handle: Any, digest: Any, max_line_bytes: int) -> Iterator[bytes | None]:
+def read_lines(handle: Any, digest: Any, max_line_bytes: int) -> Iterator[bytes | None]:
     """The raw lines of a binary file object (newline kept), every byte fed to `digest`.
 
     A line over `max_line_bytes` (without its newline) comes back as None and is dropped from
@@ -236,6 +236,25 @@ def _parse_row(
     source: str, line: int, raw: bytes, problems: list[DatasetProblem]
 ) -> ChatRow | None:
     """The row of one line, or None after appending its problems."""
+    value = parse_json_object(source, line, raw, problems)
+    if value is None:
+        return None
+    try:
+        return ChatRow.model_validate(value)
+    except RecursionError:
+        problems.append(DatasetProblem(source, line, "(row)", "nested too deeply"))
+        return None
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = field_path(error["loc"])
+            problems.append(DatasetProblem(source, line, field, error_message(error)))
+        return None
+
+
+def parse_json_object(
+    source: str, line: int, raw: bytes, problems: list[DatasetProblem]
+) -> dict[str, Any] | None:
+    """The JSON object of one line, or None after appending why it is not one."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -251,19 +270,10 @@ def _parse_row(
         kind = type(value).__name__
         problems.append(DatasetProblem(source, line, "(row)", f"expected an object, got {kind}"))
         return None
-    try:
-        return ChatRow.model_validate(value)
-    except RecursionError:
-        problems.append(DatasetProblem(source, line, "(row)", "nested too deeply"))
-        return None
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = _field_path(error["loc"])
-            problems.append(DatasetProblem(source, line, field, _error_message(error)))
-        return None
+    return value
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
     """`('messages', 2, 'role')` -> `messages[2].role`; the row itself -> `(row)`."""
     path = ""
     for part in loc:
@@ -271,7 +281,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return path or "(row)"
 
 
-def _error_message(error: Any) -> str:
+def error_message(error: Any) -> str:
     """Pydantic's message, shortened where a plainer one exists."""
     kind = error["type"]
     if kind == "missing":

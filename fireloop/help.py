@@ -18,6 +18,9 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+if typing.TYPE_CHECKING:
+    from algorithms.preference import PreferenceRow
+
 __all__ = [
     "FieldHelp",
     "config_fields",
@@ -141,9 +144,21 @@ def model_rows() -> Iterator[tuple[str, str, str, str]]:
 
 def task_rows() -> Iterator[tuple[str, str, str, str]]:
     """(name, what it teaches, an example, its eval metric) of every toy task."""
+    from algorithms.preference import PREFERENCE_TASKS
     from algorithms.toy_tasks import TOY_TASKS
 
     for task in TOY_TASKS.values():
         row = task.generate(1, seed=0, split="train")[0]
         example = "  ".join(f"{m.role}: {m.content!r}" for m in row.messages)
         yield task.name, task.description, example, task.metric
+    for pair_task in PREFERENCE_TASKS.values():
+        pair = pair_task.generate(1, seed=0, split="train")[0]
+        yield pair_task.name, pair_task.description, _pair_example(pair), pair_task.metric
+
+
+def _pair_example(pair: PreferenceRow) -> str:
+    """The shared prompt, then the chosen and rejected replies (the last message of each)."""
+    if isinstance(pair.chosen, str) or isinstance(pair.rejected, str):
+        return f"chosen: {pair.chosen!r}  rejected: {pair.rejected!r}"
+    prompt = "  ".join(f"{m.role}: {m.content!r}" for m in pair.chosen[:-1])
+    return f"{prompt}  chosen: {pair.chosen[-1].content!r}  rejected: {pair.rejected[-1].content!r}"
