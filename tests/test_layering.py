@@ -1,4 +1,4 @@
-"""The one-way layering of design.md, checked by walking every import in the tree.
+"""The one-way layering of the architecture, checked by walking every import in the tree.
 
     deployments/ ──> flows/ ──> tasks/ ──> sdk/
                         └──────────┴────> algorithms/

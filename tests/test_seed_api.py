@@ -1,6 +1,6 @@
-"""`sdk` exposes the public surface of the Fireworks Training SDK as its user described it
-(`../shared/seed/000_71b30983499ff581.txt`): the names, methods, fields and defaults of its
-tables. A rename or a changed default breaks users' code silently; this test makes it loud.
+"""`sdk` exposes the public surface of the Fireworks Training SDK as its user described it: the
+names, methods, fields and defaults of its API tables. A rename or a changed default breaks
+users' code silently; this test makes it loud.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class TrainerPlatform:
             time.sleep(0.01)
 
     def checkpoint_rows(self, job_id: str) -> list[dict[str, Any]]:
-        """The control plane's T5 listing of the job (oldest first)."""
+        """The control plane's checkpoint rows of the job (oldest first)."""
         response = self.http.get(f"/v1/accounts/{ACCOUNT}/rlorTrainerJobs/{job_id}/checkpoints")
         assert response.status_code == 200, response.text
         rows: list[dict[str, Any]] = response.json()["checkpoints"]

@@ -55,7 +55,7 @@ class PlatformApi:
     def expect_error(
         response: httpx.Response, http_status: int, status: str, *fragments: str
     ) -> dict[str, Any]:
-        """Assert the §2.5 error shape and a message containing every fragment."""
+        """Assert the platform's JSON error shape and a message containing every fragment."""
         assert response.status_code == http_status, response.text
         assert response.headers["content-type"].startswith("application/json")
         error: dict[str, Any] = response.json()["error"]

@@ -1,4 +1,4 @@
-"""The local platform's control plane over real HTTP (spec platform-api §2-§4, §7, §14, §16).
+"""The local platform's control plane over real HTTP (docs/platform-contract.md).
 
 Each test starts a `LocalPlatform` on a loopback port and talks to it with plain httpx, as the SDK
 will: auth, trainer jobs and their state machine, the gateway's healthz, deployments, training

@@ -1,4 +1,4 @@
-"""Fault injection of the local platform (failure-modes.md §9), exercised over real HTTP.
+"""Fault injection of the local platform, exercised over real HTTP.
 
 Preemption now and at scheduled optimizer step counts (each count fires once, so a resumed run
 that replays the same steps is not preempted for ever), and seeded request faults: 503 before
@@ -118,7 +118,7 @@ def test_request_faults_are_deterministic_for_a_seed(api: PlatformApi) -> None:
 
 
 def test_a_dropped_response_still_ran_the_handler(api: PlatformApi) -> None:
-    # The dangerous case for retried POSTs (failure-modes P8): the job exists although the
+    # The dangerous case for retried POSTs (the SDK retries them): the job exists although the
     # client saw only a broken connection, so a retry must reuse the id and get a 409.
     api.platform.inject_faults(1.0, seed=7)
     dropped: str | None = None

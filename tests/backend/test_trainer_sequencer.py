@@ -1,4 +1,4 @@
-"""The per-model sequencer and the future store of the trainer gateway (tinker-protocol §4, §5).
+"""The per-model sequencer and the future store of the trainer gateway.
 
 Pure Python: operations are closures that record the order they ran in.
 """

@@ -65,6 +65,11 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform
         running.clear_faults()
 
 
+def platform_config(platform: LocalPlatform) -> PlatformConfig:
+    """The config block naming `platform` (its URL and key)."""
+    return PlatformConfig(base_url=platform.base_url, api_key=SecretStr(platform.api_key))
+
+
 def sft_config(platform: LocalPlatform | None, run_dir: Path, **overrides: Any) -> SFTConfig:
     """A small, fast SFT run on the reversal task against `platform` (None: embedded)."""
     fields: dict[str, Any] = {
@@ -80,9 +85,7 @@ def sft_config(platform: LocalPlatform | None, run_dir: Path, **overrides: Any) 
         "waits": FAST_WAITS,
     }
     if platform is not None:
-        fields["platform"] = PlatformConfig(
-            base_url=platform.base_url, api_key=SecretStr(platform.api_key)
-        )
+        fields["platform"] = platform_config(platform)
     return SFTConfig(**(fields | overrides))
 
 

@@ -2,7 +2,7 @@
 and a clock whose `sleep` advances time instead of waiting.
 
 The fake keeps jobs, deployments, checkpoints and shapes as plain dicts and answers like the
-platform (spec §3); tests script state sequences and one-off answers, then assert on what was
+platform's control plane; tests script state sequences and one-off answers, then assert on what was
 sent (`requests`) and slept (`clock.sleeps`).
 """
 
@@ -41,7 +41,7 @@ class FakeClock:
 
 
 def rpc_error(status: int, message: str, code: int = 3) -> httpx.Response:
-    """A google.rpc-style error answer (spec §2.5)."""
+    """A google.rpc-style error answer, as the platform sends."""
     body = {"error": {"code": code, "message": message, "status": "ERROR", "details": []}}
     return httpx.Response(status, json=body)
 
@@ -61,7 +61,7 @@ class Deployment:
 
 
 class FakeControlPlane:
-    """The control plane, trainer gateway healthz and completions probe of spec §3, in memory."""
+    """The control plane, trainer gateway healthz and completions probe, in memory."""
 
     def __init__(self, *, accounts: list[str] | None = None) -> None:
         self.accounts = [ACCOUNT] if accounts is None else accounts

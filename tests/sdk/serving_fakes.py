@@ -2,7 +2,7 @@
 replicas that load snapshots over a few status polls, an SSE completions endpoint, and a
 training client that saves sampler snapshots into the deployment's bucket.
 
-`FakeServing` answers the hotload (H1/H2) and inference (I1) routes itself and hands every other
+`FakeServing` answers the hotload (load, status) and completions routes itself and hands every other
 request to a `FakeControlPlane`. Time in a load advances by *ticks*: every status read and every
 completion request while a load runs is one tick, so tests need no real sleeping.
 """
@@ -86,7 +86,7 @@ class FakeServing:
         self.load_ticks = load_ticks
         self.lora = lora  # snapshots load as adapters (`loaded_adapters`)
         self.bucket: dict[str, Snapshot] = {}
-        self.hidden_polls = 0  # W5: status answers an empty replica list this many times
+        self.hidden_polls = 0  # hotload not up: the status lists no replicas this many times
         self.omit_replicas_key = False
         self.strict_schema = False  # an older server that refuses `reset_prompt_cache`
         self.busy_status = 425  # what completions answer while a load runs
@@ -218,7 +218,7 @@ class FakeServing:
     def _refusal(
         replica: FakeReplica, snapshot: Snapshot, metadata: dict[str, Any] | None
     ) -> str | None:
-        """The local backend's delta rule (§10.1): the previous identity named in the metadata
+        """The local backend's delta rule: the previous identity named in the metadata
         must be what the replica serves and what the delta was taken against."""
         if snapshot.kind != "delta":
             return None

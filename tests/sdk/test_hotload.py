@@ -138,7 +138,7 @@ def test_the_strict_schema_message_is_recognised_case_insensitively() -> None:
     assert not _refuses_reset_field("identity: Extra inputs are not permitted")
 
 
-# -- wait_for_hotload (§10.3) --------------------------------------------------------------------
+# -- wait_for_hotload (replica 0 only, like the published SDK) ---------------------------------
 
 
 def test_wait_succeeds_once_replica_zero_is_ready_with_the_identity(
@@ -231,10 +231,11 @@ def test_only_replica_zero_is_examined_by_the_wire_compatible_wait(
 ) -> None:
     serving.add_replica(lag=10)
     assert manager.hotload_and_wait(DEP, BASE_MODEL, "s1")
-    assert serving.replicas[1].identity == ""  # still loading: §15 item 6
+    # Replica 1 is still loading: the published wait looks at replica 0 only.
+    assert serving.replicas[1].identity == ""
 
 
-# -- verify_hotload: every replica (W7) -----------------------------------------------------
+# -- verify_hotload: every replica ---------------------------------------------------------
 
 
 def test_verification_waits_for_a_lagging_replica(
@@ -307,7 +308,7 @@ def test_warmup_gives_up_quietly(
     assert clock.sleeps == [1, 1, 1]
 
 
-# -- reattach_trainer (§7, W11) -------------------------------------------------------------
+# -- reattach_trainer (no PATCH when already attached) --------------------------------------
 
 
 def test_reattach_to_the_same_trainer_sends_no_patch(

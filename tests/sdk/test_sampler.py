@@ -315,7 +315,7 @@ def test_token_stops_and_chat_need_a_tokenizer(sampler: DeploymentSampler) -> No
         run(sampler.sample_with_tokens([{"role": "user", "content": "x"}]))
 
 
-# -- retries (§11.5) ---------------------------------------------------------------------------
+# -- retries of one logical completion ---------------------------------------------------------
 
 
 def test_a_truncated_stream_is_retried(
@@ -542,7 +542,7 @@ def test_a_sampler_can_be_driven_from_successive_event_loops(sampler: Deployment
         assert len(run(sampler.sample_with_prompt_tokens(PROMPT, n=2))) == 2
 
 
-# -- FiretitanSamplingClient (§11.7) -----------------------------------------------------------
+# -- FiretitanSamplingClient --------------------------------------------------------------------
 
 
 def test_the_tinker_shaped_client_maps_params_and_results(

@@ -241,7 +241,7 @@ def test_a_second_run_on_the_same_deployment_starts_with_a_full_load(
     assert serving.replicas[0].identity == "step-1-0badcafe"
 
 
-# -- verification (W7) and readiness (W5) ------------------------------------------------------
+# -- verification of every replica, and hotload readiness -------------------------------------
 
 
 def test_a_lagging_replica_is_waited_for(
@@ -275,7 +275,8 @@ def test_the_first_load_waits_until_the_status_lists_replicas(
     serving.hidden_polls = 3
     syncer.save_and_hotload("a")
     hotload = seen.index("POST /hot_load/v1/models/hot_load")
-    # Three empty replica lists, then one listing replicas (W5), then the state read (W4).
+    # Three empty replica lists, then one listing replicas (a load sent earlier can crash a
+    # serving container), then the read of what the deployment already serves.
     assert seen[:hotload].count("GET /hot_load/v1/models/hot_load") == 5
 
 

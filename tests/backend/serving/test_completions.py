@@ -1,4 +1,4 @@
-"""Completions on a READY deployment of the tiny model's base weights (spec §11.3-§11.4).
+"""Completions on a READY deployment of the tiny model's base weights.
 
 The model is random-init, so tests derive expectations from the server's own greedy or seeded
 output (and, for the sampling distribution, from the base model itself) rather than from text.

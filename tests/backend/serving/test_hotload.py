@@ -1,4 +1,4 @@
-"""Hotload (spec §10) on the tiny model: snapshots saved by a real trainer through the Firetitan
+"""Hotload on the tiny model: snapshots saved by a real trainer through the Firetitan
 client, loaded over raw HTTP, verified by comparing served logprobs with the trainer's `forward`.
 """
 
@@ -276,7 +276,8 @@ def test_sampling_during_a_load_answers_425_then_serves_the_new_weights(
     busy = harness.complete("busy", prompt=SEQUENCE[:4], max_tokens=2)
     assert busy.status_code == 425, busy.text
     assert after in busy.json()["error"]["message"]
-    # W3: until the new weights serve, the status still names the old ones, and not ready.
+    # Until the new weights serve, the status still names the old ones, and is not ready: a
+    # client that trusted an early identity change would sample stale weights.
     (loading,) = harness.status("busy")
     assert loading["loading_state"]["stage"] in ("downloading", "loading")
     assert loading["loading_state"]["target_snapshot_identity"] == after

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Before transformers is imported: any accidental hub lookup fails fast (models.md §4).
+# Before transformers is imported: any accidental hub lookup fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Checkpoint names and the references `load_weights` accepts (tinker-protocol.md §12)."""
+"""Checkpoint names and the references `load_weights` accepts."""
 
 from __future__ import annotations
 

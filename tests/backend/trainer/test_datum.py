@@ -1,4 +1,4 @@
-"""Decoding tinker 0.23 JSON datums (tinker-protocol.md §7) and validating them against a model."""
+"""Decoding tinker 0.23 JSON datums and validating them against a model."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The built-in losses against independent references written token by token from the formulas
-of tinker-protocol.md §8, plus hand-computed values, clipping and the registry's user errors."""
+"""The built-in losses against independent references written token by token from the tinker
+loss formulas (sums over tokens and datums, fp32 log-softmax), plus hand-computed values,
+clipping and the registry's user errors."""
 
 from __future__ import annotations
 
