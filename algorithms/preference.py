@@ -7,6 +7,7 @@ keeps the length of its sides' common token prefix, from which both losses start
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -184,21 +185,26 @@ class RenderedPair:
 def side_tokens(side: PreferenceSide, renderer: ChatRenderer) -> tuple[int, ...]:
     """A conversation through the chat template (as SFT renders it); text through the tokenizer.
 
-    Text gets the BOS token exactly when the chat template starts its renders with one, so a
-    text side begins the way a conversation would.
+    Text starts with BOS when both the tokenizer and the chat template start a sequence with
+    it (Llama-style), so a text side begins as a conversation would; a BOS id that the
+    template only uses as its turn marker (SmolLM2's `<|im_start|>`) is not added to text.
     """
     if not isinstance(side, str):
         return renderer.build_supervised_example(side).tokens
     tokens = [int(t) for t in renderer.tokenizer.encode(side, add_special_tokens=False)]
-    bos = renderer.tokenizer.bos_token_id
-    if isinstance(bos, int) and tokens[:1] != [bos] and _template_starts_with(renderer, bos):
-        tokens.insert(0, bos)
-    return tuple(tokens)
+    return (*_text_start(renderer), *tokens)
 
 
-def _template_starts_with(renderer: ChatRenderer, token: int) -> bool:
+@functools.lru_cache(maxsize=8)
+def _text_start(renderer: ChatRenderer) -> tuple[int, ...]:
+    """(BOS,) when the tokenizer and the chat template both begin sequences with BOS, else ()."""
+    tokenizer = renderer.tokenizer
+    bos = tokenizer.bos_token_id
+    if not isinstance(bos, int):
+        return ()
+    tokenizer_adds = tokenizer.encode("x", add_special_tokens=True)[:1] == [bos]
     probe = renderer.build_generation_prompt([ChatMessage(role="user", content="x")])
-    return probe[:1] == [token]
+    return (bos,) if tokenizer_adds and probe[:1] == [bos] else ()
 
 
 def render_pair(row: PreferenceRow, renderer: ChatRenderer) -> RenderedPair:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer
 
 from algorithms.chat import ChatMessage, ChatRenderer
@@ -33,7 +34,7 @@ from algorithms.preference import (
     write_preference_jsonl,
 )
 from algorithms.toy_tasks import REVERSE_LETTERS, TOY_TASKS, reverse_is_eval_word, reverse_rows
-from backend.models.tokenizers import EOS_TOKEN_ID, build_byte_tokenizer
+from backend.models.tokenizers import CHAT_TEMPLATES, EOS_TOKEN_ID, build_byte_tokenizer
 from fireloop.help import task_rows
 
 USER = {"role": "user", "content": "abc="}
@@ -251,6 +252,29 @@ def test_text_sides_are_tokenized_raw_and_may_share_no_prefix(renderer: ChatRend
     shared = render_pair(PreferenceRow(chosen="ab=cd", rejected="ab=ce"), renderer)
     assert shared.response_start == 4
     assert pair_datums(shared)[1].loss_fn_inputs["weights"].tolist() == [0, 0, 0, 1]
+
+
+def _bos_renderer(*, tokenizer_adds_bos: bool) -> ChatRenderer:
+    """The byte tokenizer with BOS = id 257 leading every chat render, as Llama's template does."""
+    tokenizer = build_byte_tokenizer("plain")
+    tokenizer.bos_token = "<|im_start|>"
+    if tokenizer_adds_bos:
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<|im_start|> $A", special_tokens=[("<|im_start|>", 257)]
+        )
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATES["plain"]
+    return ChatRenderer(tokenizer, name="bos")
+
+
+def test_a_text_side_starts_with_bos_when_tokenizer_and_template_both_do() -> None:
+    llama_like = _bos_renderer(tokenizer_adds_bos=True)
+    pair = render_pair(PreferenceRow(chosen="abc=cba", rejected=_msgs(USER, BAD)), llama_like)
+    assert pair.chosen == (257, *b"abc=cba")
+    assert pair.rejected == (257, *b"abc=cab", EOS_TOKEN_ID)
+    assert pair.response_start == 6
+    # A BOS id the tokenizer never puts before text is a turn marker there (SmolLM2): not added.
+    turn_marker = _bos_renderer(tokenizer_adds_bos=False)
+    assert render_pair(PreferenceRow(chosen="ab", rejected="ac"), turn_marker).chosen == (97, 98)
 
 
 def test_pairs_that_cannot_train_are_named(renderer: ChatRenderer) -> None:
