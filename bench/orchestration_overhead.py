@@ -49,6 +49,7 @@ from transformers import AutoTokenizer
 
 from algorithms.chat import ChatRenderer
 from algorithms.datums import grad_normalization, mean_ce_loss
+from algorithms.optimizer import OptimizerPlan
 from backend import LocalPlatform
 from flows.cadence import Cadence
 from flows.config import PlatformConfig, SFTConfig
@@ -66,7 +67,6 @@ from sdk import (
 )
 from sdk.firetitan_training import FiretitanTrainingClient
 from tasks.evaluation import greedy_completions  # a plain coroutine, no Prefect task
-from tasks.training import OptimizerPlan
 
 WAITS = EMBEDDED_WAITS  # what the flow uses on the embedded platform; the bare loop too
 

@@ -44,7 +44,6 @@ _OFFLINE_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars
 }
-_SHOWN_METRICS = ("train/ce_loss", "train/lr", "eval/exact_match")
 
 
 def set_offline_defaults() -> None:
@@ -169,7 +168,9 @@ class StepBar:
             )
             self._progress.start()
             self._progress.add_task("train", total=self.total_steps, run=self.run_name, metrics="")
-        shown = {k: v for k, v in step.metrics.items() if k in _SHOWN_METRICS}
+        # The recipe's headline metric (SFT: train/ce_loss) and the learning rate.
+        keys = (step.headline_metric, "train/lr")
+        shown = {k: step.metrics[k] for k in keys if k in step.metrics}
         text = "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in shown.items())
         self._progress.update(self._progress.task_ids[0], completed=step.step + 1, metrics=text)
 

@@ -1,10 +1,13 @@
 """Recipe configuration: one pydantic model per flow, composed of small shared parts.
 
-`RecipeConfig` holds what every recipe shares (model, optimizer, cadence, platform, W&B,
-teardown, waits, recovery); `SFTConfig` adds the SFT data and evaluation fields. A flow takes
-its config as its one parameter, so Prefect renders it as a form; the API key is a `SecretStr`
-and shows masked there, in logs and in `model_dump_json` (failure-modes F7). Hyperparameters
-live here, endpoints in `platform`: a `None` platform selects the embedded local backend.
+The parts (`RunPart`, `ModelPart`, `OptimizerPart`, `CadencePart`, `PlatformPart`,
+`RecoveryPart`) each hold one concern; `RecipeConfig` joins them and each recipe's config adds
+its own data, loss and evaluation fields and its defaults (its run-name prefix, its W&B
+project, its headline metric), so no recipe's default sits in a shared part. The joined model
+stays flat on purpose: a config file or `--set learning_rate=…` reads the same for every
+recipe, and SFT configs written before the parts existed still load. A flow takes its config as
+its one parameter, so Prefect renders it as a form; the API key is a `SecretStr` and shows
+masked there, in logs and in `model_dump_json`. A `None` platform selects the embedded backend.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, ClassVar, Final, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -28,17 +31,27 @@ from pydantic import (
 )
 
 from algorithms.chat import TrainOnWhat
-from algorithms.datums import LossReduction
+from algorithms.datums import GradNormalization, LossReduction
+from algorithms.optimizer import AdamConfig, OptimizerPlan
 from algorithms.schedules import LRSchedule
 from tasks.platform import Waits
 from tasks.teardown import TeardownPolicy
-from tasks.training import AdamConfig
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "RUN_ONLY_FIELDS",
+    "CadencePart",
+    "DPOConfig",
+    "ModelPart",
+    "ORPOConfig",
+    "OptimizerPart",
     "PlatformConfig",
+    "PlatformPart",
+    "PreferenceConfig",
+    "PreferenceDataPart",
     "RecipeConfig",
+    "RecoveryPart",
+    "RunPart",
     "SFTConfig",
     "WandbConfig",
     "training_identity_hash",
@@ -65,6 +78,8 @@ RUN_ONLY_FIELDS: Final = frozenset(
         "sample_eval",
         "max_line_bytes",
         "extend",
+        "ref_batch_size",
+        "release_reference_after_cache",
     }
 )
 _RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
@@ -129,17 +144,42 @@ class WandbConfig(_Part):
     )
 
 
-class RecipeConfig(_Part):
-    """What every recipe flow shares (recipes.md §2)."""
+class RunPart(_Part):
+    """Which run this is and where its files live; `recipe` (set by each recipe's config)
+    names the run when nobody did."""
 
+    recipe: ClassVar[str]
+
+    # The real default comes from `_default_run_name`, which knows the recipe; the factory only
+    # marks the field as generated (help and the Prefect form show it optional).
     run_name: str = Field(
-        default_factory=lambda: unique_run_name("run"),
+        default_factory=str,
         pattern=_RUN_NAME,
         description="Names ids and artifacts; default: <recipe>-<UTC time>-<4 hex>, unique",
     )
     run_dir: str | None = Field(
         default=None, description="Ledger, metrics, W&B files: a path or fsspec URL (./runs/<run>)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_run_name(cls, data: object) -> object:
+        """A unique `<recipe>-…` name when the config gives none (a per-recipe default)."""
+        if isinstance(data, dict) and data.get("run_name") is None:
+            return {**data, "run_name": unique_run_name(cls.recipe)}
+        return data
+
+    @property
+    def resolved_run_dir(self) -> str:
+        """`run_dir`, else `./runs/<run_name>` (absolute, so ids derived from it are stable)."""
+        if self.run_dir:
+            return self.run_dir.rstrip("/")
+        return str(Path("runs", self.run_name).absolute())
+
+
+class ModelPart(_Part):
+    """The model trained and how: full-parameter or LoRA, and the seed of everything random."""
+
     base_model: str = Field(
         default="fireloop/tiny", min_length=1, description="Model to train (`fireloop models`)"
     )
@@ -153,6 +193,11 @@ class RecipeConfig(_Part):
     seed: Count = Field(
         default=0, ge=0, le=_MAX_SEED, description="Data order, LoRA init, eval carve-out"
     )
+
+
+class OptimizerPart(_Part):
+    """How many optimizer steps, at which learning rates, with which AdamW settings."""
+
     max_steps: Count = Field(
         default=100, gt=0, le=_MAX_STEPS, description="Optimizer steps in the run"
     )
@@ -167,6 +212,37 @@ class RecipeConfig(_Part):
         default=0.0, ge=0, le=1, description="Floor of linear/cosine decay, as a share of peak"
     )
     adam: AdamConfig = Field(default=AdamConfig(), description="AdamW settings")
+
+    @field_validator("adam")
+    @classmethod
+    def _sane_adam(cls, adam: AdamConfig) -> AdamConfig:
+        _check_finite(adam)
+        if adam.weight_decay > 1.0:
+            raise ValueError(f"weight_decay must be at most 1, got {adam.weight_decay}")
+        return adam
+
+    @model_validator(mode="after")
+    def _warmup_below_max_steps(self) -> Self:
+        if self.warmup_steps >= self.max_steps and self.warmup_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps")
+        return self
+
+    def optimizer_plan(self, grad_normalization: GradNormalization) -> OptimizerPlan:
+        """The `OptimizerPlan` of this run, with the normalisation the recipe's loss needs."""
+        return OptimizerPlan(
+            peak_lr=self.learning_rate,
+            total_steps=self.max_steps,
+            schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            adam=self.adam,
+            grad_normalization=grad_normalization,
+        )
+
+
+class CadencePart(_Part):
+    """When a run saves resumable state, hotloads its weights and evaluates."""
+
     checkpoint_every: Count = Field(
         default=20, gt=0, le=_MAX_STEPS, description="Resumable save cadence (steps)"
     )
@@ -179,6 +255,11 @@ class RecipeConfig(_Part):
     eval_every: Count = Field(
         default=20, ge=0, le=_MAX_STEPS, description="0 = only at the start and the end"
     )
+
+
+class PlatformPart(_Part):
+    """Where the run trains and reports, and what is left of its resources afterwards."""
+
     platform: PlatformConfig | None = Field(
         default=None, description="Empty: the embedded local backend"
     )
@@ -187,6 +268,18 @@ class RecipeConfig(_Part):
     waits: Waits | None = Field(
         default=None, description="Empty: SDK defaults (short polls on the embedded backend)"
     )
+
+    @field_validator("waits")
+    @classmethod
+    def _finite_waits(cls, waits: Waits | None) -> Waits | None:
+        if waits is not None:
+            _check_finite(waits)
+        return waits
+
+
+class RecoveryPart(_Part):
+    """How a run recovers from a lost trainer, and whether it continues a finished run."""
+
     flow_retries: Count = Field(
         default=2, ge=0, le=10, description="Flow retries (preemption recovery)"
     )
@@ -201,39 +294,42 @@ class RecipeConfig(_Part):
         ),
     )
 
-    @field_validator("adam", "waits")
-    @classmethod
-    def _finite_parts(cls, part: BaseModel | None) -> BaseModel | None:
-        """The parts defined in `tasks/` allow inf; a run's config never does."""
-        if part is not None:
-            for name, value in part:
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ValueError(f"{name} must be a finite number, got {value}")
-        return part
 
-    @field_validator("adam")
-    @classmethod
-    def _sane_weight_decay(cls, adam: AdamConfig) -> AdamConfig:
-        if adam.weight_decay > 1.0:
-            raise ValueError(f"weight_decay must be at most 1, got {adam.weight_decay}")
-        return adam
+def _check_finite(part: BaseModel) -> None:
+    """The parts defined in `tasks/` and `algorithms/` allow inf; a run's config never does."""
+    for name, value in part:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+# Pydantic lists the fields of several bases last base first: the parts are named in reverse,
+# so a config's fields read run, model, optimizer, cadence, platform, recovery, then the
+# recipe's own.
+class RecipeConfig(RecoveryPart, PlatformPart, CadencePart, OptimizerPart, ModelPart, RunPart):
+    """What every recipe shares, composed of the parts above; a recipe's config adds its data,
+    loss and evaluation fields and sets `recipe`, `headline_metric` and `wandb_project`."""
+
+    headline_metric: ClassVar[str]
+    wandb_project: ClassVar[str]
 
     @property
-    def resolved_run_dir(self) -> str:
-        """`run_dir`, else `./runs/<run_name>` (absolute, so ids derived from it are stable)."""
-        if self.run_dir:
-            return self.run_dir.rstrip("/")
-        return str(Path("runs", self.run_name).absolute())
+    def needs_deployment(self) -> bool:
+        """Whether the run hotloads: a hotload cadence (recipes that sample say more)."""
+        return self.hotload_every > 0
+
+    @property
+    def samples_in_eval(self) -> bool:
+        """Whether evaluation samples the deployment (then a hotload precedes it)."""
+        return False
 
 
 class SFTConfig(RecipeConfig):
-    """Supervised fine-tuning on chat JSONL or a built-in toy task (recipes.md §5)."""
+    """Supervised fine-tuning on chat JSONL or a built-in toy task."""
 
-    run_name: str = Field(
-        default_factory=lambda: unique_run_name("sft"),
-        pattern=_RUN_NAME,
-        description="Names ids and artifacts; default: sft-<UTC time>-<4 hex>, unique",
-    )
+    recipe: ClassVar[str] = "sft"
+    headline_metric: ClassVar[str] = "train/ce_loss"
+    wandb_project: ClassVar[str] = "sft-tinker"
+
     dataset: str = Field(
         default="reverse",
         description="A chat JSONL path/URL or a toy task name (`fireloop tasks`)",
@@ -280,16 +376,84 @@ class SFTConfig(RecipeConfig):
             raise ValueError("dataset is empty: name a chat JSONL file or a toy task (reverse)")
         return source
 
-    @model_validator(mode="after")
-    def _cadence(self) -> SFTConfig:
-        if self.warmup_steps >= self.max_steps and self.warmup_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps")
-        return self
-
     @property
     def needs_deployment(self) -> bool:
         """Whether the run hotloads (a cadence, or sample-based evaluation)."""
         return self.hotload_every > 0 or self.sample_eval
+
+    @property
+    def samples_in_eval(self) -> bool:
+        return self.sample_eval
+
+
+class PreferenceDataPart(_Part):
+    """The pairs a preference recipe (DPO, ORPO) trains and evaluates on."""
+
+    dataset: str = Field(
+        default="reverse_pairs",
+        description="A preference JSONL path/URL or a toy task name (`fireloop tasks`)",
+    )
+    max_rows: Count | None = Field(default=None, gt=0, description="Cap on training pairs read")
+    max_line_bytes: Count = Field(
+        default=DEFAULT_MAX_LINE_BYTES,
+        gt=0,
+        le=1 << 30,
+        description="Longest JSONL line accepted (bytes); longer lines are refused",
+    )
+    batch_size: Count = Field(
+        default=4, gt=0, le=1 << 16, description="Pairs per optimizer step (capped to the set)"
+    )
+    shuffle: bool = Field(default=True, description="Shuffle pairs each epoch (seeded)")
+    eval_dataset: str | None = Field(
+        default=None,
+        description="JSONL or toy task; default: the toy task's eval split or a carve-out",
+    )
+    eval_size: Count = Field(default=64, gt=0, le=100_000, description="Evaluation pairs")
+
+    @field_validator("dataset", "eval_dataset")
+    @classmethod
+    def _named(cls, source: str | None) -> str | None:
+        if source is not None and not source.strip():
+            raise ValueError("dataset is empty: name a preference JSONL file or a toy task")
+        return source
+
+
+class PreferenceConfig(PreferenceDataPart, RecipeConfig):
+    """What DPO and ORPO share: a recipe config with preference pairs to train on."""
+
+
+class DPOConfig(PreferenceConfig):
+    """Direct preference optimisation against a frozen reference (the base model)."""
+
+    recipe: ClassVar[str] = "dpo"
+    headline_metric: ClassVar[str] = "train/dpo_loss"
+    wandb_project: ClassVar[str] = "dpo-tinker"
+
+    beta: Number = Field(
+        default=0.1, gt=0, le=1000, description="DPO temperature: how far from the reference"
+    )
+    ref_batch_size: Count = Field(
+        default=16, gt=0, le=4096, description="Pairs per reference forward when caching"
+    )
+    release_reference_after_cache: bool = Field(
+        default=True, description="Unload the reference model once its cache is complete"
+    )
+
+
+class ORPOConfig(PreferenceConfig):
+    """Odds-ratio preference optimisation: SFT on the chosen side plus a log-odds penalty,
+    with no reference model."""
+
+    recipe: ClassVar[str] = "orpo"
+    headline_metric: ClassVar[str] = "train/orpo_loss"
+    wandb_project: ClassVar[str] = "dsv3-training"  # the Fireworks cookbook's ORPO project
+
+    orpo_lambda: Number = Field(
+        default=1.0, ge=0, le=1000, description="Weight of the odds-ratio term (0 = plain SFT)"
+    )
+    pair_reduction: Literal["mean", "sum"] = Field(
+        default="mean", description="Pair losses to the step loss (sum: the cookbook's)"
+    )
 
 
 def training_identity_hash(config: BaseModel) -> str:

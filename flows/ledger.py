@@ -137,6 +137,9 @@ class CheckpointRow(_Row):
     resumable: bool = True
     promotable: bool = False
     wandb_run_id: str | None = None
+    # Entries in the run's step-inputs log when the checkpoint was taken (None: the recipe
+    # keeps no log, its inputs being a function of the data cursor).
+    inputs_position: int | None = Field(default=None, ge=0)
     config_hash: str
     base_model: str
     tokenizer_model: str
@@ -349,7 +352,7 @@ class Ledger:
         """Append a checkpoint row stamped with this run's identity; `next_step = step + 1`.
 
         `extra`: the optional `CheckpointRow` fields (`requested_name`, `job_id`,
-        `snapshot_identity`, `resumable`, `promotable`, `wandb_run_id`).
+        `snapshot_identity`, `resumable`, `promotable`, `wandb_run_id`, `inputs_position`).
         """
         identity = {field: getattr(self.header, field) for field in _CHECKPOINT_IDENTITY}
         row = CheckpointRow(

@@ -194,6 +194,7 @@ class RunContext:
             job_id=self.job_id,
             snapshot_identity=snapshot,
             wandb_run_id=self.wandb_id,
+            inputs_position=last.inputs_position,
         )
         self.monitor.report_ledger(self.ledger, self.deployment_id)
         notice(f"checkpoint {name} saved at step {row.next_step}")
@@ -308,7 +309,7 @@ def _last_attempt() -> bool:
     return context.flow_run.run_count > context.flow.retries
 
 
-def _start_wandb(config: RecipeConfig, ledger: Ledger, default_project: str) -> WandbRun | None:
+def _start_wandb(config: RecipeConfig, ledger: Ledger) -> WandbRun | None:
     if config.wandb is None:
         return None
     recorded = [row.wandb_run_id for row in ledger.checkpoints() if row.wandb_run_id]
@@ -319,17 +320,17 @@ def _start_wandb(config: RecipeConfig, ledger: Ledger, default_project: str) -> 
         config.wandb,
         run_id=recorded[-1] if recorded else wandb_run_id(config.run_name, flow_run_id),
         run_name=config.run_name,
-        default_project=default_project,
+        default_project=config.wandb_project,
         run_dir=Path(run_dir) if _is_local(run_dir) else None,
         logged_config=config,
     )
 
 
-def run_header(config: RecipeConfig, recipe: str, dataset_fingerprint: str) -> RunHeader:
-    """The ledger header naming this run: any difference means another run's ledger (R9)."""
+def run_header(config: RecipeConfig, dataset_fingerprint: str) -> RunHeader:
+    """The ledger header naming this run: any difference means another run's ledger."""
     return RunHeader(
         run_id=config.run_name,
-        recipe=recipe,
+        recipe=config.recipe,
         config_hash=training_identity_hash(config),
         base_model=config.base_model,
         tokenizer_model=config.tokenizer_model or config.base_model,
@@ -348,22 +349,13 @@ def _teardown(endpoint: PlatformEndpoint, plan: TeardownPlan) -> None:
 
 
 @contextmanager
-def open_run(
-    config: RecipeConfig,
-    *,
-    recipe: str,
-    dataset_fingerprint: str,
-    needs_deployment: bool,
-    default_wandb_project: str,
-) -> Iterator[RunContext]:
+def open_run(config: RecipeConfig, *, dataset_fingerprint: str) -> Iterator[RunContext]:
     """The frame of one attempt (see the module docstring); yields the `RunContext`."""
     run_dir = config.resolved_run_dir
     hold_run_dir(run_dir, _flow_run_owner())  # before the ledger and the embedded platform
     over = True  # whether this attempt ends the run (then the lock goes back)
     try:
-        with _attempt(
-            config, recipe, dataset_fingerprint, needs_deployment, default_wandb_project
-        ) as run:
+        with _attempt(config, dataset_fingerprint) as run:
             yield run
     except Exception as exc:
         over = not flow_retry_helps(exc) or _last_attempt()
@@ -374,13 +366,7 @@ def open_run(
 
 
 @contextmanager
-def _attempt(
-    config: RecipeConfig,
-    recipe: str,
-    dataset_fingerprint: str,
-    needs_deployment: bool,
-    default_wandb_project: str,
-) -> Iterator[RunContext]:
+def _attempt(config: RecipeConfig, dataset_fingerprint: str) -> Iterator[RunContext]:
     """Platform, ledger and monitors of one attempt; teardown once the run is over."""
     endpoint = resolve_endpoint(config)
     secrets = [endpoint.api_key.get_secret_value(), wandb_api_key() or ""]
@@ -392,21 +378,22 @@ def _attempt(
         job_id = user_job or derive_id(config.run_name, run_dir, "trainer")
         if platform is not None:
             endpoint.check_reachable(job_id)  # a wrong URL or key fails here, in seconds
-        header = run_header(config, recipe, dataset_fingerprint)
+        header = run_header(config, dataset_fingerprint)
         ledger = Ledger.open(run_dir, header, extend=config.extend)
         deployment_id = None
-        if needs_deployment:
+        if config.needs_deployment:
             deployment_id = user_deployment or derive_id(config.run_name, run_dir, "deploy")
         monitor = RunMonitor(
-            recipe=recipe,
+            recipe=config.recipe,
             run_name=config.run_name,
             total_steps=config.max_steps,
             metrics_log=MetricsLog(run_dir),
-            wandb=_start_wandb(config, ledger, default_wandb_project),
+            headline_metric=config.headline_metric,
+            wandb=_start_wandb(config, ledger),
         )
         run = RunContext(
             config=config,
-            recipe=recipe,
+            recipe=config.recipe,
             endpoint=endpoint,
             ledger=ledger,
             monitor=monitor,

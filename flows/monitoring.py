@@ -4,7 +4,7 @@ Per-step metrics go to `run_dir/metrics.jsonl` (rewound on resume, so a replayed
 once) and to W&B; Prefect gets a progress artifact per attempt (written at most every
 `progress_interval_s`), a table artifact with one row per segment, and a markdown artifact of
 the ledger at each cadence point: Prefect records every artifact write, so per-step data never
-goes there (prefect.md §9). A caller in this process (the CLI) can watch every step through
+goes there. A caller in this process (the CLI) can watch every step through
 `progress_listener`.
 """
 
@@ -46,6 +46,7 @@ class Progress:
     step: int  # 0-based step just done
     total_steps: int
     metrics: Mapping[str, float]
+    headline_metric: str = "train/loss"  # the recipe's metric a person watches
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -76,7 +77,7 @@ class MetricsLog:
         self._storage = storage_for(f"{run_dir}/{METRICS_FILENAME}")
 
     def rewind(self, next_step: int) -> None:
-        """Drop the rows of steps ≥ `next_step`: they are about to be replayed (recipes §9)."""
+        """Drop the rows of steps ≥ `next_step`: they are about to be replayed."""
         data = self._storage.read()
         if not data:
             return
@@ -119,6 +120,7 @@ class RunMonitor:
     run_name: str
     total_steps: int
     metrics_log: MetricsLog
+    headline_metric: str
     wandb: WandbRun | None = None
     progress_interval_s: float = 5.0
     _progress_id: Any = field(default=None, init=False)
@@ -148,7 +150,9 @@ class RunMonitor:
     def on_step(self, record: StepRecord) -> None:
         """Per step: the progress hook; the progress artifact at most every few seconds."""
         if self._listener is not None:
-            self._listener(Progress(record.step, self.total_steps, record.metrics))
+            self._listener(
+                Progress(record.step, self.total_steps, record.metrics, self.headline_metric)
+            )
         now = time.monotonic()
         done = record.step + 1
         if self._progress_id is not None and (
@@ -166,12 +170,13 @@ class RunMonitor:
         if not result.steps:
             return
         last = result.steps[-1]
-        losses = [record.metrics["train/ce_loss"] for record in result.steps]
+        name = self.headline_metric.rsplit("/", 1)[-1]
+        values = [record.metrics[self.headline_metric] for record in result.steps]
         self._segment_rows.append(
             {
                 "steps": f"{result.segment.first}–{result.segment.last}",
-                "mean_ce_loss": round(sum(losses) / len(losses), 5),
-                "last_ce_loss": round(losses[-1], 5),
+                f"mean_{name}": round(sum(values) / len(values), 5),
+                f"last_{name}": round(values[-1], 5),
                 "lr": last.metrics["train/lr"],
                 "data_cursor": last.data_cursor,
                 "checkpoint": result.saved_name or "",

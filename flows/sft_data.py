@@ -30,14 +30,23 @@ from algorithms.datasets import (
     next_batch,
     render_dataset,
 )
-from algorithms.datums import DropReason, build_sft_batch, drop_reason
+from algorithms.datums import DropReason, SFTBatch, build_sft_batch, drop_reason
 from algorithms.toy_tasks import TOY_TASKS, exact_match, load_sft_dataset, prompt_of
-from flows.config import SFTConfig
+from flows.config import RecipeConfig, SFTConfig
 from flows.notices import notice
 from sdk import ConfigError
-from tasks.training import SourcedBatch
+from tasks.training import StepInputs
 
-__all__ = ["RenderedSFT", "SFTBatches", "SFTData", "load_sft_data", "render_sft_data"]
+__all__ = [
+    "RenderedSFT",
+    "SFTBatches",
+    "SFTData",
+    "carve_out_indices",
+    "context_length_of",
+    "known_tokenizer",
+    "load_sft_data",
+    "render_sft_data",
+]
 
 _MAX_CARVE_RATIO = 10  # a carve-out takes at most 1 row in 10
 # An eval set this small moves by 10 % or more per row: its metrics say little.
@@ -84,12 +93,20 @@ def _check_source(source: str) -> None:
         raise DatasetError([problem])
 
 
+def carve_out_indices(n_rows: int, size: int, seed: int) -> set[int]:
+    """A seeded sample of min(size, 10 %) of `n_rows` row indices for an eval set (none from
+    ≤ 1 row): the same rows for the same seed, whatever the recipe."""
+    count = min(size, n_rows // _MAX_CARVE_RATIO)
+    if n_rows <= 1 or count == 0:
+        return set()
+    return set(random.Random(f"carve-out:{seed}").sample(range(n_rows), count))
+
+
 def _carve_out(train: ChatDataset, size: int, seed: int) -> tuple[ChatDataset, ChatDataset | None]:
     """Move a seeded sample of min(size, 10 %) rows to an eval set (none from ≤ 1 row)."""
-    count = min(size, len(train) // _MAX_CARVE_RATIO)
-    if len(train) <= 1 or count == 0:
+    chosen = carve_out_indices(len(train), size, seed)
+    if not chosen:
         return train, None
-    chosen = set(random.Random(f"carve-out:{seed}").sample(range(len(train)), count))
 
     def subset(keep: bool, label: str) -> ChatDataset:
         indices = [i for i in range(len(train)) if (i in chosen) == keep]
@@ -111,7 +128,7 @@ def load_sft_data(config: SFTConfig) -> SFTData:
     model cannot take).
     """
     data = _read_sft_data(config)
-    tokenizer = _known_tokenizer(config)
+    tokenizer = known_tokenizer(config)
     if tokenizer is None:
         return data
     from transformers import AutoTokenizer  # slow to import: only when it is used
@@ -147,7 +164,7 @@ def _read_sft_data(config: SFTConfig) -> SFTData:
     return SFTData(kept, carved, origin, len(train))
 
 
-def _known_tokenizer(config: SFTConfig) -> str | None:
+def known_tokenizer(config: RecipeConfig) -> str | None:
     """The tokenizer the trainer will use, when it is known before provisioning.
 
     On the embedded platform this also checks `lora_rank` against the local model.
@@ -350,7 +367,7 @@ class SFTBatches:
     def rows_per_epoch(self) -> int:
         return len(self._examples)
 
-    def batch(self, cursor: int) -> SourcedBatch:
+    def batch(self, cursor: int) -> StepInputs[SFTBatch]:
         n_rows = len(self._examples)
         indices, after = next_batch(
             self._seed, cursor, self._batch_size, n_rows, shuffle=self._shuffle
@@ -360,4 +377,4 @@ class SFTBatches:
             loss_reduction=self._loss_reduction,
             max_seq_len=self._max_seq_len,
         )
-        return SourcedBatch(batch, tuple(indices), after, cursor // n_rows)
+        return StepInputs(batch, tuple(indices), after, cursor // n_rows)
