@@ -120,9 +120,9 @@ def load_preference_dataset(
 ) -> PreferenceDataset:
     """Read and validate a whole preference JSONL file (local path or fsspec URL).
 
-    Every line is checked before anything is returned; blank lines are skipped; `max_rows`
-    caps the valid pairs kept (later lines are hashed, not validated). Raises `DatasetError`
-    listing the problems with file, line and field.
+    Every line is checked before anything is returned (blank lines skipped), except that
+    once `max_rows` valid pairs are kept the later lines are only hashed, as the SFT reader
+    does. Raises `DatasetError` listing the problems with file, line and field.
     """
     name = str(source)
     _check_file(name)
