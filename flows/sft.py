@@ -30,7 +30,7 @@ from flows.monitoring import Progress, ProgressCallback, progress_listener
 from flows.recipe_loop import Attempt, RecipePlan, run_recipe
 from flows.sft_data import RenderedSFT, SFTBatches, load_sft_data, render_sft_data
 from tasks.evaluation import sample_greedy
-from tasks.training import RecipeStep, StepInputs, evaluate_loss, safe_exp
+from tasks.training import RecipeStep, StepInputs, evaluate_loss, safe_exp, step_metrics
 
 if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
@@ -75,18 +75,11 @@ class SFTStep(RecipeStep[SFTBatch]):
         optim = optim_future.result(timeout=timeout_s)
         elapsed = time.monotonic() - started
         ce_loss = mean_ce_loss(fwd_bwd.metrics["loss:sum"], datums)  # Σ w·nll / Σ w
-        tokens = float(sum(datum.model_input.length for datum in datums))
         return {
             "train/ce_loss": ce_loss,
             "train/loss": ce_loss,
             "train/ppl": safe_exp(ce_loss),
-            "train/lr": self.optimizer.learning_rate(step),
-            "train/grad_norm": float((optim.metrics or {}).get("grad_norm:mean", float("nan"))),
-            "train/step_tokens": tokens,
-            "train/tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0,
-            "train/tokens_per_sec_fwd_bwd": tokens / fwd_bwd_s if fwd_bwd_s > 0 else 0.0,
-            "perf/fwd_bwd_time": fwd_bwd_s,
-            "perf/optim_step_time": elapsed - fwd_bwd_s,
+            **step_metrics(datums, self.optimizer, step, optim, fwd_bwd_s, elapsed),
         }
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tinker import types
 
 from algorithms.datums import mean_ce_loss
+from algorithms.optimizer import OptimizerPlan
 from tasks.errors import trainer_call
 from tasks.platform import Waits
 from tasks.policy import LONG_TIMEOUT_S, SHORT_TIMEOUT_S
@@ -39,6 +40,7 @@ __all__ = [
     "StepRecord",
     "evaluate_loss",
     "safe_exp",
+    "step_metrics",
     "train_segment",
 ]
 
@@ -129,6 +131,29 @@ class RecipeStep(ABC, Generic[T]):
 
 
 StepCallback = Callable[[StepRecord], None]
+
+
+def step_metrics(
+    datums: Sequence[types.Datum],
+    optimizer: OptimizerPlan,
+    step: int,
+    optim: types.OptimStepResponse,
+    fwd_bwd_s: float,
+    elapsed_s: float,
+) -> dict[str, float]:
+    """What every recipe reports of a step besides its loss: the rate, the gradient norm
+    before clipping, tokens and throughput, and where the time went."""
+    tokens = float(sum(datum.model_input.length for datum in datums))
+    return {
+        "train/lr": optimizer.learning_rate(step),
+        "train/grad_norm": float((optim.metrics or {}).get("grad_norm:mean", math.nan)),
+        "train/step_tokens": tokens,
+        "train/tokens_per_sec": tokens / elapsed_s if elapsed_s > 0 else 0.0,
+        "train/tokens_per_sec_fwd_bwd": tokens / fwd_bwd_s if fwd_bwd_s > 0 else 0.0,
+        "train/step_time_sec": elapsed_s,
+        "perf/fwd_bwd_time": fwd_bwd_s,
+        "perf/optim_step_time": elapsed_s - fwd_bwd_s,
+    }
 
 
 def safe_exp(value: float) -> float:
