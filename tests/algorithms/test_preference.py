@@ -350,3 +350,12 @@ def test_reverse_pairs_is_a_named_source_listed_with_its_metric(tmp_path: Path) 
         r"user: '[a-h]+='  chosen: '[a-h]+'  rejected: '[a-h]+'", listed["reverse_pairs"][2]
     )
     assert "reverse_pairs" not in TOY_TASKS  # SFT's tasks stay chat tasks
+
+
+def test_a_pair_built_in_code_is_held_to_the_same_rules() -> None:
+    with pytest.raises(ValueError, match=r"samples\[1\]\.score: graded score 0.5"):
+        parse_preference(_samples({"score": 0.5}))
+    with pytest.raises(ValueError, match="chosen and rejected are identical"):
+        PreferenceRow(chosen="abc", rejected="abc")
+    with pytest.raises(ValueError, match="rejected: no assistant content"):
+        PreferenceRow(chosen=_msgs(USER, GOOD), rejected=_msgs(USER))
