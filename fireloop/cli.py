@@ -134,7 +134,7 @@ def run_sft(
     JSONL file or a toy task (`fireloop tasks`); models: `fireloop models`. Ctrl-C stops it
     within seconds; the same command again resumes from its last checkpoint."""
     from fireloop.overrides import ConfigFileError
-    from fireloop.sft_cli import RunRequest, build_config, print_error, run_and_report
+    from fireloop.run_cli import RunRequest, build_config, print_error, run_and_report
 
     try:
         data = build_config(config, set_ or [])
@@ -162,7 +162,7 @@ def demo(
         return
     from datetime import UTC, datetime
 
-    from fireloop.sft_cli import RunRequest, run_and_report
+    from fireloop.run_cli import RunRequest, run_and_report
 
     run_name = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     console.print(
@@ -267,7 +267,7 @@ def export(
     --merged) or a PEFT adapter directory (LoRA runs) that transformers / peft load offline."""
     import warnings
 
-    from fireloop.sft_cli import set_offline_defaults
+    from fireloop.run_cli import set_offline_defaults
 
     set_offline_defaults()  # before transformers is imported: it reads them at import
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from algorithms.datasets import DatasetError, DatasetProblem
-from fireloop.sft_cli import EXIT_FAILURE, EXIT_USER_ERROR, RunRequest, report_failure
+from fireloop.run_cli import EXIT_FAILURE, EXIT_USER_ERROR, RunRequest, report_failure
 from flows.config import SFTConfig
 from sdk.errors import ConfigError
 from tests.cli.support import cli_env, ledger_rows, prefect_server, run_cli, sft_args
