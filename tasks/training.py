@@ -39,6 +39,7 @@ __all__ = [
     "StepInputs",
     "StepRecord",
     "evaluate_loss",
+    "forward_logprobs",
     "safe_exp",
     "step_metrics",
     "train_segment",
@@ -220,3 +221,24 @@ def evaluate_loss(
     loss = mean_ce_loss(output.metrics["loss:sum"], datums)
     tokens = float(sum(datum.model_input.length for datum in datums))
     return {"eval/loss": loss, "eval/ppl": safe_exp(loss), "eval/tokens": tokens}
+
+
+@task(
+    name="forward-logprobs",
+    task_run_name="forward pass at step {step}",
+    retries=0,  # shares the training client's ordered session
+    cache_policy=NO_CACHE,
+    timeout_seconds=SHORT_TIMEOUT_S,
+)
+def forward_logprobs(
+    trainer: FiretitanTrainingClient,
+    datums: Sequence[types.Datum],
+    step: int,
+    job_id: str,
+    waits: Waits,
+) -> list[dict[str, types.TensorData]]:
+    """Forward only: each datum's per-target `logprobs` (and the loss's other outputs), for a
+    loss computed on the client; no gradient, no optimizer state touched."""
+    with trainer_call(job_id, "a forward pass", step):
+        output = trainer.forward(list(datums), "cross_entropy").result(timeout=waits.step_timeout_s)
+    return [dict(outputs) for outputs in output.loss_fn_outputs]
