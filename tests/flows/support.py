@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -17,8 +19,10 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.logging.handlers import APILogWorker
+from safetensors.torch import load_file
 
-from flows.ledger import Ledger, RunHeader
+from backend import LocalPlatform
+from flows.ledger import CheckpointRow, Ledger, RunHeader, read_ledger
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,39 @@ def write_foreign_ledger(run_dir: Path) -> None:
     )
     ledger = Ledger.open(run_dir, other)
     ledger.append_checkpoint(name="step-5", step=4, data_cursor=80, epoch=0, state_path="step-5")
+
+
+def preempt_during_save(
+    platform: LocalPlatform, name: str, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """Preempt the job once, while the trainer writes checkpoint `name`: its files are
+    written, the control plane has not published it yet and the client gets no answer.
+    Returns the list the preempted job id is appended to when it fires."""
+    original = platform.state.record_checkpoint
+    fired: list[str] = []
+
+    def record_checkpoint(job_id: str, checkpoint: str, kind: Any) -> Any:
+        if checkpoint == name and not fired:
+            fired.append(job_id)
+            platform.preempt(job_id)
+        return original(job_id, checkpoint, kind)
+
+    monkeypatch.setattr(platform.state, "record_checkpoint", record_checkpoint)
+    return fired
+
+
+def final_state(platform: LocalPlatform, run_dir: Path, steps: int) -> dict[str, Any]:
+    """The weights and optimizer state of the run's last checkpoint (after `steps` steps)."""
+    rows = [row for row in read_ledger(run_dir) if isinstance(row, CheckpointRow)]
+    assert rows[-1].job_id is not None and rows[-1].next_step == steps
+    files = platform.data_dir / "jobs" / rows[-1].job_id / "checkpoints" / rows[-1].name
+    return {
+        part: load_file(files / part) for part in ("weights.safetensors", "optimizer.safetensors")
+    }
+
+
+def assert_bitwise_equal(want: dict[str, Any], got: dict[str, Any]) -> None:
+    """Two `final_state`s hold the same tensors, bit for bit."""
+    for part, tensors in want.items():
+        assert tensors.keys() == got[part].keys(), part
+        assert all(torch.equal(tensors[name], got[part][name]) for name in tensors), part

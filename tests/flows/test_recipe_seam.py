@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import torch
 from prefect import flow
-from safetensors.torch import load_file
 
 from algorithms.datums import datum_from_tokens
 from backend import LocalPlatform
 from flows.config import RecipeConfig
-from flows.ledger import CheckpointRow, HotloadRow, RunEndRow, read_ledger
+from flows.ledger import CheckpointRow, HotloadRow, RunEndRow, RunHeader, read_ledger
 from flows.lifecycle import RunResult
 from flows.recipe_loop import Attempt, RecipePlan, run_recipe
 from flows.step_inputs import StepInputsLog
 from tasks.training import RecipeStep, StepInputs
-from tests.flows.conftest import FAST_WAITS, platform_config, state_files
-from tests.flows.support import jsonl, read_run
+from tests.flows.conftest import FAST_WAITS, platform_config
+from tests.flows.support import assert_bitwise_equal, final_state, jsonl, read_run
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -121,21 +119,6 @@ def _config(platform: LocalPlatform, run_dir: Path, **overrides: Any) -> ToyConf
     return ToyConfig(**(fields | overrides))
 
 
-def _final_state(platform: LocalPlatform, run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    rows = [row for row in read_ledger(run_dir) if isinstance(row, CheckpointRow)]
-    assert rows[-1].job_id is not None and rows[-1].next_step == STEPS
-    files = state_files(platform, rows[-1].job_id, rows[-1].name)
-    return {
-        part: load_file(files / part) for part in ("weights.safetensors", "optimizer.safetensors")
-    }
-
-
-def _assert_bitwise_equal(want: dict[str, dict[str, torch.Tensor]], got: dict[str, Any]) -> None:
-    for part, tensors in want.items():
-        assert tensors.keys() == got[part].keys()
-        assert all(torch.equal(tensors[name], got[part][name]) for name in tensors), part
-
-
 def test_a_recipe_defined_in_a_test_gets_checkpoints_hotloads_and_recovery(
     platform: LocalPlatform, tmp_path: Path
 ) -> None:
@@ -152,15 +135,16 @@ def test_a_recipe_defined_in_a_test_gets_checkpoints_hotloads_and_recovery(
     hotloads = [r for r in rows if isinstance(r, HotloadRow)]
     # Every cadence point hotloaded, verified; a replayed segment hotloads its point again.
     assert {h.step for h in hotloads} == {4, 8, 9} and all(h.verified for h in hotloads)
-    assert isinstance(rows[-1], RunEndRow) and rows[0].recipe == "toy"
+    assert isinstance(rows[-1], RunEndRow)
+    assert isinstance(rows[0], RunHeader) and rows[0].recipe == "toy"
     losses = [m["train/toy_loss"] for m in jsonl(tmp_path / "toy-preempted" / "metrics.jsonl")]
     straight_losses = [
         m["train/toy_loss"] for m in jsonl(tmp_path / "toy-straight" / "metrics.jsonl")
     ]
     assert losses == straight_losses and len(losses) == STEPS
-    _assert_bitwise_equal(
-        _final_state(platform, tmp_path / "toy-straight"),
-        _final_state(platform, tmp_path / "toy-preempted"),
+    assert_bitwise_equal(
+        final_state(platform, tmp_path / "toy-straight", STEPS),
+        final_state(platform, tmp_path / "toy-preempted", STEPS),
     )
     table = read_run(state).artifact("segments")
     assert "mean_toy_loss" in str(table)  # the recipe's headline metric, not SFT's
@@ -184,6 +168,7 @@ def test_logged_inputs_are_replayed_after_preemption_never_drawn_again(
 
     reference = _config(platform, tmp_path / "toy-replayed")
     assert toy_flow(reference, "replay", logged).steps_done == STEPS
-    _assert_bitwise_equal(
-        _final_state(platform, tmp_path / "toy-replayed"), _final_state(platform, run_dir)
+    assert_bitwise_equal(
+        final_state(platform, tmp_path / "toy-replayed", STEPS),
+        final_state(platform, run_dir, STEPS),
     )

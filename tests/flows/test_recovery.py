@@ -28,7 +28,7 @@ from flows.config import SFTConfig, WandbConfig
 from flows.ledger import CheckpointRow, HotloadRow, RunEndRow, read_ledger
 from flows.sft import configured_sft_flow
 from tests.flows.conftest import sft_config, state_files
-from tests.flows.support import files_text, jsonl, read_run
+from tests.flows.support import files_text, jsonl, preempt_during_save, read_run
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -72,24 +72,6 @@ def _assert_same_training(platform: LocalPlatform, reference: SFTConfig, run_dir
         assert all(torch.equal(want[name], got[name]) for name in want), part
 
 
-def _preempt_during_save(
-    platform: LocalPlatform, name: str, monkeypatch: pytest.MonkeyPatch
-) -> list[str]:
-    """Preempt the job once, while the trainer writes checkpoint `name`: its files are
-    written, the control plane has not published it yet and the client gets no answer."""
-    original = platform.state.record_checkpoint
-    fired: list[str] = []
-
-    def record_checkpoint(job_id: str, checkpoint: str, kind: Any) -> Any:
-        if checkpoint == name and not fired:
-            fired.append(job_id)
-            platform.preempt(job_id)
-        return original(job_id, checkpoint, kind)
-
-    monkeypatch.setattr(platform.state, "record_checkpoint", record_checkpoint)
-    return fired
-
-
 def test_preempted_run_resumes_to_the_uninterrupted_result(
     platform: LocalPlatform,
     reference: SFTConfig,
@@ -101,7 +83,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(
     config = _config(platform, run_dir, flow_retries=4, wandb=WandbConfig(project="fireloop-tests"))
     before = platform.fault_stats.preemptions
     platform.schedule_preemption([3, 10, 12])
-    fired = _preempt_during_save(platform, "step-15", monkeypatch)
+    fired = preempt_during_save(platform, "step-15", monkeypatch)
     with caplog.at_level(logging.INFO):
         state = configured_sft_flow(config)(config, return_state=True)
     assert state.is_completed(), state.message
