@@ -1,4 +1,4 @@
-"""`fireloop`: run the embedded local platform, the demo pipeline, and (later) recipes."""
+"""`fireloop`: run recipes (SFT, DPO, ORPO), the demo, the local platform; export results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from fireloop.recipes import RECIPES, Recipe, recipe_names
 
 app = typer.Typer(
     help="Workflow-orchestrated LLM training pipelines.",
@@ -101,48 +103,62 @@ run_app = typer.Typer(help="Run a recipe flow.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 
 
-class _SFTFieldsHelp(typer.core.TyperCommand):
-    """`run sft --help` ends with the SFT config fields, built only when help is shown (the
-    config model imports the training stack, seconds that other commands should not pay)."""
+def _fields_help(recipe: Recipe) -> type[typer.core.TyperCommand]:
+    """A command class whose `--help` ends with the recipe's config fields, built only when
+    help is shown (the config model imports the training stack, seconds that other commands
+    should not pay)."""
 
-    @property
-    def epilog(self) -> str:
-        from fireloop.help import fields_epilog
-        from flows.config import SFTConfig
+    class FieldsHelp(typer.core.TyperCommand):
+        @property
+        def epilog(self) -> str:
+            from fireloop.help import fields_epilog
 
-        return fields_epilog(SFTConfig)
+            return fields_epilog(recipe.config_class())
 
-    @epilog.setter
-    def epilog(self, value: str | None) -> None:
-        pass  # click sets it in __init__; the property above is the epilog
+        @epilog.setter
+        def epilog(self, value: str | None) -> None:
+            pass  # click sets it in __init__; the property above is the epilog
+
+    return FieldsHelp
 
 
-@run_app.command("sft", cls=_SFTFieldsHelp)
-def run_sft(
-    config: Annotated[
-        Path | None, typer.Option(help="SFT config file (.json, .yaml, .toml).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a field: key=value (dotted keys nest)."),
-    ] = None,
-    verbose: Annotated[
-        bool, typer.Option(help="Also show Prefect's log lines and third-party warnings.")
-    ] = False,
-) -> None:
-    """Run the SFT flow (embedded local platform unless the config names one). Data: a chat
-    JSONL file or a toy task (`fireloop tasks`); models: `fireloop models`. Ctrl-C stops it
-    within seconds; the same command again resumes from its last checkpoint."""
-    from fireloop.overrides import ConfigFileError
-    from fireloop.run_cli import RunRequest, build_config, print_error, run_and_report
+def _add_run_command(recipe: Recipe) -> None:
+    """`fireloop run <recipe>`: the same options and behaviour for every recipe."""
 
-    try:
-        data = build_config(config, set_ or [])
-    except ConfigFileError as exc:
-        print_error(console, str(exc))
-        raise typer.Exit(2) from None
-    request = RunRequest(data, config_file=config, assignments=tuple(set_ or ()), verbose=verbose)
-    raise typer.Exit(run_and_report(request, console))
+    def run_recipe(
+        config: Annotated[
+            Path | None, typer.Option(help="Config file (.json, .yaml, .toml) of the fields below.")
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", help="Override a field: key=value (dotted keys nest)."),
+        ] = None,
+        verbose: Annotated[
+            bool, typer.Option(help="Also show Prefect's log lines and third-party warnings.")
+        ] = False,
+    ) -> None:
+        from fireloop.overrides import ConfigFileError
+        from fireloop.run_cli import RunRequest, build_config, print_error, run_and_report
+
+        try:
+            data = build_config(config, set_ or [])
+        except ConfigFileError as exc:
+            print_error(console, str(exc))
+            raise typer.Exit(2) from None
+        request = RunRequest(
+            data,
+            config_file=config,
+            assignments=tuple(set_ or ()),
+            verbose=verbose,
+            recipe=recipe.name,
+        )
+        raise typer.Exit(run_and_report(request, console))
+
+    run_app.command(recipe.name, cls=_fields_help(recipe), help=recipe.help)(run_recipe)
+
+
+for _recipe in RECIPES.values():
+    _add_run_command(_recipe)
 
 
 @app.command()
@@ -204,12 +220,13 @@ def models() -> None:
 
 @app.command()
 def tasks() -> None:
-    """The built-in toy tasks (`--set dataset=<name>`): what each teaches, an example."""
+    """The built-in toy tasks (`--set dataset=<name>`): what each teaches, an example, and
+    which recipes take it."""
     from rich.table import Table
 
     from fireloop.help import task_rows
 
-    table = Table("dataset", "teaches", "example row", "eval metric", title="toy tasks")
+    table = Table("dataset", "teaches", "example row", "eval metric", "recipes", title="toy tasks")
     for row in task_rows():
         table.add_row(*row)
     console.print(table, markup=False)
@@ -221,13 +238,11 @@ def config_reference(
 ) -> None:
     """Print a recipe's config fields as a markdown table (the README's config reference)."""
     from fireloop.help import config_reference_markdown
-    from flows.config import SFTConfig
 
-    recipes = {"sft": SFTConfig}
-    if recipe not in recipes:
-        console.print(f"unknown recipe {recipe!r}; known: {', '.join(recipes)}", markup=False)
+    if recipe not in RECIPES:
+        console.print(f"unknown recipe {recipe!r}; known: {recipe_names()}", markup=False)
         raise typer.Exit(2)
-    print(config_reference_markdown(recipes[recipe]), end="")
+    print(config_reference_markdown(RECIPES[recipe].config_class()), end="")
 
 
 @app.command()

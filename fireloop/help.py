@@ -1,7 +1,7 @@
 """What a person can ask the CLI: the config fields of a recipe, the local models, the toy tasks.
 
 Everything here is generated from the code that uses it (the pydantic config model, the local
-model registry, the toy-task table), so `fireloop run sft --help`, `fireloop models`,
+model registry, the toy-task table), so `fireloop run <recipe> --help`, `fireloop models`,
 `fireloop tasks` and the README's config reference cannot drift from what a run accepts.
 Nested config parts are flattened into the dotted keys `--set` takes (`adam.beta1`).
 """
@@ -142,18 +142,32 @@ def model_rows() -> Iterator[tuple[str, str, str, str]]:
         yield spec.hf_name, spec.parameters, str(spec.context_length), spec.description
 
 
-def task_rows() -> Iterator[tuple[str, str, str, str]]:
-    """(name, what it teaches, an example, its eval metric) of every toy task."""
+def task_rows() -> Iterator[tuple[str, str, str, str, str]]:
+    """(name, what it teaches, an example, its eval metric, the recipes that take it) of every
+    toy task."""
     from algorithms.preference import PREFERENCE_TASKS
     from algorithms.toy_tasks import TOY_TASKS
 
+    chat_recipes, pair_recipes = _recipes_by_data()
     for task in TOY_TASKS.values():
         row = task.generate(1, seed=0, split="train")[0]
         example = "  ".join(f"{m.role}: {m.content!r}" for m in row.messages)
-        yield task.name, task.description, example, task.metric
+        yield task.name, task.description, example, task.metric, chat_recipes
     for pair_task in PREFERENCE_TASKS.values():
         pair = pair_task.generate(1, seed=0, split="train")[0]
-        yield pair_task.name, pair_task.description, _pair_example(pair), pair_task.metric
+        example = _pair_example(pair)
+        yield pair_task.name, pair_task.description, example, pair_task.metric, pair_recipes
+
+
+def _recipes_by_data() -> tuple[str, str]:
+    """The recipes that train on chat rows, and those that train on preference pairs (their
+    configs say which: a preference recipe's config is a `PreferenceConfig`)."""
+    from fireloop.recipes import RECIPES
+    from flows.config import PreferenceConfig
+
+    pairs = {n for n, r in RECIPES.items() if issubclass(r.config_class(), PreferenceConfig)}
+    chat = ", ".join(name for name in RECIPES if name not in pairs)
+    return chat, ", ".join(name for name in RECIPES if name in pairs)
 
 
 def _pair_example(pair: PreferenceRow) -> str:

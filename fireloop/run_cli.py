@@ -1,4 +1,4 @@
-"""`fireloop run sft` and `fireloop demo`: the SFT flow from the terminal.
+"""`fireloop run <recipe>` and `fireloop demo`: a recipe's flow from the terminal.
 
 The run reports to a Prefect server the CLI starts out of the terminal's signal path (or to
 PREFECT_API_URL), shows its notices above a live progress bar, prints a known user error as its
@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -26,11 +26,12 @@ from fireloop.interrupts import interrupt_exit_code, sigterm_raises
 from fireloop.overrides import apply_overrides, load_config_file
 from fireloop.prefect_server import PrefectApi, PrefectServerError, prefect_api
 from fireloop.quiet import configure_output, printing_notices
+from fireloop.recipes import RECIPES
 
 if TYPE_CHECKING:
+    from flows.config import RecipeConfig
     from flows.lifecycle import RunResult
     from flows.monitoring import Progress as StepProgress
-    from flows.sft import SFTConfig
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -59,17 +60,19 @@ def build_config(config_file: Path | None, assignments: list[str]) -> dict[str, 
 
 @dataclass(frozen=True)
 class RunRequest:
-    """One `run sft` as the user typed it (to tell them how to run it again) and its config."""
+    """One `run <recipe>` as the user typed it (to tell them how to run it again) and its
+    config."""
 
     data: dict[str, Any]
     config_file: Path | None = None
     assignments: tuple[str, ...] = ()
     verbose: bool = False
+    recipe: str = "sft"  # a `RECIPES` name
 
     def rerun_command(self, run_name: str) -> str:
-        """The `fireloop run sft` command that resumes this run: the same arguments, and the
-        run name spelled out when it was not given (generated, or the demo's)."""
-        args = ["fireloop", "run", "sft"]
+        """The `fireloop run <recipe>` command that resumes this run: the same arguments, and
+        the run name spelled out when it was not given (generated, or the demo's)."""
+        args = ["fireloop", "run", self.recipe]
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
         for assignment in self.assignments:
@@ -88,7 +91,7 @@ def print_error(console: Console, message: str) -> None:
 
 
 def run_and_report(request: RunRequest, console: Console) -> int:
-    """Validate, run the SFT flow with a progress bar, print the summary; the exit code."""
+    """Validate, run the recipe's flow with a progress bar, print the summary; the exit code."""
     set_offline_defaults()
     configure_output(verbose=request.verbose)
     with sigterm_raises():
@@ -107,19 +110,19 @@ def run_and_report(request: RunRequest, console: Console) -> int:
 
 
 def _run(request: RunRequest, api: PrefectApi, console: Console) -> int:
-    from flows.sft import SFTConfig, run_sft
-
+    recipe = RECIPES[request.recipe]
     try:
-        config = SFTConfig.model_validate(request.data)
+        config = recipe.config_class().model_validate(request.data)
     except ValidationError as exc:
-        print_error(console, f"invalid SFT config:\n{exc}")
+        print_error(console, f"invalid {recipe.title} config:\n{exc}")
         return EXIT_USER_ERROR
+    run = recipe.entry_point()  # imports the flow while Prefect's server starts
     api.wait_ready()
-    bar = StepBar(console, config.run_name, config.max_steps)
+    bar = StepBar(console, recipe.name, config.run_name, config.max_steps)
     with printing_notices(console):
         try:
             try:
-                result = run_sft(config, on_progress=bar.on_progress)
+                result = run(config, bar.on_progress)
             finally:
                 bar.close()
         except BaseException as exc:
@@ -132,7 +135,7 @@ def _run(request: RunRequest, api: PrefectApi, console: Console) -> int:
             return report_failure(exc, console)
     if not result.already_complete:
         print_report(result.ledger_path, console)
-    print_summary(result, console)
+    print_summary(result, console, config.headline_metric)
     return 0
 
 
@@ -152,14 +155,15 @@ class StepBar:
     """The live progress bar, started at the first finished step (a run that has nothing left
     to do shows none)."""
 
-    def __init__(self, console: Console, run_name: str, total_steps: int) -> None:
-        self.console, self.run_name, self.total_steps = console, run_name, total_steps
+    def __init__(self, console: Console, recipe: str, run_name: str, total_steps: int) -> None:
+        self.console, self.recipe = console, recipe
+        self.run_name, self.total_steps = run_name, total_steps
         self._progress: Progress | None = None
 
     def on_progress(self, step: StepProgress) -> None:
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("sft {task.fields[run]}", markup=False),
+                TextColumn("{task.fields[recipe]} {task.fields[run]}", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[metrics]}", markup=False),
@@ -167,8 +171,10 @@ class StepBar:
                 console=self.console,
             )
             self._progress.start()
-            self._progress.add_task("train", total=self.total_steps, run=self.run_name, metrics="")
-        # The recipe's headline metric (SFT: train/ce_loss) and the learning rate.
+            self._progress.add_task(
+                "train", total=self.total_steps, recipe=self.recipe, run=self.run_name, metrics=""
+            )
+        # The recipe's headline metric (SFT: train/ce_loss, DPO: train/dpo_loss) and the LR.
         keys = (step.headline_metric, "train/lr")
         shown = {k: step.metrics[k] for k in keys if k in step.metrics}
         text = "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in shown.items())
@@ -179,7 +185,9 @@ class StepBar:
             self._progress.stop()
 
 
-def print_interrupted(console: Console, request: RunRequest, config: SFTConfig, code: int) -> None:
+def print_interrupted(
+    console: Console, request: RunRequest, config: RecipeConfig, code: int
+) -> None:
     """What a stopped run left, and the command that resumes it."""
     from flows.ledger import CheckpointRow, read_ledger
 
@@ -200,10 +208,12 @@ def print_interrupted(console: Console, request: RunRequest, config: SFTConfig, 
     console.print(Text(f"  {request.rerun_command(config.run_name)}"), soft_wrap=True)
 
 
-def print_summary(result: RunResult, console: Console) -> None:
-    """What exists after the run, and where: files first, then the platform's resources (the
-    flow's own notice has already said how the run ended)."""
+def print_summary(result: RunResult, console: Console, headline_metric: str) -> None:
+    """Where the run ended (its headline metric and last evaluation), what exists after it and
+    where: files first, then the platform's resources (the flow's own notice has already said
+    how the run ended)."""
     rows: Sequence[tuple[str, str | None]] = (
+        ("final", _final_metrics(result, headline_metric)),
         ("checkpoints", result.checkpoint_dir),
         ("ledger", result.ledger_path),
         ("metrics", result.metrics_path),
@@ -214,6 +224,23 @@ def print_summary(result: RunResult, console: Console) -> None:
         if value is not None:  # whole, never folded or cut: people copy these
             console.print(Text(f"  {label:<12} {value}"), soft_wrap=True)
     console.print(Text(_resources_line(result)), soft_wrap=True)
+
+
+# The evaluation scores a person looks at first (SFT's toy tasks, the preference recipes).
+_SCORES: Final = ("eval/exact_match", "eval/accuracy")
+
+
+def _final_metrics(result: RunResult, headline_metric: str) -> str | None:
+    """`dpo_loss 0.412  eval/dpo_loss 0.5  eval/accuracy 0.938 (after 20 steps)`: the last
+    step's headline metric (absent when nothing was trained now), then the last evaluation's
+    value of it and its score."""
+    name = headline_metric.removeprefix("train/")
+    keys = (headline_metric, f"eval/{name}", *_SCORES)
+    shown = [(key, result.final_metrics[key]) for key in keys if key in result.final_metrics]
+    if not shown:
+        return None
+    text = "  ".join(f"{key.removeprefix('train/')} {value:.4g}" for key, value in shown)
+    return f"{text} (after {result.steps_done} steps)"
 
 
 def _export_command(result: RunResult) -> str:

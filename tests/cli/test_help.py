@@ -7,6 +7,8 @@ the code (the config model, the model registry, the toy-task table); these tests
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from algorithms.toy_tasks import TOY_TASKS
 from backend.models.registry import REGISTERED_MODELS
 from fireloop.cli import app
 from fireloop.help import REFERENCE_END, REFERENCE_START, config_fields, config_reference_markdown
-from flows.config import SFTConfig
+from fireloop.recipes import RECIPES
+from flows.config import DPOConfig, ORPOConfig, SFTConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WIDE = {"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
@@ -45,6 +48,41 @@ def test_run_sft_help_lists_the_config_fields_with_types_and_defaults() -> None:
     assert re.search(r"platform\.api_key\s+secret\?", text)
 
 
+@pytest.mark.parametrize(
+    ("recipe", "own_field"),
+    [
+        ("dpo", r"beta\s+float \[default: 0\.1\]\s+DPO temperature"),
+        ("orpo", r"orpo_lambda\s+float \[default: 1\.0\]\s+Weight of the odds-ratio term"),
+    ],
+)
+def test_run_dpo_and_orpo_help_list_their_own_config_fields(recipe: str, own_field: str) -> None:
+    text = _invoke("run", recipe, "--help")
+    for row in config_fields(RECIPES[recipe].config_class()):
+        assert re.search(rf"^\s*{re.escape(row.key)}\s", text, re.MULTILINE), row.key
+    assert re.search(own_field, text)
+    assert re.search(r"dataset\s+str \[default: reverse_pairs\]", text)
+    assert "--config" in text and "--set" in text and "--verbose" in text
+
+
+def test_the_registry_names_each_recipes_own_config() -> None:
+    classes = {name: recipe.config_class() for name, recipe in RECIPES.items()}
+    assert classes == {"sft": SFTConfig, "dpo": DPOConfig, "orpo": ORPOConfig}
+    assert all(cls.recipe == name for name, cls in classes.items())
+
+
+def test_the_cli_imports_no_training_stack_until_a_recipe_runs() -> None:
+    """`fireloop --help` and the registry must not pay the seconds a flow import costs."""
+    probe = (
+        "import sys, fireloop.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'flows', 'algorithms', 'torch', 'transformers', 'prefect', 'tinker'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
 def test_models_lists_the_local_base_models() -> None:
     text = _invoke("models")
     for spec in REGISTERED_MODELS.values():
@@ -56,14 +94,19 @@ def test_tasks_lists_the_toy_tasks_with_an_example() -> None:
     text = _invoke("tasks")
     for name in TOY_TASKS:
         assert re.search(
-            rf"│ {name}\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'", text
+            rf"│ {name}\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'.*│ sft\s+│", text
         )
+    assert re.search(
+        r"│ reverse_pairs\s+│ prefer the right reversal.*user: '[a-h]+='\s+chosen: '[a-h]+'"
+        r"\s+rejected: '[a-h]+'.*│ eval/accuracy\s+│ dpo, orpo\s+│",
+        text,
+    )
 
 
-@pytest.mark.parametrize("recipe", ["sft"])
+@pytest.mark.parametrize("recipe", ["sft", "dpo", "orpo"])
 def test_the_readme_config_reference_is_the_generated_one(recipe: str) -> None:
     generated = _invoke("config-reference", recipe)
-    assert generated == config_reference_markdown(SFTConfig)
+    assert generated == config_reference_markdown(RECIPES[recipe].config_class())
     readme = README.read_text(encoding="utf-8")
     start = REFERENCE_START.format(recipe=recipe)
     end = REFERENCE_END.format(recipe=recipe)
@@ -78,4 +121,4 @@ def test_the_readme_config_reference_is_the_generated_one(recipe: str) -> None:
 def test_an_unknown_recipe_is_refused() -> None:
     result = CliRunner().invoke(app, ["config-reference", "nope"], env=WIDE)
     assert result.exit_code == 2
-    assert "unknown recipe 'nope'; known: sft" in result.output
+    assert "unknown recipe 'nope'; known: sft, dpo, orpo" in result.output
