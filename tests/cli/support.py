@@ -1,8 +1,9 @@
 """Running the real `fireloop` CLI in a subprocess, and reading back what its run left.
 
 Each CLI process gets its own PREFECT_HOME, and either a Prefect server the test owns
-(PREFECT_API_URL) or none, so the CLI starts its own. Runs are small SFT runs of the tiny model
-on the reversal task, on the embedded platform under the test's temporary directory.
+(PREFECT_API_URL) or none, so the CLI starts its own. Runs are small runs of the tiny model on
+the reversal tasks (SFT) or their pairs (DPO, ORPO), on the embedded platform under the test's
+temporary directory.
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ def sft_args(run_dir: Path, run_name: str, **fields: object) -> list[str]:
         "sample_eval": "false",
     } | fields
     args = ["run", "sft"]
+    for key, value in config.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def preference_args(recipe: str, run_dir: Path, run_name: str, **fields: object) -> list[str]:
+    """`run dpo` or `run orpo` with a small, fast config on `reverse_pairs` (overridable)."""
+    config: dict[str, object] = {
+        "run_name": run_name,
+        "run_dir": str(run_dir),
+        "max_steps": 4,
+        "checkpoint_every": 2,
+        "batch_size": 4,
+        "eval_every": 0,
+        "eval_size": 8,
+    } | fields
+    args = ["run", recipe]
     for key, value in config.items():
         args += ["--set", f"{key}={value}"]
     return args
