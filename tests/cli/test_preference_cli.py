@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from fireloop.recipes import RECIPES
-from fireloop.run_cli import EXIT_USER_ERROR, RunRequest
+from fireloop.run_cli import EXIT_USER_ERROR, RunRequest, print_interrupted
+from flows.config import ORPOConfig
 from tests.cli.support import cli_env, ledger_rows, prefect_server, preference_args, run_cli
 
 
@@ -159,3 +161,17 @@ def test_the_resume_command_names_the_recipe() -> None:
     assert request.rerun_command("dpo-20261205-093000-ab12") == (
         "fireloop run dpo --set 'dataset=my pairs.jsonl' --set run_name=dpo-20261205-093000-ab12"
     )
+
+
+def test_an_interrupted_run_says_how_to_resume_it_with_its_recipe(tmp_path: Path) -> None:
+    config = ORPOConfig(run_name="stopped", run_dir=str(tmp_path / "run"))
+    request = RunRequest(
+        {"run_dir": config.run_dir}, assignments=(f"run_dir={config.run_dir}",), recipe="orpo"
+    )
+    console = Console(record=True, width=300, color_system=None)
+
+    print_interrupted(console, request, config, 143)
+
+    text = console.export_text()
+    assert "stopped by SIGTERM: run stopped was not finished; no checkpoint was saved yet" in text
+    assert f"fireloop run orpo --set run_dir={config.run_dir} --set run_name=stopped" in text
