@@ -3,7 +3,7 @@
 Step numbers here count optimizer steps *done*: point `p` is the moment after steps
 `0..p-1` ran (the weights an evaluation "at step p" sees, tinker convention). A segment runs
 from one cadence point to the next, so each task run ends exactly where something durable or
-observable happens (prefect.md §15). Pure functions of the config: a resumed run plans the
+observable happens. Pure functions of the config: a resumed run plans the
 same points as an uninterrupted one.
 """
 

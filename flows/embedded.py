@@ -1,6 +1,6 @@
 """The embedded local backend: started in this process when a run names no platform.
 
-The only module of `flows/` that imports `backend/` (design.md: the embedded default). One
+The only module of `flows/` that imports `backend/` (the embedded default platform). One
 platform per data directory per process, started on first use and kept for the life of the
 process: module globals survive Prefect's flow retries, so a retry reconnects to the same
 platform, as it would to a remote one. The data directory persists jobs and checkpoints, so a

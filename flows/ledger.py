@@ -1,9 +1,9 @@
 """The run ledger: the append-only JSONL at `<run_dir>/ledger.jsonl` that resume trusts.
 
-design.md: the ledger is the truth, Prefect state is advisory. Line 1 is the run header; every
+The ledger is the truth about a run; Prefect state is advisory. Line 1 is the run header; every
 later row records something already durable (a checkpoint saved and read back, a verified
 hotload, an evaluation) and a checkpoint row names the *next* step and the raw-row data cursor
-after its step (recipes.md §10-§11; failure-modes R1, R3, R4, R9, C4). A ledger of another run
+after its step (see docs/architecture.md, "Resume"). A ledger of another run
 is refused before any compute and never touched, unless it recorded nothing yet or the run is
 deliberately extended to more steps. `run_dir` is a local path or any fsspec URL.
 """
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 LEDGER_FILENAME: Final = "ledger.jsonl"
 # Header fields that identify a run: a ledger whose header differs in any of them is another
-# run's (failure-modes R9). `time` is deliberately absent: a retry opens the same run later.
+# run's. `time` is deliberately absent: a retry opens the same run later.
 IDENTITY_FIELDS: Final = (
     "run_id",
     "recipe",
@@ -120,12 +120,14 @@ class CheckpointRow(_Row):
     """A saved checkpoint, appended only after the save completed and its name was read back.
 
     `step` is the 0-based optimizer step just completed and `next_step = step + 1` the one to
-    run after loading it; `data_cursor` counts raw rows consumed after `step` (R1, R4). The run's
-    identity fields are repeated so a resume re-resolves them from the row (R9).
+    run after loading it; `data_cursor` counts raw rows consumed after `step`, dropped rows
+    included, so a resume neither replays nor skips a row. The run's identity fields are
+    repeated so a resume re-resolves them from the row rather than from defaults.
     """
 
     kind: Literal["checkpoint"] = "checkpoint"
-    name: str = Field(min_length=1)  # the server's name (a trainer may rename a save, C3)
+    # The server's name: a trainer may store a save under another name than requested.
+    name: str = Field(min_length=1)
     requested_name: str | None = None
     step: int = Field(ge=0)
     next_step: int = Field(ge=1)
@@ -166,7 +168,8 @@ class HotloadRow(_Row):
     deployment: str = Field(min_length=1)
     verified: bool
     step: int | None = Field(default=None, ge=0)
-    # `base` (a full load: every session's first, W4) or `delta` (against the previous one).
+    # `base` (a full load: every session's first, since a new session starts a new chain) or
+    # `delta` (against the previous one).
     checkpoint_type: Literal["base", "delta", "merged_base"] | None = None
 
 
@@ -191,7 +194,7 @@ class ExtensionRow(_Row):
 
 
 class RunEndRow(_Row):
-    """The run finished its loop and final save (recipes.md §1 step 6)."""
+    """The run finished its loop and final save."""
 
     kind: Literal["run_end"] = "run_end"
     next_step: int = Field(ge=0)
@@ -380,7 +383,8 @@ class Ledger:
         """The newest resumable checkpoint row, or None for a fresh start.
 
         With `available` (the checkpoint names the trainer job lists), rows naming a checkpoint
-        the job does not have are skipped in favour of older ones (failure-modes C4).
+        the job does not have are skipped in favour of older ones (a checkpoint the job lost
+        cannot be loaded).
         """
         for row in reversed(self.checkpoints()):
             if available is None or row.name in available:

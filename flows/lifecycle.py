@@ -170,14 +170,16 @@ class RunContext:
         return any(isinstance(r, EvaluationRow) and r.step == point for r in self.ledger.rows)
 
     def checkpoint_name(self, point: int) -> str:
-        """`step-<point>`, or `step-<point>-a<k>` when a crashed attempt left that name (§10)."""
+        """`step-<point>`, or `step-<point>-a<k>` when a crashed attempt left that name
+        (`save_state` cannot overwrite a name the job already holds)."""
         name, attempt = f"step-{point}", 1
         while name in self.taken_names:
             name, attempt = f"step-{point}-a{attempt}", attempt + 1
         return name
 
     def record_checkpoint(self, result: SegmentResult, snapshot: str | None) -> CheckpointRow:
-        """Read the save back from the control plane (C3), then append its ledger row."""
+        """Read the save back from the control plane (a trainer may rename a save), then append
+        its ledger row."""
         assert result.saved_name is not None
         name = confirm_checkpoint(
             self.endpoint, self.job_id, result.saved_name, sorted(self.taken_names)

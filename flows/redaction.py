@@ -1,6 +1,6 @@
 """Secrets never reach a log: a filter on every handler that masks the run's keys.
 
-Prefect masks only its own API key (prefect.md §10), so a flow installs `RedactSecrets` on the
+Prefect masks only its own API key, so a flow installs `RedactSecrets` on the
 handlers that ship records anywhere (Prefect's `api` and `console` handlers, the root logger's,
 pytest's or W&B's if present) for as long as it runs. Handlers, not loggers: a logger's filter
 misses records propagated from child loggers. The message, its arguments and the formatted

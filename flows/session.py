@@ -3,9 +3,10 @@
 `provision` runs the provisioning tasks (trainer and deployment concurrently, both reused by
 id). `TrainerSession` then holds the live clients, built new on every attempt (module globals
 survive flow retries, stale sessions must not): one service client per trainer (a second one
-would unload the first one's models, failure-modes P5), a training client, and a fresh
-`WeightSyncer`, whose first sync is therefore a `base` load (W4). `resume` loads the ledger's
-newest checkpoint that the trainer job still lists (C4) with its optimizer state.
+would unload the first one's models), a training client, and a fresh
+`WeightSyncer`, whose first sync is therefore a `base` load (a delta needs the chain a lost session
+held). `resume` loads the ledger's
+newest checkpoint that the trainer job still lists, with its optimizer state.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class TrainerSession(ClosesOnExit):
             client = _training_client(service, job, base_model, lora_rank, lora_alpha, seed)
             if tokenizer_model is None:
                 with trainer_call(job.job_id, "get_info"):
-                    # The trainer's own tokenizer (locally: the model directory, W12).
+                    # The trainer's own tokenizer (locally: the model directory), so that
+                    # rendering matches it.
                     tokenizer_model = client.get_info().model_data.tokenizer_id or base_model
             renderer = ChatRenderer(AutoTokenizer.from_pretrained(tokenizer_model))
         except BaseException:

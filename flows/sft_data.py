@@ -358,7 +358,8 @@ class SFTBatches:
     def __init__(self, examples: Sequence[SupervisedExample], config: SFTConfig) -> None:
         self._examples = list(examples)
         self._seed = config.seed
-        self._batch_size = min(config.batch_size, len(self._examples))  # capped (recipes §5)
+        # Capped, so that a set smaller than a batch still trains.
+        self._batch_size = min(config.batch_size, len(self._examples))
         self._shuffle = config.shuffle
         self._loss_reduction = config.loss_reduction
         self._max_seq_len = config.max_seq_len

@@ -1,7 +1,7 @@
 """Checkpoint bookkeeping against the control plane: what a job holds, and what a save became.
 
-Both are read-only (T5 listings), so both retry. `confirm_checkpoint` is the read-back that
-failure-modes C3 asks for: a trainer may store a save under another name than requested, and
+Both are read-only (checkpoint listings), so both retry. `confirm_checkpoint` is the read-back a
+save needs: a trainer may store a save under another name than requested, and
 the ledger must record the name that really exists before anyone resumes from it.
 """
 
@@ -33,7 +33,7 @@ def _resumable(rows: list[CheckpointInfo]) -> list[CheckpointInfo]:
     timeout_seconds=SHORT_TIMEOUT_S,
 )
 def list_resumable_checkpoints(endpoint: PlatformEndpoint, job_id: str) -> list[str]:
-    """Names of the job's resumable (`save_state`) checkpoints, oldest first (T5)."""
+    """Names of the job's resumable (`save_state`) checkpoints, oldest first."""
     with endpoint.trainer_manager() as manager:
         return [row.checkpoint_id for row in _resumable(manager.list_checkpoints(job_id))]
 
@@ -51,7 +51,7 @@ def confirm_checkpoint(
     endpoint: PlatformEndpoint, job_id: str, requested_name: str, known_names: list[str]
 ) -> str:
     """The server's name of the save requested as `requested_name`, once listed: that name,
-    else the newest resumable checkpoint not in `known_names` (a renamed save, C3)."""
+    else the newest resumable checkpoint not in `known_names` (a renamed save)."""
     waits = endpoint.waits
     known = set(known_names)
     started = time.monotonic()

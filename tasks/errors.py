@@ -6,7 +6,7 @@ reach a task: a `TrainerJobError` from the control plane and a deadline on a tra
 `trainer_failure` folds all of them into one `TrainerLostError` that names the job, the
 operation and the step, so that the flow-retry path is uniform:
 the step's outcome is unknown, it is never repeated in place, and the flow retry reconnects
-and resumes from the ledger (design.md invariants). Every class here pickles (Prefect
+and resumes from the ledger. Every class here pickles (Prefect
 serializes failures) and says `retryable=False`: retrying in place is exactly what must not
 happen.
 

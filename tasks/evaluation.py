@@ -2,7 +2,7 @@
 
 Sampling is idempotent (nothing changes on the server), so the task retries transient
 failures; it runs only after the weights to evaluate were hotloaded *and verified*, so it never
-reads stale weights (failure-modes W10). Scoring is the flow's business (`algorithms/`): this
+reads stale weights. Scoring is the flow's business (`algorithms/`): this
 task is the one SDK operation, and returns the completion token ids.
 """
 

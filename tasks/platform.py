@@ -2,8 +2,8 @@
 
 Tasks receive these (serializable, the key a `SecretStr` that renders masked) and build their
 own short-lived SDK clients from them, so no live client crosses a task boundary except where a
-task says so with `NO_CACHE` (failure-modes F6). Every wait and poll is a field here: tests pass
-small values instead of patching time (style.md point 11).
+task says so with `NO_CACHE` (a cached result would hand back a dead client). Every wait and
+poll is a field here: tests pass small values instead of patching time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ PREFLIGHT_BUDGET_S: Final = 3.0
 
 
 class Waits(BaseModel):
-    """Deadlines and poll intervals of one run (defaults: the SDK's, spec failure-modes H1)."""
+    """Deadlines and poll intervals of one run (defaults: the SDK's)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

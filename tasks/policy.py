@@ -1,10 +1,10 @@
 """The one task-retry rule of fireloop: retry an idempotent task only on a transient failure.
 
-Every retrying task shares `retry_transient` (prefect.md §1-§2): the exception's own
-`retryable` flag decides, never its class name or message (style.md point 4). Unknown
+Every retrying task shares `retry_transient`: the exception's own
+`retryable` flag decides, never its class name or message. Unknown
 exceptions are not retried, so a side effect is never repeated by accident, and the failures
 that need a resume from the ledger (a lost trainer, an uncertain step) say `retryable=False`
-and reach the flow, whose retry reconnects and resumes (design.md, Preemption).
+and reach the flow, whose retry reconnects and resumes.
 """
 
 from __future__ import annotations

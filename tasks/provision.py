@@ -3,7 +3,7 @@
 Ids are chosen by the run (or given by the user), so every task here is get-or-create and safe
 to retry, and a flow retry after a preemption finds the same job and reconnects to it
 (`reconnect_and_wait`: RUNNING → health check, FAILED/CANCELLED → resume). None is cached: a
-cached "ready" would be stale after a preemption (prefect.md §4).
+cached "ready" would be stale after a preemption.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def wait_for_trainer(endpoint: PlatformEndpoint, job: TrainerJobRef) -> TrainerH
 )
 def provision_deployment(endpoint: PlatformEndpoint, spec: DeploymentSpec) -> DeploymentHandle:
     """Create or reuse the deployment, refuse one on another base model, attach it to the
-    run's trainer (a no-op when already attached, W11) and wait until it is READY."""
+    run's trainer (skipped when already attached: a PATCH without a change never rolls the
+    pod) and wait until it is READY."""
     waits = endpoint.waits
     config = DeploymentConfig(
         deployment_id=spec.deployment_id,

@@ -41,8 +41,8 @@ PACKAGES: dict[str, str | None] = {
     "backend": None,
     "algorithms": None,
     "fireloop": None,
-    "tasks": "cleaned by the recipe-seam work of issue 10",
-    "flows": "cleaned by the recipe-seam work of issue 10",
+    "tasks": None,
+    "flows": None,
 }
 
 

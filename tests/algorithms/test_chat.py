@@ -58,7 +58,8 @@ def _assert_parity(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> No
 
 def test_plain_reversal_row_is_the_measured_format(plain: ChatRenderer) -> None:
     example = plain.build_supervised_example(CONVERSATIONS[0])
-    # models.md §1.2: bytes "abcd=dcba" + EOS; the answer and EOS are trained, the prompt not.
+    # The tiny model's byte tokenizer: bytes "abcd=dcba" + EOS; the answer and EOS are
+    # trained, the prompt not.
     assert example.tokens == (97, 98, 99, 100, 61, 100, 99, 98, 97, EOS_TOKEN_ID)
     assert example.weights == (0.0,) * 5 + (1.0,) * 5
 

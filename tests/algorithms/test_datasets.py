@@ -142,13 +142,13 @@ def test_epoch_order_is_the_seeded_permutation_of_the_spec() -> None:
     state = random.getstate()
     order = epoch_order(seed=3, epoch=2, n_rows=10)
     expected = list(range(10))
-    random.Random(5).shuffle(expected)  # recipes.md §2: random.Random(seed + epoch)
+    random.Random(5).shuffle(expected)  # the order is random.Random(seed + epoch)
     assert order == expected
     assert sorted(order) == list(range(10))
-    assert epoch_order(3, 2, 10) == order  # pure: recomputed, never replayed (D1)
+    assert epoch_order(3, 2, 10) == order  # pure: recomputed, never replayed
     assert epoch_order(3, 3, 10) != order
     assert epoch_order(3, 2, 10, shuffle=False) == list(range(10))
-    assert random.getstate() == state  # no global RNG consumed (D2)
+    assert random.getstate() == state  # no global RNG consumed
 
 
 def test_cursor_position() -> None:
@@ -173,14 +173,14 @@ def test_batches_cross_epoch_boundaries_as_one_stream() -> None:
 
 
 def test_resume_at_an_epoch_boundary_starts_the_next_epoch() -> None:
-    """R2: a cursor of exactly one epoch continues with epoch 1, it does not end the run."""
+    """A cursor of exactly one epoch continues with epoch 1, it does not end the run."""
     batch, cursor = next_batch(seed=0, cursor=6, batch_size=3, n_rows=6, total_rows=18)
     assert batch == epoch_order(0, 1, 6)[:3]
     assert cursor == 9
 
 
 def test_resumed_batches_equal_the_uninterrupted_ones() -> None:
-    """D1/R4: resuming from any cursor continues the same index sequence."""
+    """Resuming from any cursor continues the same index sequence."""
     straight, cursor = [], 0
     for _ in range(6):
         batch, cursor = next_batch(11, cursor, 3, 7)

@@ -1,4 +1,4 @@
-"""SFT datums: the shift, the drop rules and the normalisation pairing (recipes.md §3.4, §4)."""
+"""SFT datums: the shift, the drop rules and the normalisation pairing."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_batch_keeps_order_and_counts_dropped_rows() -> None:
         (3, "too_long", 5),
         (9, "no_weight", 3),
     ]
-    assert batch.raw_rows == 4  # the cursor advances over dropped rows too (R5)
+    assert batch.raw_rows == 4  # the cursor advances over dropped rows too
     assert len(batch.datums) == 2
 
 

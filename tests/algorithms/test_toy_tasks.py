@@ -55,7 +55,8 @@ def test_train_and_eval_words_never_overlap(seed: int) -> None:
 def test_the_plain_template_renders_the_measured_bytes() -> None:
     renderer = ChatRenderer(build_byte_tokenizer("plain"), name="plain")
     example = renderer.build_supervised_example(reverse_row("abcd").messages)
-    assert list(example.tokens) == [97, 98, 99, 100, 61, 100, 99, 98, 97, 258]  # models.md §1.2
+    # The tiny model's byte tokenizer: one token per byte, then EOS.
+    assert list(example.tokens) == [97, 98, 99, 100, 61, 100, 99, 98, 97, 258]
     assert renderer.build_generation_prompt(prompt_of(reverse_row("abcd"))) == list(b"abcd=")
 
 

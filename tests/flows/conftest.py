@@ -2,7 +2,7 @@
 
 The flows run end to end against the real local platform (`LocalPlatform`, tiny model,
 PyTorch on the CPU) under one session-scoped `prefect_test_harness` with heartbeats off
-(prefect.md §13). The platform's API key is a sentinel, so tests can look for it in
+. The platform's API key is a sentinel, so tests can look for it in
 everything a run writes. W&B runs offline (no key) and writes under each run's `run_dir`.
 """
 

@@ -258,12 +258,12 @@ def test_last_checkpoint_skips_rows_the_trainer_does_not_list(tmp_path: Path) ->
     newer = _checkpoint(ledger, step=3, cursor=16)
     _checkpoint(ledger, step=5, cursor=24, resumable=False, promotable=True)
     assert ledger.last_checkpoint() == newer  # promotable-only rows do not resume
-    assert ledger.last_checkpoint(available={"step-2"}) == older  # C4
+    assert ledger.last_checkpoint(available={"step-2"}) == older  # the job lost step-3
     assert ledger.last_checkpoint(available=set()) is None
 
 
 def test_epoch_boundary_checkpoint_resumes_with_the_next_batch(tmp_path: Path) -> None:
-    """R1 + R2: kill right after the checkpoint at the end of epoch 0 and resume from the row."""
+    """Kill right after the checkpoint at the end of epoch 0 and resume from the row."""
     seed, n_rows, batch_size, epochs = 4, 6, 3, 3
     total = n_rows * epochs
     straight: list[list[int]] = []
