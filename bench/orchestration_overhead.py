@@ -150,7 +150,6 @@ class BareRun:
     syncer: WeightSyncer
     sampler: DeploymentSampler
     rendered: RenderedSFT
-    hotloads: int = 0
 
 
 def run_bare(config: SFTConfig, platform: LocalPlatform) -> Outcome:
@@ -262,9 +261,7 @@ def train_bare(
 
 
 def sync_bare(run: BareRun, point: int) -> None:
-    kind = "base" if run.hotloads == 0 else "delta"
-    run.syncer.save_and_hotload(f"step-{point}", checkpoint_type=kind)
-    run.hotloads += 1
+    run.syncer.sync(f"step-{point}")  # the syncer picks base (its first) or delta, as the flow's
 
 
 def evaluate_bare(run: BareRun, config: SFTConfig, point: int) -> float:
