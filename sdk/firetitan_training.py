@@ -3,7 +3,7 @@
 What it adds: `optim_step` with gradient-accumulation normalisation, a `response_tokens` metric
 on cross-entropy `forward_backward`, sampler snapshots with a checkpoint type and a per-client
 name suffix, `save_state` with a blocking timeout, trainer-side `list_checkpoints`,
-`load_adapter`, and cross-job checkpoint references.
+`load_adapter`, `unload_model`, and cross-job checkpoint references.
 Sampling never goes through the trainer (deployments serve it), so the tinker shortcuts that
 would are refused.
 
@@ -370,6 +370,31 @@ class FiretitanTrainingClient(TrainingClient):
         """Async version of get_info."""
         with trainer_errors("get_info"):
             return await super().get_info_async()
+
+    def unload_model(self) -> APIFuture[types.UnloadModelResponse]:
+        """Unload this model from the trainer, after its queued work; later calls on it fail.
+
+        A reference model whose log-probabilities are all cached frees its memory this way.
+        tinker 0.23 has the route (`models.unload`) but no client method for it.
+        """
+
+        async def _unload() -> types.UnloadModelResponse:
+            start = time.time()
+            request = types.UnloadModelRequest(model_id=self._guaranteed_model_id())
+            with self.holder.aclient(ClientConnectionPoolType.TRAIN) as client:
+                untyped = await client.models.unload(request=request)
+            return await _APIFuture(
+                types.UnloadModelResponse,
+                self.holder,
+                untyped,
+                request_start_time=start,
+                request_type="UnloadModel",
+                queue_state_observer=self._queue_state_logger,
+            ).result_async()
+
+        with trainer_errors("unload_model"):
+            future = self.holder.run_coroutine_threadsafe(_unload())
+        return _TrainerFuture(future, "unload_model")
 
     def list_checkpoints(self) -> list[str]:
         """Resumable checkpoints of the trainer's job, oldest first; [] (and a warning) on error.

@@ -324,6 +324,22 @@ def test_reference_model_is_the_frozen_base(tp: TrainerPlatform) -> None:
         assert failure.value.status_code == 400 and failure.value.retryable is False
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_an_unloaded_reference_refuses_work_and_the_policy_trains_on(
+    tp: TrainerPlatform, lora_rank: int
+) -> None:
+    with _connect(tp, f"unload-{lora_rank}", lora_rank=lora_rank) as service:
+        policy = service.create_training_client("tiny", lora_rank=lora_rank, seed=1)
+        reference = service.create_base_training_client("tiny")
+        assert _all_equal(_logprobs(reference), _logprobs(policy))  # LoRA starts at the base
+        unloaded = reference.unload_model().result(timeout=60)
+        assert unloaded.model_id == reference.model_id
+        with pytest.raises(BadRequestError, match="unloaded"):
+            reference.forward(BATCH, "cross_entropy").result(timeout=60)
+        losses = _train(policy, 2)
+        assert losses[1] < losses[0]
+
+
 def test_client_guards_and_clear_errors(
     tp: TrainerPlatform, caplog: pytest.LogCaptureFixture
 ) -> None:
