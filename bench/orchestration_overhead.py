@@ -242,7 +242,7 @@ def train_bare(
     cursor, loss = 0, float("nan")
     for step in range(config.max_steps):
         sourced = batches.batch(cursor)
-        datums = list(sourced.batch.datums)
+        datums = list(sourced.data.datums)
         fwd_bwd = client.forward_backward(datums, "cross_entropy")
         optim = client.optim_step(
             plan.adam_params(step), grad_accumulation_normalization=plan.grad_normalization
