@@ -32,7 +32,13 @@ from tasks.policy import retry_transient
 from tasks.provision import SUBMITTED_WAITS
 
 # Tasks that send ordered trainer operations: a repeat could apply a step twice.
-NEVER_RETRIED = {"train-segment", "evaluate-loss", "save-and-hotload"}
+NEVER_RETRIED = {
+    "train-segment",
+    "evaluate-loss",
+    "save-and-hotload",
+    "forward-logprobs",
+    "reference-logprobs",
+}
 
 
 def _all_tasks() -> list[Task[Any, Any]]:
