@@ -42,6 +42,7 @@ __all__ = [
     "RUN_ONLY_FIELDS",
     "CadencePart",
     "DPOConfig",
+    "DataPart",
     "ModelPart",
     "ORPOConfig",
     "OptimizerPart",
@@ -323,7 +324,33 @@ class RecipeConfig(RecoveryPart, PlatformPart, CadencePart, OptimizerPart, Model
         return False
 
 
-class SFTConfig(RecipeConfig):
+class DataPart(_Part):
+    """The rows a recipe trains and evaluates on; each recipe names its default dataset."""
+
+    dataset: str = Field(description="A JSONL path/URL or a toy task name (`fireloop tasks`)")
+    max_rows: Count | None = Field(default=None, gt=0, description="Cap on training rows read")
+    max_line_bytes: Count = Field(
+        default=DEFAULT_MAX_LINE_BYTES,
+        gt=0,
+        le=1 << 30,
+        description="Longest JSONL line accepted (bytes); longer lines are refused",
+    )
+    shuffle: bool = Field(default=True, description="Shuffle rows each epoch (seeded)")
+    eval_dataset: str | None = Field(
+        default=None,
+        description="JSONL or toy task; default: the toy task's eval split or a carve-out",
+    )
+    eval_size: Count = Field(default=64, gt=0, le=100_000, description="Evaluation rows")
+
+    @field_validator("dataset", "eval_dataset")
+    @classmethod
+    def _named(cls, source: str | None) -> str | None:
+        if source is not None and not source.strip():
+            raise ValueError("dataset is empty: name a JSONL file or a toy task (`fireloop tasks`)")
+        return source
+
+
+class SFTConfig(DataPart, RecipeConfig):
     """Supervised fine-tuning on chat JSONL or a built-in toy task."""
 
     recipe: ClassVar[str] = "sft"
@@ -333,13 +360,6 @@ class SFTConfig(RecipeConfig):
     dataset: str = Field(
         default="reverse",
         description="A chat JSONL path/URL or a toy task name (`fireloop tasks`)",
-    )
-    max_rows: Count | None = Field(default=None, gt=0, description="Cap on training rows read")
-    max_line_bytes: Count = Field(
-        default=DEFAULT_MAX_LINE_BYTES,
-        gt=0,
-        le=1 << 30,
-        description="Longest JSONL line accepted (bytes); longer lines are refused",
     )
     batch_size: Count = Field(
         default=64, gt=0, le=1 << 16, description="Rows per optimizer step (capped to the set)"
@@ -356,25 +376,12 @@ class SFTConfig(RecipeConfig):
         le=1 << 20,
         description="Rows with more tokens are dropped (counted); default: refuse over context",
     )
-    shuffle: bool = Field(default=True, description="Shuffle rows each epoch (seeded)")
-    eval_dataset: str | None = Field(
-        default=None,
-        description="JSONL or toy task; default: the toy task's eval split or a carve-out",
-    )
-    eval_size: Count = Field(default=64, gt=0, le=100_000, description="Evaluation rows")
     eval_max_tokens: Count = Field(
         default=16, gt=0, le=1 << 16, description="Tokens sampled per eval prompt"
     )
     sample_eval: bool = Field(
         default=True, description="Exact match by sampling a hotloaded deployment"
     )
-
-    @field_validator("dataset", "eval_dataset")
-    @classmethod
-    def _named(cls, source: str | None) -> str | None:
-        if source is not None and not source.strip():
-            raise ValueError("dataset is empty: name a chat JSONL file or a toy task (reverse)")
-        return source
 
     @property
     def needs_deployment(self) -> bool:
@@ -386,36 +393,16 @@ class SFTConfig(RecipeConfig):
         return self.sample_eval
 
 
-class PreferenceDataPart(_Part):
+class PreferenceDataPart(DataPart):
     """The pairs a preference recipe (DPO, ORPO) trains and evaluates on."""
 
     dataset: str = Field(
         default="reverse_pairs",
         description="A preference JSONL path/URL or a toy task name (`fireloop tasks`)",
     )
-    max_rows: Count | None = Field(default=None, gt=0, description="Cap on training pairs read")
-    max_line_bytes: Count = Field(
-        default=DEFAULT_MAX_LINE_BYTES,
-        gt=0,
-        le=1 << 30,
-        description="Longest JSONL line accepted (bytes); longer lines are refused",
-    )
     batch_size: Count = Field(
         default=4, gt=0, le=1 << 16, description="Pairs per optimizer step (capped to the set)"
     )
-    shuffle: bool = Field(default=True, description="Shuffle pairs each epoch (seeded)")
-    eval_dataset: str | None = Field(
-        default=None,
-        description="JSONL or toy task; default: the toy task's eval split or a carve-out",
-    )
-    eval_size: Count = Field(default=64, gt=0, le=100_000, description="Evaluation pairs")
-
-    @field_validator("dataset", "eval_dataset")
-    @classmethod
-    def _named(cls, source: str | None) -> str | None:
-        if source is not None and not source.strip():
-            raise ValueError("dataset is empty: name a preference JSONL file or a toy task")
-        return source
 
 
 class PreferenceConfig(PreferenceDataPart, RecipeConfig):
