@@ -74,13 +74,14 @@ def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line]
 
 
-@pytest.mark.parametrize("recipe", ["orpo"])
+@pytest.mark.parametrize("recipe", ["orpo", "dpo"])
 def test_a_recipe_trains_reverse_pairs_and_ends_with_its_headline_metric(
     tmp_path: Path, server: str, recipe: str
 ) -> None:
     run_dir = tmp_path / "run"
+    # 32 pairs, not the task's 1024: DPO computes the reference of every pair before training.
     done = run_cli(
-        preference_args(recipe, run_dir, f"{recipe}-toy"),
+        preference_args(recipe, run_dir, f"{recipe}-toy", max_rows=32),
         cli_env(tmp_path / "home", server),
         tmp_path,
     )
@@ -114,7 +115,7 @@ def test_a_users_jsonl_of_mixed_forms_trains(tmp_path: Path, server: str) -> Non
     assert "orpo_loss" in next(line for line in done.stdout.splitlines() if "final" in line)
 
 
-@pytest.mark.parametrize("recipe", ["orpo"])
+@pytest.mark.parametrize("recipe", ["orpo", "dpo"])
 def test_a_bad_line_stops_the_run_naming_file_line_and_field(
     tmp_path: Path, server: str, recipe: str
 ) -> None:
