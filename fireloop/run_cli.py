@@ -273,21 +273,36 @@ def _resources_line(result: RunResult) -> str:
     return line
 
 
+# Counts that say how big the eval set was, not how the model did: the table leaves them out.
+_EVAL_COUNTS = frozenset({"eval/tokens", "eval/batch_pairs"})
+
+
+def _shown_eval_metrics(names: set[str]) -> list[str]:
+    """The evaluation columns worth a terminal's width: no counts, and `eval/loss` only when it
+    is not an alias of the recipe's own loss (`eval/dpo_loss`, `eval/orpo_loss`)."""
+    shown = names - _EVAL_COUNTS
+    if any(name.endswith("_loss") and name != "eval/loss" for name in shown):
+        shown.discard("eval/loss")
+    return sorted(shown)
+
+
 def print_report(ledger_path: str, console: Console) -> None:
     """Evaluations and hotloads of the run, as its ledger recorded them."""
     from flows.ledger import EvaluationRow, HotloadRow, read_ledger
 
     rows = read_ledger(str(Path(ledger_path).parent))
-    names = sorted({k for r in rows if isinstance(r, EvaluationRow) for k in r.metrics})
+    names = _shown_eval_metrics(
+        {k for r in rows if isinstance(r, EvaluationRow) for k in r.metrics}
+    )
     if names:
         evals = Table(title="evaluation (weights before the step)")
         evals.add_column("step", justify="right")
         for name in names:
-            evals.add_column(name, justify="right")
+            evals.add_column(name.removeprefix("eval/"), justify="right")
         for row in rows:
             if isinstance(row, EvaluationRow):
                 evals.add_row(
-                    str(row.step), *(f"{row.metrics.get(n, float('nan')):.3f}" for n in names)
+                    str(row.step), *(f"{row.metrics.get(n, float('nan')):.4g}" for n in names)
                 )
         console.print(evals)
     hotload_rows = [row for row in rows if isinstance(row, HotloadRow)]
