@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,7 +47,7 @@ from flows.recipe_loop import Attempt, RecipePlan, run_recipe
 from flows.step_inputs import StepInputsLog
 from tasks.errors import trainer_call
 from tasks.reference import reference_logprob_sums
-from tasks.training import RecipeStep, StepInputs, forward_logprobs, step_metrics
+from tasks.training import RecipeStep, StepInputs, client_loss_step, forward_logprobs
 
 if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
@@ -125,8 +124,6 @@ class DPOStep(RecipeStep[DPOBatch]):
         optimizer: OptimizerPlan,
         beta: float,
     ) -> None:
-        # The loss is a mean over pairs already: a count would divide it again.
-        assert optimizer.grad_normalization == "none", optimizer.grad_normalization
         self.batches, self.cache, self.optimizer, self.beta = batches, cache, optimizer, beta
 
     def inputs(self, step: int, cursor: int) -> StepInputs[DPOBatch]:
@@ -141,15 +138,7 @@ class DPOStep(RecipeStep[DPOBatch]):
     ) -> dict[str, float]:
         datums = [datum for pair in data.pairs.pairs for datum in pair_datums(pair)]
         loss = dpo_loss(self.beta, data.reference, data.pairs.response_starts)
-        started = time.monotonic()
-        fwd_bwd = trainer.forward_backward_custom(datums, loss).result(timeout=timeout_s)
-        fwd_bwd_s = time.monotonic() - started
-        optim = trainer.optim_step(
-            self.optimizer.adam_params(step), grad_accumulation_normalization=None
-        ).result(timeout=timeout_s)
-        elapsed = time.monotonic() - started
-        closure = {k: v for k, v in fwd_bwd.metrics.items() if k.startswith("train/")}
-        return closure | step_metrics(datums, self.optimizer, step, optim, fwd_bwd_s, elapsed)
+        return client_loss_step(trainer, step, datums, loss, self.optimizer, timeout_s)
 
     def inputs_position(self) -> int | None:
         return self.cache.log.position

@@ -18,7 +18,6 @@ the same pairs. The orchestration is the shared one in `flows/recipe_loop.py`.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from prefect import Flow, flow
@@ -37,7 +36,7 @@ from flows.preference_data import (
     render_preference_data,
 )
 from flows.recipe_loop import Attempt, RecipePlan, run_recipe
-from tasks.training import RecipeStep, StepInputs, forward_logprobs, step_metrics
+from tasks.training import RecipeStep, StepInputs, client_loss_step, forward_logprobs
 
 if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
@@ -57,8 +56,6 @@ class ORPOStep(RecipeStep[PairBatch]):
         orpo_lambda: float,
         pair_reduction: PairReduction,
     ) -> None:
-        # The loss is a mean (or a deliberate sum) already: a count would divide it again.
-        assert optimizer.grad_normalization == "none", optimizer.grad_normalization
         self.batches, self.optimizer = batches, optimizer
         self.orpo_lambda, self.pair_reduction = orpo_lambda, pair_reduction
 
@@ -70,15 +67,7 @@ class ORPOStep(RecipeStep[PairBatch]):
     ) -> dict[str, float]:
         datums = [datum for pair in data.pairs for datum in pair_datums(pair)]
         loss = orpo_loss(self.orpo_lambda, data.response_starts, self.pair_reduction)
-        started = time.monotonic()
-        fwd_bwd = trainer.forward_backward_custom(datums, loss).result(timeout=timeout_s)
-        fwd_bwd_s = time.monotonic() - started
-        optim = trainer.optim_step(
-            self.optimizer.adam_params(step), grad_accumulation_normalization=None
-        ).result(timeout=timeout_s)
-        elapsed = time.monotonic() - started
-        closure = {k: v for k, v in fwd_bwd.metrics.items() if k.startswith("train/")}
-        return closure | step_metrics(datums, self.optimizer, step, optim, fwd_bwd_s, elapsed)
+        return client_loss_step(trainer, step, datums, loss, self.optimizer, timeout_s)
 
 
 @flow(

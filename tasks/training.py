@@ -13,6 +13,7 @@ read back from the run's durable step-inputs log (what a recipe sampled or compu
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,11 +34,13 @@ if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
 
 __all__ = [
+    "CustomLossFn",
     "RecipeStep",
     "Segment",
     "SegmentResult",
     "StepInputs",
     "StepRecord",
+    "client_loss_step",
     "evaluate_loss",
     "forward_logprobs",
     "safe_exp",
@@ -46,6 +49,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# A loss over per-target log-probabilities, computed on the client: (loss, metrics).
+CustomLossFn = Callable[[list[types.Datum], list[Any]], tuple[Any, dict[str, float]]]
 
 
 class _Model(BaseModel):
@@ -132,6 +137,29 @@ class RecipeStep(ABC, Generic[T]):
 
 
 StepCallback = Callable[[StepRecord], None]
+
+
+def client_loss_step(
+    trainer: FiretitanTrainingClient,
+    step: int,
+    datums: list[types.Datum],
+    loss_fn: CustomLossFn,
+    optimizer: OptimizerPlan,
+    timeout_s: float,
+) -> dict[str, float]:
+    """One optimizer step on a loss computed on the client, which is already a mean:
+    `forward_backward_custom(datums, loss_fn)`, then `optim_step` with no normalisation (a
+    count would divide the mean again). The loss's own `train/*` metrics and `step_metrics`."""
+    assert optimizer.grad_normalization == "none", optimizer.grad_normalization
+    started = time.monotonic()
+    fwd_bwd = trainer.forward_backward_custom(datums, loss_fn).result(timeout=timeout_s)
+    fwd_bwd_s = time.monotonic() - started
+    optim = trainer.optim_step(
+        optimizer.adam_params(step), grad_accumulation_normalization=None
+    ).result(timeout=timeout_s)
+    elapsed = time.monotonic() - started
+    closure = {k: v for k, v in fwd_bwd.metrics.items() if k.startswith("train/")}
+    return closure | step_metrics(datums, optimizer, step, optim, fwd_bwd_s, elapsed)
 
 
 def step_metrics(
