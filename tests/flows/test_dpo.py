@@ -21,6 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from algorithms.datasets import DatasetError
+from algorithms.preference import reverse_pair_rows, write_preference_jsonl
 from backend import LocalPlatform
 from backend.trainer.engine import TrainableModel
 from flows.config import DPOConfig
@@ -52,6 +53,9 @@ LEARN_BATCH = 128
 LEARN_RATE = 2e-2
 LEARN_BETA = 1.0
 LEARN_ACCURACY = 0.7
+# On the pairs it trains on, DPO does reach 0.9: 60 steps of 128 pairs at a constant 1e-2 with
+# beta 2 measured 0.86 at step 20, 0.91 at 40 and 0.97 at 60 (about 25 s).
+FIT_STEPS, FIT_RATE, FIT_BETA, FIT_ACCURACY = 60, 1e-2, 2.0, 0.9
 TRAIN_PAIRS = 48
 EVAL_PAIRS = 16
 ALL_PAIRS = TRAIN_PAIRS + EVAL_PAIRS
@@ -190,6 +194,35 @@ def test_dpo_raises_held_out_preference_accuracy(platform: LocalPlatform, tmp_pa
     assert [m["step"] for m in steps] == list(range(LEARN_STEPS))
     reported = {"dpo_loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "batch_pairs"}
     assert {f"train/{name}" for name in reported} <= set(steps[0])
+
+
+def test_dpo_prefers_the_right_reversal_on_the_pairs_it_trained_on(
+    platform: LocalPlatform, tmp_path: Path
+) -> None:
+    train = tmp_path / "train-pairs.jsonl"  # the toy task's first training pairs, as a file
+    write_preference_jsonl(reverse_pair_rows(64, seed=0, split="train"), train)
+    run_dir = tmp_path / "dpo-fits"
+    config = _config(
+        platform,
+        run_dir,
+        max_steps=FIT_STEPS,
+        batch_size=LEARN_BATCH,
+        max_rows=None,
+        eval_dataset=str(train),
+        eval_size=64,
+        checkpoint_every=FIT_STEPS,
+        eval_every=FIT_STEPS // 2,
+        learning_rate=FIT_RATE,
+        beta=FIT_BETA,
+        ref_batch_size=512,
+        flow_retries=0,
+    )
+    run_dpo(config)
+    evaluations = {r.step: r.metrics for r in read_ledger(run_dir) if isinstance(r, EvaluationRow)}
+    assert sorted(evaluations) == [0, FIT_STEPS // 2, FIT_STEPS]
+    after = evaluations[FIT_STEPS]
+    assert after["eval/accuracy"] >= FIT_ACCURACY, evaluations
+    assert after["eval/margin"] > evaluations[FIT_STEPS // 2]["eval/margin"] > 0
 
 
 # -- the reference cache --------------------------------------------------------------------------
