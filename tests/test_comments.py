@@ -1,8 +1,9 @@
 """Comments and docstrings must be readable from this repository alone.
 
-A citation such as "(W4)", "§10.3" or "platform-api.md" points into design notes that are not
-part of the project, so a reader who cloned it cannot follow it. Code says the reason in plain
-words, or points at the project's own `docs/` (the wire facts are in docs/platform-contract.md).
+A citation of a design note's section, failure-mode code or file name points into notes that
+are not part of the project, so a reader who cloned it cannot follow it. Code says the reason
+in plain words, or points at the project's own `docs/` (the wire facts are in
+docs/platform-contract.md).
 This test scans every comment and docstring of the library packages for such citations.
 """
 
@@ -19,9 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The spec codes that were cited: control-plane endpoint ids (A1, T1-T6, O1, S1-S2, D1-D5,
-# H1-H2, I1, R1, X1) and failure-mode ids (R1-R10, D1-D3, C1-C5, W1-W12, H1-H3, P1-P8, F1-F7,
-# M1-M2). Listed exactly, so that `H100`, `A100`, `S3` or `fp8` never match.
+# The codes that were cited (the design notes' endpoint and failure-mode ids), listed exactly so
+# that a GPU name, a storage name or a number format in a comment never matches.
 _CODE = (
     r"A1|T[1-6]|O1|S[12]|D[1-5]|H[1-3]|I1|X1|R(?:10|[1-9])|C[1-5]|W(?:1[0-2]|[1-9])|P[1-8]|F[1-7]"
     r"|M[12]"
