@@ -84,6 +84,8 @@ RUN_ONLY_FIELDS: Final = frozenset(
     }
 )
 _RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+# `<job id>:<checkpoint name>` or a bare checkpoint name: the names `save_state` takes.
+_CHECKPOINT_REF = r"^([a-z0-9][a-z0-9-]{0,62}:)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Upper bounds that no real run reaches: a typo (an extra zero, a wrong unit) fails here, in
 # the config, instead of allocating or sleeping for ever on the platform.
 _MAX_STEPS: Final = 10_000_000
@@ -193,6 +195,14 @@ class ModelPart(_Part):
     lora_alpha: Count = Field(default=32, gt=0, le=1_000_000, description="LoRA scale numerator")
     seed: Count = Field(
         default=0, ge=0, le=_MAX_SEED, description="Data order, LoRA init, eval carve-out"
+    )
+    init_from_checkpoint: str | None = Field(
+        default=None,
+        pattern=_CHECKPOINT_REF,
+        description=(
+            "Start from a checkpoint ('<trainer job id>:<name>', or a name of this run's job): "
+            "weights and optimizer state; step and data cursor start at 0"
+        ),
     )
 
 

@@ -96,7 +96,7 @@ def run_recipe(config: RecipeConfig, *, dataset_fingerprint: str, prepare: Prepa
         ) as session:
             attempt = Attempt(run, session)
             plan = prepare(attempt)
-            point = resume(run.endpoint, run.ledger, session)
+            point = resume(run.endpoint, run.ledger, session, config.init_from_checkpoint)
             return _train(attempt, plan, point)
 
 

@@ -19,7 +19,15 @@ from prefect.futures import PrefectFuture, wait
 from algorithms.chat import ChatRenderer
 from flows.ledger import CheckpointRow, Ledger
 from flows.notices import notice
-from sdk import BadRequestError, ClosesOnExit, DeploymentManager, DeploymentSampler, WeightSyncer
+from sdk import (
+    BadRequestError,
+    ClosesOnExit,
+    ConfigError,
+    DeploymentManager,
+    DeploymentSampler,
+    WeightSyncer,
+    resolve_checkpoint_path,
+)
 from tasks.checkpoints import list_resumable_checkpoints
 from tasks.errors import TrainerMismatchError, trainer_call
 from tasks.platform import PlatformEndpoint
@@ -181,14 +189,49 @@ class ResumePoint:
     job_checkpoints: frozenset[str]  # resumable names the job lists (taken names)
 
 
-def resume(endpoint: PlatformEndpoint, ledger: Ledger, session: TrainerSession) -> ResumePoint:
-    """Load the newest ledger checkpoint the job still lists, weights and optimizer state."""
-    listed = frozenset(list_resumable_checkpoints(endpoint, session.job.job_id))
+def resume(
+    endpoint: PlatformEndpoint,
+    ledger: Ledger,
+    session: TrainerSession,
+    init_from_checkpoint: str | None = None,
+) -> ResumePoint:
+    """Load the newest ledger checkpoint the job still lists, weights and optimizer state.
+
+    Without one (a fresh start), `init_from_checkpoint` names another checkpoint to start from:
+    its weights and optimizer state, with step and cursor at 0 (a phase hand-off, such as RL
+    after SFT). The run's own checkpoints win once it has any, so a preempted phase resumes
+    where it was instead of starting over from the hand-off.
+    """
+    job_id = session.job.job_id
+    listed = frozenset(list_resumable_checkpoints(endpoint, job_id))
     row = ledger.last_checkpoint(available=listed)
     if row is None:
+        if init_from_checkpoint is not None:
+            _initialise(endpoint, session, init_from_checkpoint, listed)
         return ResumePoint(0, 0, None, listed)
-    with trainer_call(session.job.job_id, f"load_state_with_optimizer {row.name}", row.next_step):
+    with trainer_call(job_id, f"load_state_with_optimizer {row.name}", row.next_step):
         future = session.client.load_state_with_optimizer(row.state_path)
         future.result(timeout=endpoint.waits.save_timeout_s)
     notice(f"resumed from {row.name}: next step {row.next_step}, data cursor {row.data_cursor}")
     return ResumePoint(row.next_step, row.data_cursor, row, listed)
+
+
+def _initialise(
+    endpoint: PlatformEndpoint, session: TrainerSession, ref: str, listed: frozenset[str]
+) -> None:
+    """Load `<job>:<name>` (or a name of this job) after checking the job lists it."""
+    job_id = session.job.job_id
+    source_job, _, name = ref.rpartition(":")
+    source_job = source_job or job_id
+    available = listed if source_job == job_id else list_resumable_checkpoints(endpoint, source_job)
+    if name not in available:
+        shown = ", ".join(sorted(available)[-10:]) or "none"
+        raise ConfigError(
+            f"init_from_checkpoint: trainer job {source_job} has no resumable checkpoint "
+            f"{name!r} (it has: {shown})"
+        )
+    path = name if source_job == job_id else resolve_checkpoint_path(name, source_job)
+    with trainer_call(job_id, f"load_state_with_optimizer {ref}"):
+        future = session.client.load_state_with_optimizer(path)
+        future.result(timeout=endpoint.waits.save_timeout_s)
+    notice(f"initialised from {ref}: its weights and optimizer state; step and data cursor at 0")
