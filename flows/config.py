@@ -436,6 +436,18 @@ class DPOConfig(PreferenceConfig):
         default=True, description="Unload the reference model once its cache is complete"
     )
 
+    @model_validator(mode="after")
+    def _reference_is_the_start(self) -> Self:
+        # DPO measures the policy against the model it started from; the reference here is the
+        # base model, so a run started from another checkpoint would be measured against the
+        # wrong model.
+        if self.init_from_checkpoint is not None:
+            raise ValueError(
+                "init_from_checkpoint is not supported for DPO yet: its reference is the base "
+                "model, which would no longer be the policy's starting point"
+            )
+        return self
+
 
 class ORPOConfig(PreferenceConfig):
     """Odds-ratio preference optimisation: SFT on the chosen side plus a log-odds penalty,

@@ -107,3 +107,11 @@ def test_a_checkpoint_the_source_job_lacks_is_refused_with_the_field_named(
 def test_a_malformed_reference_is_refused_by_the_config(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="init_from_checkpoint"):
         SFTConfig(init_from_checkpoint="no spaces: allowed")
+
+
+def test_dpo_refuses_a_start_its_reference_would_not_match() -> None:
+    from flows.config import DPOConfig, ORPOConfig
+
+    with pytest.raises(ValidationError, match="init_from_checkpoint is not supported for DPO"):
+        DPOConfig(init_from_checkpoint="some-job:step-10")
+    assert ORPOConfig(init_from_checkpoint="some-job:step-10").init_from_checkpoint  # no reference
