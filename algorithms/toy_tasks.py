@@ -1,7 +1,8 @@
 """Built-in toy tasks: generated offline from a seed, scored without a model.
 
-`reverse` is the SFT demo (`"abcd="` -> `"dcba"` + EOS, letters a-h, length
-2-5), which the tiny model learns in seconds on a CPU. Which split a word belongs to depends on
+`reverse` is the SFT demo (`"abcd="` -> `"dcba"` + EOS, letters a-h, length 2-5), which the
+tiny model learns in seconds on a CPU; `addition` (`algorithms.addition`) gives the RL demo its
+SFT warm start on the same problems it then samples. Which split a word belongs to depends on
 the word alone, so no seed can leak an eval word into training. A config names a task the way it
 names a file: `load_sft_dataset("reverse")` and `load_sft_dataset("data/train.jsonl")` give the
 same `ChatDataset` interface.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
+from algorithms.addition import addition_chat_rows
 from algorithms.chat import ChatMessage, ParsedResponse, strip_trailing_assistant
 from algorithms.datasets import DEFAULT_MAX_LINE_BYTES, ChatDataset, ChatRow, validate_dataset
 
@@ -123,7 +125,17 @@ REVERSE: Final = ToyTask(
     description="reverse a word of 2-5 letters a-h: learnt by the tiny model in seconds on a CPU",
 )
 
-TOY_TASKS: Final[Mapping[str, ToyTask]] = {REVERSE.name: REVERSE}
+ADDITION: Final = ToyTask(
+    name="addition",
+    generate=addition_chat_rows,
+    score=exact_match,
+    metric="eval/exact_match",
+    # 10 passes over the 20 training problems: an SFT warm start before RL on the same prompts.
+    default_rows={"train": 200, "eval": 5},
+    description='add two digits 0-4 ("3+4=" -> "7"): SFT warm start, then RL rewards',
+)
+
+TOY_TASKS: Final[Mapping[str, ToyTask]] = {REVERSE.name: REVERSE, ADDITION.name: ADDITION}
 
 
 def load_sft_dataset(

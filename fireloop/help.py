@@ -146,13 +146,18 @@ def task_rows() -> Iterator[tuple[str, str, str, str, str]]:
     """(name, what it teaches, an example, its eval metric, the recipes that take it) of every
     toy task."""
     from algorithms.preference import PREFERENCE_TASKS
+    from algorithms.rl_data import RL_TASKS
     from algorithms.toy_tasks import TOY_TASKS
 
     chat_recipes, pair_recipes = _recipes_by_data()
     for task in TOY_TASKS.values():
         row = task.generate(1, seed=0, split="train")[0]
         example = "  ".join(f"{m.role}: {m.content!r}" for m in row.messages)
-        yield task.name, task.description, example, task.metric, chat_recipes
+        # RL samples prompts instead of training on chat rows: only a task that is also an RL
+        # task (prompts and a built-in reward) lists it, whether or not `rl` is registered yet.
+        names = [name for name in chat_recipes.split(", ") if name != "rl"]
+        recipes = ", ".join([*names, "rl"] if task.name in RL_TASKS else names)
+        yield task.name, task.description, example, task.metric, recipes
     for pair_task in PREFERENCE_TASKS.values():
         pair = pair_task.generate(1, seed=0, split="train")[0]
         example = _pair_example(pair)

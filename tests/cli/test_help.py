@@ -92,10 +92,13 @@ def test_models_lists_the_local_base_models() -> None:
 
 def test_tasks_lists_the_toy_tasks_with_an_example() -> None:
     text = _invoke("tasks")
-    for name in TOY_TASKS:
-        assert re.search(
-            rf"│ {name}\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'.*│ sft\s+│", text
-        )
+    assert set(TOY_TASKS) == {"reverse", "addition"}
+    assert re.search(
+        r"│ reverse\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'.*│ sft\s+│", text
+    )
+    assert re.search(
+        r"│ addition\s+│ add two digits.*user: '\d\+\d='\s+assistant: '\d'.*│ sft, rl\s+│", text
+    )
     assert re.search(
         r"│ reverse_pairs\s+│ prefer the right reversal.*user: '[a-h]+='\s+chosen: '[a-h]+'"
         r"\s+rejected: '[a-h]+'.*│ eval/accuracy\s+│ dpo, orpo\s+│",
