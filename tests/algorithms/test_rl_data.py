@@ -166,6 +166,13 @@ def test_an_in_memory_dataset_is_fingerprinted_as_its_jsonl(tmp_path: Path) -> N
     assert load_prompt_dataset(path).rows == dataset.rows
 
 
+def test_a_source_is_a_task_name_or_a_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, [{"messages": [USER], "ground_truth": "5"}])
+    from_file = load_prompt_source(str(path), split="eval", seed=9)  # split/seed: tasks only
+    assert from_file.source == str(path) and from_file.rows[0].ground_truth == "5"
+    assert load_prompt_source("addition").source == "toy:addition/train?seed=0&n=20"
+
+
 # -- seeds --------------------------------------------------------------------------------------
 
 
