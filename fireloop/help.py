@@ -154,9 +154,9 @@ def task_rows() -> Iterator[tuple[str, str, str, str, str]]:
         row = task.generate(1, seed=0, split="train")[0]
         example = "  ".join(f"{m.role}: {m.content!r}" for m in row.messages)
         # RL samples prompts instead of training on chat rows: only a task that is also an RL
-        # task (prompts and a built-in reward) lists it, whether or not `rl` is registered yet.
-        names = [name for name in chat_recipes.split(", ") if name != "rl"]
-        recipes = ", ".join([*names, "rl"] if task.name in RL_TASKS else names)
+        # task (prompts and a built-in reward) lists it, once `fireloop run rl` exists.
+        names = chat_recipes.split(", ")
+        recipes = ", ".join(n for n in names if n != "rl" or task.name in RL_TASKS)
         yield task.name, task.description, example, task.metric, recipes
     for pair_task in PREFERENCE_TASKS.values():
         pair = pair_task.generate(1, seed=0, split="train")[0]

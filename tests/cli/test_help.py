@@ -97,7 +97,7 @@ def test_tasks_lists_the_toy_tasks_with_an_example() -> None:
         r"│ reverse\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'.*│ sft\s+│", text
     )
     assert re.search(
-        r"│ addition\s+│ add two digits.*user: '\d\+\d='\s+assistant: '\d'.*│ sft, rl\s+│", text
+        r"│ addition\s+│ add two digits.*user: '\d\+\d='\s+assistant: '\d'.*│ sft\s+│", text
     )
     assert re.search(
         r"│ reverse_pairs\s+│ prefer the right reversal.*user: '[a-h]+='\s+chosen: '[a-h]+'"
