@@ -22,7 +22,7 @@ def _tokens(values: TokenValues, field: str) -> torch.Tensor:
     return tensor
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, eq=False)
 class RLSample:
     """One completion: response mask m, sampler log-probs π_inf, advantage A (one number,
     broadcast over the response), old-policy π_old and reference π_ref log-probs if known.
@@ -52,18 +52,22 @@ class RLSample:
             raise ValueError("mask has no response token")
         if not math.isfinite(advantage):
             raise ValueError(f"advantage is not finite: {advantage!r}")
-        fields = {"sampler_logprobs": sampler_logprobs, "old_logprobs": old_logprobs}
-        fields["ref_logprobs"] = ref_logprobs
-        tensors: dict[str, torch.Tensor | None] = {}
-        for name, values in fields.items():
-            tensors[name] = None if values is None else _tokens(values, name)
-            if tensors[name] is not None and tensors[name].numel() != mask_T.numel():  # type: ignore[union-attr]
-                size = tensors[name].numel()  # type: ignore[union-attr]
-                raise ValueError(f"{name} has {size} tokens, mask has {mask_T.numel()}")
         object.__setattr__(self, "mask", mask_T)
         object.__setattr__(self, "advantage", float(advantage))
-        for name, tensor in tensors.items():
-            object.__setattr__(self, name, tensor)
+        object.__setattr__(
+            self, "sampler_logprobs", self._aligned(sampler_logprobs, "sampler_logprobs")
+        )
+        object.__setattr__(self, "old_logprobs", self._aligned(old_logprobs, "old_logprobs"))
+        object.__setattr__(self, "ref_logprobs", self._aligned(ref_logprobs, "ref_logprobs"))
+
+    def _aligned(self, values: TokenValues | None, field: str) -> torch.Tensor | None:
+        """`values` as a float64 tensor with one entry per target, like the mask."""
+        if values is None:
+            return None
+        tensor = _tokens(values, field)
+        if tensor.numel() != self.mask.numel():
+            raise ValueError(f"{field} has {tensor.numel()} tokens, mask has {self.mask.numel()}")
+        return tensor
 
     @property
     def num_targets(self) -> int:
@@ -75,7 +79,7 @@ class RLSample:
         return self.advantage * self.mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RLBatch:
     """The samples of one optimizer step, in datum order; π_old and π_ref are all-or-none."""
 

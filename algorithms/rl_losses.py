@@ -90,7 +90,7 @@ def ratio(lp_T: torch.Tensor, base_T: torch.Tensor, log_cap: float) -> torch.Ten
     return torch.exp((lp_T - base_T).clamp(-log_cap, log_cap))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenInputs:
     """One sample's fixed per-token inputs (no gradient), aligned to its target positions."""
 
@@ -101,7 +101,7 @@ class TokenInputs:
     mask_T: torch.Tensor  # m
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PolicyTerms:
     """A sample's per-token loss ℓ_t (w and m applied, no KL) and what the metrics read."""
 
@@ -221,7 +221,7 @@ POLICY_LOSSES: Final[dict[PolicyLoss, PolicyLossFn]] = {
 # -- the closure -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _SampleTerms:
     policy: PolicyTerms
     kl_T: torch.Tensor  # β-free k3 KL to the reference (zeros without one)
@@ -231,7 +231,7 @@ class _SampleTerms:
     ref_T: torch.Tensor | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RLLoss:
     """The closure `forward_backward_custom` calls: `(datums, logprobs) -> (loss, metrics)`.
 
