@@ -569,14 +569,18 @@ def test_client_closure_and_builtin_server_loss_take_the_same_step(tp: TrainerPl
                 for a, b in zip(pi, _forward(builtin_path, datums), strict=True)
             )
             samples = []
-            for lp, m, a in zip(pi, masks, [1.0, -0.7, 0.5, -1.2], strict=True):
+            # per-sample shifts move whole sequences out of GSPO's range too
+            shifts = [-0.4, 0.0, 0.0, 0.4]
+            for lp, m, a, shift in zip(pi, masks, [1.0, -0.7, 0.5, -1.2], shifts, strict=True):
                 # float32 values, as the server datums carry them
-                old = lp + (torch.rand(lp.numel(), generator=gen) - 0.5)
+                old = lp + shift + (torch.rand(lp.numel(), generator=gen) - 0.5)
                 inf = old + (torch.rand(lp.numel(), generator=gen) - 0.5) * 0.6
                 samples.append(RLSample(m, inf, a, old_logprobs=old))
             batch = RLBatch(tuple(samples))
             closure = rl_loss(policy_loss, config, batch, tis=tis)
             client_out = client_path.forward_backward_custom(datums, closure).result()
+            if policy_loss in ("grpo", "dapo", "gspo", "cispo"):
+                assert client_out.metrics["train/ppo_clip_frac"] > 0, policy_loss
             client_step = client_path.optim_step(ADAM, closure.grad_normalization).result()
             name, server_config = builtin_loss(policy_loss, config, 0.0)
             server_datums = builtin_datums(policy_loss, datums, batch, tis)
