@@ -40,7 +40,10 @@ def builtin_loss(
     """(server loss name, `loss_fn_config`) equivalent to the client loss, or a `ValueError`.
 
     The server's inputs carry no reference log-probs, so `kl_beta > 0` has no builtin form;
-    REINFORCE's ratio against the sampler has no server loss.
+    REINFORCE's ratio against the sampler has no server loss. Equal to the client up to float32
+    rounding, but for two corners: server DRO also pulls tokens whose advantage is exactly 0,
+    and server GSPO clamps the sequence log-ratio to ±cap keeping its gradient, where the
+    client caps it above only, without gradient (both beyond a sequence ratio of e^10).
     """
     checked = loss_config(policy_loss, config)
     if kl_beta > 0:
