@@ -12,10 +12,10 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -91,31 +91,63 @@ class DatasetError(ValueError):
         return (type(self), (self.problems, self.total))
 
 
+RowT = TypeVar("RowT", bound=BaseModel)
+
+
 @dataclass(frozen=True)
-class ChatDataset:
-    """Validated SFT rows with the 1-based source line of each row and the file's fingerprint."""
+class RowDataset(Generic[RowT]):
+    """Validated rows, the 1-based source line of each, and the file's fingerprint: what every
+    recipe's data is (chat rows, preference pairs, RL prompts), each with its own row model."""
 
     source: str
-    rows: tuple[ChatRow, ...]
+    rows: tuple[RowT, ...]
     line_numbers: tuple[int, ...]
     fingerprint: str
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def where(self, index: int) -> str:
+        """`file:line` of row `index`, for errors that name the row."""
+        return f"{self.source}:{self.line_numbers[index]}"
+
     @classmethod
-    def from_rows(cls, source: str, rows: Sequence[ChatRow]) -> ChatDataset:
-        """An in-memory dataset, fingerprinted as the JSONL `rows_to_jsonl` would write."""
-        data = rows_to_jsonl(rows)
+    def from_rows(cls, source: str, rows: Sequence[RowT]) -> Self:
+        """An in-memory dataset, fingerprinted as the JSONL `to_jsonl` writes."""
         return cls(
             source=source,
             rows=tuple(rows),
             line_numbers=tuple(range(1, len(rows) + 1)),
-            fingerprint=fingerprint_bytes(data),
+            fingerprint=fingerprint_bytes(cls.to_jsonl(rows)),
         )
 
+    @classmethod
+    def to_jsonl(cls, rows: Iterable[RowT]) -> bytes:
+        """The canonical JSONL bytes of rows (None fields left out, one row per line)."""
+        return rows_to_jsonl(rows)
 
-def rows_to_jsonl(rows: Iterable[ChatRow]) -> bytes:
+
+@dataclass(frozen=True)
+class ChatDataset(RowDataset[ChatRow]):
+    """Validated SFT chat rows."""
+
+
+DatasetT = TypeVar("DatasetT", bound=RowDataset[Any])
+
+
+def generated_dataset(
+    dataset_type: type[DatasetT],
+    task: str,
+    rows: Callable[[int], Sequence[Any]],
+    count: int,
+    split: str,
+    seed: int,
+) -> DatasetT:
+    """A toy task's split as an in-memory dataset, named by task, split, seed and size."""
+    return dataset_type.from_rows(f"toy:{task}/{split}?seed={seed}&n={count}", rows(count))
+
+
+def rows_to_jsonl(rows: Iterable[BaseModel]) -> bytes:
     """The canonical JSONL bytes of rows (None fields left out, one row per line)."""
     lines = [row.model_dump_json(exclude_none=True) + "\n" for row in rows]
     return "".join(lines).encode("utf-8")

@@ -12,8 +12,9 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -26,7 +27,9 @@ from algorithms.datasets import (
     DEFAULT_MAX_PROBLEMS,
     DatasetError,
     DatasetProblem,
+    RowDataset,
     fingerprint_bytes,
+    generated_dataset,
     parse_json_object,
     read_lines,
 )
@@ -86,26 +89,12 @@ def write_preference_jsonl(rows: Iterable[PreferenceRow], path: str | Path) -> s
 
 
 @dataclass(frozen=True)
-class PreferenceDataset:
-    """Validated preference rows, the 1-based source line of each, and the file's fingerprint."""
-
-    source: str
-    rows: tuple[PreferenceRow, ...]
-    line_numbers: tuple[int, ...]
-    fingerprint: str
-
-    def __len__(self) -> int:
-        return len(self.rows)
+class PreferenceDataset(RowDataset[PreferenceRow]):
+    """Validated preference pairs, written in the chosen/rejected form."""
 
     @classmethod
-    def from_rows(cls, source: str, rows: Sequence[PreferenceRow]) -> PreferenceDataset:
-        """An in-memory dataset, fingerprinted as `write_preference_jsonl` would write it."""
-        return cls(
-            source=source,
-            rows=tuple(rows),
-            line_numbers=tuple(range(1, len(rows) + 1)),
-            fingerprint=fingerprint_bytes(preference_rows_to_jsonl(rows)),
-        )
+    def to_jsonl(cls, rows: Iterable[PreferenceRow]) -> bytes:
+        return preference_rows_to_jsonl(rows)
 
 
 # -- reading a file -----------------------------------------------------------------------------
@@ -316,8 +305,8 @@ class PreferenceTask:
     ) -> PreferenceDataset:
         """The split as an in-memory `PreferenceDataset` (fingerprinted like its JSONL)."""
         count = self.default_rows[split] if n_rows is None else n_rows
-        rows = self.generate(count, seed=seed, split=split)
-        return PreferenceDataset.from_rows(f"toy:{self.name}/{split}?seed={seed}&n={count}", rows)
+        rows = partial(self.generate, seed=seed, split=split)
+        return generated_dataset(PreferenceDataset, self.name, rows, count, split, seed)
 
 
 REVERSE_PAIRS: Final = PreferenceTask(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -25,9 +26,10 @@ from algorithms.datasets import (
     DEFAULT_MAX_PROBLEMS,
     DatasetError,
     DatasetProblem,
+    RowDataset,
     error_message,
     field_path,
-    fingerprint_bytes,
+    generated_dataset,
     parse_json_object,
     read_lines,
 )
@@ -42,7 +44,6 @@ __all__ = [
     "addition_prompt_rows",
     "load_prompt_dataset",
     "load_prompt_source",
-    "prompt_rows_to_jsonl",
     "render_prompt",
     "render_prompts",
     "sample_seed",
@@ -90,35 +91,8 @@ class PromptRow(BaseModel):
 
 
 @dataclass(frozen=True)
-class PromptDataset:
-    """Validated prompt rows, the 1-based source line of each, and the file's fingerprint."""
-
-    source: str
-    rows: tuple[PromptRow, ...]
-    line_numbers: tuple[int, ...]
-    fingerprint: str
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def from_rows(cls, source: str, rows: Sequence[PromptRow]) -> PromptDataset:
-        """An in-memory dataset, fingerprinted as its JSONL would be."""
-        return cls(
-            source=source,
-            rows=tuple(rows),
-            line_numbers=tuple(range(1, len(rows) + 1)),
-            fingerprint=fingerprint_bytes(prompt_rows_to_jsonl(rows)),
-        )
-
-    def where(self, index: int) -> str:
-        """`file:line` of row `index`, for errors that name the row."""
-        return f"{self.source}:{self.line_numbers[index]}"
-
-
-def prompt_rows_to_jsonl(rows: Sequence[PromptRow]) -> bytes:
-    """The canonical JSONL bytes of rows (None fields left out, extra keys kept)."""
-    return "".join(row.model_dump_json(exclude_none=True) + "\n" for row in rows).encode("utf-8")
+class PromptDataset(RowDataset[PromptRow]):
+    """Validated RL prompt rows (extra keys kept for the reward)."""
 
 
 def load_prompt_dataset(
@@ -282,8 +256,8 @@ class RLTask:
     ) -> PromptDataset:
         """The split as an in-memory `PromptDataset` (fingerprinted like its JSONL)."""
         count = self.default_rows[split] if n_rows is None else n_rows
-        rows = self.generate(count, seed=seed, split=split)
-        return PromptDataset.from_rows(f"toy:{self.name}/{split}?seed={seed}&n={count}", rows)
+        rows = partial(self.generate, seed=seed, split=split)
+        return generated_dataset(PromptDataset, self.name, rows, count, split, seed)
 
 
 ADDITION_PROMPTS: Final = RLTask(

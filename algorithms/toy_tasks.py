@@ -15,12 +15,19 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
 from algorithms.addition import addition_chat_rows
 from algorithms.chat import ChatMessage, ParsedResponse, strip_trailing_assistant
-from algorithms.datasets import DEFAULT_MAX_LINE_BYTES, ChatDataset, ChatRow, validate_dataset
+from algorithms.datasets import (
+    DEFAULT_MAX_LINE_BYTES,
+    ChatDataset,
+    ChatRow,
+    generated_dataset,
+    validate_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +119,8 @@ class ToyTask:
     ) -> ChatDataset:
         """The split as an in-memory `ChatDataset` (fingerprinted like its JSONL)."""
         count = self.default_rows[split] if n_rows is None else n_rows
-        rows = self.generate(count, seed=seed, split=split)
-        return ChatDataset.from_rows(f"toy:{self.name}/{split}?seed={seed}&n={count}", rows)
+        rows = partial(self.generate, seed=seed, split=split)
+        return generated_dataset(ChatDataset, self.name, rows, count, split, seed)
 
 
 REVERSE: Final = ToyTask(
