@@ -74,8 +74,9 @@ class CompletionRun:
             [DecodingSequence(spec) for spec in specs], self._deliver, incremental=body.stream
         )
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """SSE: chunks as tokens come, the last with usage and perf_metrics, then [DONE]."""
+    async def stream(self, snapshot_identity: str | None = None) -> AsyncIterator[bytes]:
+        """SSE: chunks as tokens come, the last with usage, perf_metrics and the snapshot
+        identity of the weights that generated them (when they are a snapshot), then [DONE]."""
         finished = False
         try:
             while not finished:
@@ -89,7 +90,7 @@ class CompletionRun:
                 finished = progress.done
                 if finished:
                     chunks = chunks or [self._envelope.chunk([])]
-                    chunks[-1].update(self._final_fields())
+                    chunks[-1].update(self._final_fields(snapshot_identity))
                 for chunk in chunks:
                     yield sse_event(chunk)
             yield sse_event("[DONE]")
@@ -97,7 +98,7 @@ class CompletionRun:
             if not finished:
                 self.submission.cancel()
 
-    async def collect(self) -> JsonDict:
+    async def collect(self, snapshot_identity: str | None = None) -> JsonDict:
         """The non-streamed `text_completion` object."""
         merged: list[JsonDict] = [
             {"index": i, "text": "", "logprobs": None, "finish_reason": None}
@@ -111,7 +112,7 @@ class CompletionRun:
                 for choice in chunk["choices"]:
                     _merge_choice(merged[choice["index"]], choice)
             if progress.done:
-                return self._envelope.chunk(merged, **self._final_fields())
+                return self._envelope.chunk(merged, **self._final_fields(snapshot_identity))
 
     def metric_headers(self) -> dict[str, str]:
         """`perf_metrics` as response headers too (clients read them as a fallback)."""
@@ -141,11 +142,13 @@ class CompletionRun:
             chunks.append(self._envelope.chunk([choice.advance(update)]))
         return chunks
 
-    def _final_fields(self) -> JsonDict:
+    def _final_fields(self, snapshot_identity: str | None) -> JsonDict:
         prompt_tokens = len(self._body.prompt)
         fields: JsonDict = {"usage": usage(prompt_tokens, self.choices)}
         if self._timings is not None:
             fields["perf_metrics"] = perf_metrics(self._timings, prompt_tokens)
+        if snapshot_identity:
+            fields["snapshot_identity"] = snapshot_identity
         return fields
 
 

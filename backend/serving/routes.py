@@ -6,7 +6,9 @@ queue a `Submission` on its generation thread and relay its progress, as SSE chu
 deleting deployment; 425 while it starts in CREATING/UPDATING or while a hotload is in progress
 (the SDK's sampler waits and retries both); a replica that is down for any other reason (scaled
 to zero, a restarted platform) is started and the request waits for its base weights, up to
-`scale_up_timeout_s`, then 503.
+`scale_up_timeout_s`, then 503. Every completion names the hotloaded snapshot it was generated
+with (`snapshot_identity` in the final chunk, header `x-fireworks-snapshot-identity`), left out
+while the replica serves its base weights.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from backend.serving.runtime import (
 )
 
 HOTLOAD_PATH = "/hot_load/v1/models/hot_load"
+# The snapshot a completion was generated with, also sent as `snapshot_identity` in its body.
+SNAPSHOT_IDENTITY_HEADER = "x-fireworks-snapshot-identity"
 _NOT_SERVING = ("FAILED", "DELETING", "DELETED")
 _STARTING = ("CREATING", "UPDATING")
 
@@ -116,15 +120,21 @@ async def _complete(
         raise _too_early("the replica is being replaced; retry shortly")
     run = CompletionRun(body, model, factory, asyncio.get_running_loop())
     try:
-        version = replica.submit(run.submission)
+        served = replica.submit(run.submission)
     except ReplicaBusyError as busy:
         raise _too_early(f"a hotload of {str(busy)!r} is in progress; retry shortly") from None
     except ReplicaStoppedError:
         raise ApiError.unavailable("the replica was stopped; retry shortly") from None
-    headers = {"x-fireloop-weight-version": str(version)}
+    headers = {"x-fireloop-weight-version": str(served.version)}
+    # The base weights have no snapshot identity: the field and the header are left out.
+    snapshot = served.snapshot_identity or None
+    if snapshot is not None:
+        headers[SNAPSHOT_IDENTITY_HEADER] = snapshot
     if request_id:
         headers["x-request-id"] = request_id
     if body.stream:
-        return StreamingResponse(run.stream(), media_type="text/event-stream", headers=headers)
-    result = await run.collect()
+        return StreamingResponse(
+            run.stream(snapshot), media_type="text/event-stream", headers=headers
+        )
+    result = await run.collect(snapshot)
     return JSONResponse(result, headers=headers | run.metric_headers())

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,6 +70,14 @@ class LoadingState:
     target: str = ""
     message: str = ""
     since: float = field(default_factory=time.monotonic)
+
+
+class ServedWeights(NamedTuple):
+    """The weights a completion is generated with: the deployment's weight version and the
+    hotloaded snapshot's identity ("" for the base weights, as the hotload status says)."""
+
+    version: int
+    snapshot_identity: str
 
 
 class ReplicaBusyError(Exception):
@@ -132,16 +140,18 @@ class Replica:
         self.stopped = True
         self._settled.set()
 
-    def submit(self, submission: Submission) -> int:
-        """Queue a completion on the served weights; their version. `ReplicaBusyError` during a
-        load (checked under the lock the load takes, so no request slips in after it)."""
+    def submit(self, submission: Submission) -> ServedWeights:
+        """Queue a completion on the served weights; their version and snapshot identity.
+        `ReplicaBusyError` during a load (checked under the lock the load takes, so no request
+        slips in after it). A swap waits for every request queued before it, and the identity
+        changes only after the swap, so what this returns names the weights of every token."""
         with self.lock:
             if self.load_active:
                 raise ReplicaBusyError(self.loading.target)
             if self.loop is None:
                 raise ReplicaStoppedError(self.name)
             self.loop.submit(submission)
-            return self.version
+            return ServedWeights(self.version, self.identity)
 
     def begin_load(self, identity: str) -> bool:
         """Mark a hotload of `identity` accepted; False when it is already loading (a resent

@@ -31,6 +31,20 @@ def _gap(harness: ServingHarness, deployment_id: str, client: Any) -> float:
     return float((served - trainer_logprobs(client, SEQUENCE)).abs().max())
 
 
+def _sampled_from(harness: ServingHarness, deployment_id: str) -> set[str | None]:
+    """The snapshot identity a completion names, streamed (its final chunk) and not (its body
+    and its header); one value when they agree."""
+    response = harness.complete(deployment_id, prompt=SEQUENCE[:4], max_tokens=2)
+    assert response.status_code == 200, response.text
+    chunks, done = harness.stream(deployment_id, prompt=SEQUENCE[:4], max_tokens=2)
+    assert done and all("snapshot_identity" not in chunk for chunk in chunks[:-1])
+    return {
+        response.json().get("snapshot_identity"),
+        response.headers.get("x-fireworks-snapshot-identity"),
+        chunks[-1].get("snapshot_identity"),
+    }
+
+
 def _module_names(module: torch.nn.Module) -> list[str]:
     return [name for name, _ in module.named_modules()]
 
@@ -41,6 +55,7 @@ def test_served_logprobs_equal_the_trainers_after_a_base_load_and_a_delta(
     client = harness.training_client("parity-job")
     harness.deploy("parity", "parity-job")
     base_logprobs = harness.score("parity", SEQUENCE)
+    assert _sampled_from(harness, "parity") == {None}  # base weights: no snapshot to name
     train(client)
     base = save(client, "step-1", "base")
     accepted = harness.hotload("parity", base)
@@ -48,6 +63,7 @@ def test_served_logprobs_equal_the_trainers_after_a_base_load_and_a_delta(
     assert accepted.json() == {"identity": base, "accepted": True}
     first = harness.wait_loaded("parity", base)
     assert _gap(harness, "parity", client) <= TOLERANCE
+    assert _sampled_from(harness, "parity") == {base}
     assert float((harness.score("parity", SEQUENCE) - base_logprobs).abs().max()) > 1e-3
 
     train(client)
@@ -55,6 +71,7 @@ def test_served_logprobs_equal_the_trainers_after_a_base_load_and_a_delta(
     assert harness.hotload("parity", delta, delta_metadata(base)).status_code == 200
     second = harness.wait_loaded("parity", delta)
     assert _gap(harness, "parity", client) <= TOLERANCE
+    assert _sampled_from(harness, "parity") == {delta}
     assert second["weight_version"] > first["weight_version"]
     assert second["identity"] == first["identity"]  # the same replica (pod)
     assert harness.platform.state.deployments.served_snapshot("parity") == delta
