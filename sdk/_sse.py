@@ -1,7 +1,8 @@
 """Parse a buffered completions stream (Server-Sent Events) and turn it into a sample.
 
 Two steps, kept apart so each is testable on plain strings: `parse_stream` assembles the chunks
-into one `CompletionResult` and says whether the stream was cut off (a truncation is retried);
+into one `CompletionResult` (with the `snapshot_identity` of the weights that generated it,
+when the server sends one) and says whether the stream was cut off (a truncation is retried);
 `to_completion` applies the sampler's rules (mandatory `raw_output`, echo stripping, logprob
 fallbacks, `max_seq_len`) and yields a `SampledCompletion`.
 """
@@ -85,6 +86,7 @@ def parse_stream(body: str) -> ParsedStream:
     choices: dict[int, _ChoiceAccumulator] = {}
     usage: dict[str, int] | None = None
     perf: dict[str, Any] | None = None
+    snapshot: str | None = None
     saw_done = stripped.startswith("{")
     for event in events:
         if event.strip() == _DONE:
@@ -102,15 +104,24 @@ def parse_stream(body: str) -> ParsedStream:
                 choices.setdefault(int(choice.get("index") or 0), _ChoiceAccumulator()).add(choice)
         usage = chunk.get("usage") or usage
         perf = chunk.get("perf_metrics") or perf
+        snapshot = _snapshot_identity(chunk) or snapshot
     finished = any(c.finish_reason or c.raw_output for c in choices.values())
-    result = _assemble(choices, usage, perf)
+    result = _assemble(choices, usage, perf, snapshot)
     return ParsedStream(result=result, saw_done=saw_done, truncated=not (saw_done or finished))
+
+
+def _snapshot_identity(chunk: dict[str, Any]) -> str | None:
+    """The chunk's `snapshot_identity`, if it is a non-empty string (a server that sends none,
+    or something else under that name, leaves the sample's identity unknown, never fails it)."""
+    value = chunk.get("snapshot_identity")
+    return value if isinstance(value, str) and value else None
 
 
 def _assemble(
     choices: dict[int, _ChoiceAccumulator],
     usage: dict[str, int] | None,
     perf: dict[str, Any] | None,
+    snapshot: str | None,
 ) -> CompletionResult:
     try:
         return CompletionResult(
@@ -127,6 +138,7 @@ def _assemble(
             ],
             usage=usage,
             perf_metrics=perf,
+            snapshot_identity=snapshot,
         )
     except ValidationError as exc:
         raise FireworksError(f"malformed completions stream from the deployment: {exc}") from None
@@ -181,6 +193,7 @@ def to_completion(
         sampling_logprobs=sampling,
         logprobs_echoed=echo,
         routing_matrices=routing if any(r is not None for r in routing) else None,
+        snapshot_identity=result.snapshot_identity,
     )
 
 

@@ -115,11 +115,13 @@ class CompletionChoice(_Frozen):
 
 
 class CompletionResult(_Frozen):
-    """A whole streamed completion: its choices, `usage` and the server's `perf_metrics`."""
+    """A whole streamed completion: its choices, `usage`, the server's `perf_metrics` and the
+    `snapshot_identity` of the hotloaded weights that generated it (None when not sent)."""
 
     choices: list[CompletionChoice]
     usage: dict[str, int] | None = None
     perf_metrics: dict[str, Any] | None = None
+    snapshot_identity: str | None = None
 
 
 class SampledCompletion(_Frozen):
@@ -127,6 +129,8 @@ class SampledCompletion(_Frozen):
 
     `inference_logprobs` (raw, T=1) and `sampling_logprobs` (behaviour policy) cover the
     completion, or with `logprobs_echoed` the P+C-1 positions after the first prompt token.
+    `snapshot_identity` names the hotloaded snapshot whose weights generated every token; None
+    when the server did not say (base weights, or a server that does not send it).
     """
 
     text: str
@@ -138,6 +142,7 @@ class SampledCompletion(_Frozen):
     sampling_logprobs: list[float | None] | None = None
     logprobs_echoed: bool = False
     routing_matrices: list[str | None] | None = None
+    snapshot_identity: str | None = None
 
     @property
     def completion_tokens(self) -> list[int]:

@@ -141,20 +141,24 @@ def _trainer_logprobs(client: FiretitanTrainingClient, tokens: list[int]) -> tor
     return torch.tensor(output.loss_fn_outputs[0]["logprobs"].data, dtype=torch.float64)
 
 
-def _served_logprobs(sampler: DeploymentSampler) -> tuple[list[int], torch.Tensor]:
-    """Echo the fixed sequence plus one sampled token: the server's logprob of every token after
-    the first (P + C - 1 entries), and the whole sequence."""
+def _served_logprobs(
+    sampler: DeploymentSampler,
+) -> tuple[list[int], torch.Tensor, str | None]:
+    """Echo the fixed sequence plus one sampled token: the whole sequence, the server's logprob
+    of every token after the first (P + C - 1 entries), and the snapshot that produced them."""
     (sample,) = asyncio.run(sampler.sample_with_prompt_tokens(SEQUENCE, max_tokens=1, echo=True))
     assert sample.logprobs_echoed and sample.inference_logprobs is not None
-    return sample.full_tokens, torch.tensor(sample.inference_logprobs, dtype=torch.float64)
+    logprobs = torch.tensor(sample.inference_logprobs, dtype=torch.float64)
+    return sample.full_tokens, logprobs, sample.snapshot_identity
 
 
-def _compare(loop: Loop) -> tuple[float, torch.Tensor]:
-    """The largest |served - trained| logprob gap, and the served logprobs."""
-    tokens, served = _served_logprobs(loop.sampler)
+def _compare(loop: Loop) -> tuple[float, torch.Tensor, str | None]:
+    """The largest |served - trained| logprob gap, the served logprobs, and the snapshot
+    identity the sample says it came from."""
+    tokens, served, snapshot = _served_logprobs(loop.sampler)
     trained = _trainer_logprobs(loop.client, tokens)
     assert served.shape == trained.shape
-    return float((served - trained).abs().max()), served[: len(SEQUENCE) - 1]
+    return float((served - trained).abs().max()), served[: len(SEQUENCE) - 1], snapshot
 
 
 def _snapshot_meta(tp: TrainerPlatform, loop: Loop, identity: str) -> dict[str, object]:
@@ -176,13 +180,19 @@ def test_served_logprobs_equal_the_trainers_after_every_hotload(
     identities: list[str] = []
     gaps: list[float] = []
     served_logprobs: list[torch.Tensor] = []
+    sampled_from: list[str | None] = []
+    (base_sample,) = asyncio.run(loop.sampler.sample_with_prompt_tokens(SEQUENCE, max_tokens=1))
     for step in range(3):  # the base load, then two deltas (LoRA: three adapters)
         _train(loop.client)
         identities.append(loop.syncer.save_and_hotload(f"step-{step}"))
-        gap, logprobs = _compare(loop)
+        gap, logprobs, snapshot = _compare(loop)
         gaps.append(gap)
         served_logprobs.append(logprobs)
+        sampled_from.append(snapshot)
     assert max(gaps) <= TOLERANCE, gaps
+    # Every sample names the snapshot it was generated with; the base weights name none.
+    assert sampled_from == identities
+    assert base_sample.snapshot_identity is None
     # The weights really moved between loads: parity is not the same numbers three times.
     assert all(float((a - b).abs().max()) > 1e-3 for a, b in itertools.pairwise(served_logprobs))
     status = manager.hotload_check_status(loop.deployment_id, "tiny")
@@ -224,7 +234,7 @@ def test_sampling_during_a_hotload_waits_then_sees_the_new_weights(
     tp: TrainerPlatform, make_loop: MakeLoop
 ) -> None:
     loop = make_loop("during")
-    loop.syncer.save_and_hotload("before")
+    before = loop.syncer.save_and_hotload("before")
     _train(loop.client, 3)
     tp.platform.state.serving.settings = FAST_SERVING.model_copy(update={"load_delay_s": 1.0})
     errors: list[BaseException] = []
@@ -250,6 +260,8 @@ def test_sampling_during_a_hotload_waits_then_sees_the_new_weights(
     assert not errors, errors
     assert metrics.attempts > 1  # answered 425 while loading, then served
     assert result.choices[0].raw_output is not None
+    # It waited through the load, so the new snapshot generated it, and the answer says so.
+    assert result.snapshot_identity == loop.syncer.base_identity != before
     assert _max_gap(loop) <= TOLERANCE  # and what serves now is the new weights
 
 
