@@ -79,6 +79,13 @@ RECIPES: Final[Mapping[str, Recipe]] = {
             "flows.config:ORPOConfig",
             "flows.orpo:run_orpo",
         ),
+        Recipe(
+            "rl",
+            "RL",
+            "an RL prompt JSONL file (messages, ground_truth) or an RL toy task",
+            "flows.config:RLConfig",
+            "flows.rl:run_rl",
+        ),
     )
 }
 

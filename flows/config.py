@@ -30,9 +30,22 @@ from pydantic import (
     model_validator,
 )
 
+from algorithms.advantages import AdvantageNorm
 from algorithms.chat import TrainOnWhat
 from algorithms.datums import GradNormalization, LossReduction
 from algorithms.optimizer import AdamConfig, OptimizerPlan
+from algorithms.rl_config import (
+    CISPOConfig,
+    DAPOConfig,
+    DROConfig,
+    GRPOConfig,
+    GSPOConfig,
+    ImportanceSamplingConfig,
+    PolicyLoss,
+    PolicyLossConfig,
+    ReinforceConfig,
+    TISConfig,
+)
 from algorithms.schedules import LRSchedule
 from tasks.platform import Waits
 from tasks.teardown import TeardownPolicy
@@ -50,6 +63,7 @@ __all__ = [
     "PlatformPart",
     "PreferenceConfig",
     "PreferenceDataPart",
+    "RLConfig",
     "RecipeConfig",
     "RecoveryPart",
     "RunPart",
@@ -81,6 +95,11 @@ RUN_ONLY_FIELDS: Final = frozenset(
         "extend",
         "ref_batch_size",
         "release_reference_after_cache",
+        "eval_completions_per_prompt",
+        "eval_temperature",
+        "sample_timeout_s",
+        "inference_kl_fail",
+        "write_trajectories",
     }
 )
 _RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
@@ -329,6 +348,11 @@ class RecipeConfig(RecoveryPart, PlatformPart, CadencePart, OptimizerPart, Model
         return self.hotload_every > 0
 
     @property
+    def hotload_interval(self) -> int:
+        """Steps between hotloads (0: only when evaluating or at the end)."""
+        return self.hotload_every
+
+    @property
     def samples_in_eval(self) -> bool:
         """Whether evaluation samples the deployment (then a hotload precedes it)."""
         return False
@@ -463,6 +487,173 @@ class ORPOConfig(PreferenceConfig):
     pair_reduction: Literal["mean", "sum"] = Field(
         default="mean", description="Pair losses to the step loss (sum: the cookbook's)"
     )
+
+
+class RLConfig(DataPart, RecipeConfig):
+    """Reinforcement learning from rewards on sampled completions: GRPO and its relatives.
+
+    Each step samples `completions_per_prompt` (G) completions of `prompt_groups_per_step` (P)
+    prompts from the deployment, scores them with `reward`, and trains on group-relative
+    advantages. The deployment serves the policy of the moment: a verified hotload ends every
+    window of `weight_sync_interval` steps (`hotload_every` does not apply).
+    """
+
+    recipe: ClassVar[str] = "rl"
+    headline_metric: ClassVar[str] = "rollout/raw_reward"
+    wandb_project: ClassVar[str] = "rl-tinker"
+
+    dataset: str = Field(
+        default="addition",
+        description="An RL prompt JSONL path/URL or an RL toy task (`fireloop tasks`)",
+    )
+    reward: str | None = Field(
+        default=None,
+        description="'module:function' or a built-in; default: the task's, else integer match",
+    )
+    policy_loss: PolicyLoss = Field(default="grpo", description="The policy-gradient loss")
+    loss_path: Literal["client", "builtin"] = Field(
+        default="client", description="client: closure on the client; builtin: server loss"
+    )
+    completions_per_prompt: Count = Field(
+        default=4, gt=0, le=1024, description="G: completions sampled per prompt (the group)"
+    )
+    prompt_groups_per_step: Count = Field(
+        default=1, gt=0, le=4096, description="P: prompts (groups) per optimizer step"
+    )
+    max_completion_tokens: Count | None = Field(
+        default=None,
+        gt=0,
+        le=1 << 20,
+        description="Tokens per completion; default: 1024, or what the context leaves",
+    )
+    temperature: Number = Field(
+        default=1.0, gt=0, le=10, description="Sampling temperature (top_p 1, top_k off)"
+    )
+    kl_beta: Number = Field(
+        default=0.001, ge=0, le=100, description="k3 KL to the base model; > 0 loads it"
+    )
+    advantage_norm: AdvantageNorm = Field(
+        default="zscore", description="zscore, or mean_center (Dr. GRPO)"
+    )
+    filter_constant_reward_groups: bool = Field(
+        default=True, description="Drop groups whose rewards are all equal (no signal)"
+    )
+    grpo: GRPOConfig = Field(default=GRPOConfig(), description="GRPO clip range")
+    dapo: DAPOConfig = Field(default=DAPOConfig(), description="DAPO clip-higher, dual clip")
+    gspo: GSPOConfig = Field(default=GSPOConfig(), description="GSPO sequence-ratio clip")
+    cispo: CISPOConfig = Field(default=CISPOConfig(), description="CISPO weight clip")
+    dro: DROConfig = Field(default=DROConfig(), description="DRO quadratic pull")
+    importance_sampling: ImportanceSamplingConfig = Field(
+        default=ImportanceSamplingConfig(), description="Unclipped importance sampling"
+    )
+    reinforce: ReinforceConfig = Field(default=ReinforceConfig(), description="REINFORCE")
+    tis: TISConfig = Field(default=TISConfig(), description="Train/inference importance weight")
+    anchor_logp: Literal["old_policy", "rollout"] = Field(
+        default="old_policy", description="pi_old: a trainer forward, or the sampler's logprobs"
+    )
+    ppo_n_minibatches: Count = Field(
+        default=1, gt=0, le=1024, description="Optimizer passes over each rollout batch"
+    )
+    loss_reduction: Literal["token_mean", "sequence_mean"] = Field(
+        default="token_mean", description="How token losses become the step's loss"
+    )
+    weight_sync_interval: Count = Field(
+        default=1, ge=0, le=_MAX_STEPS, description="Steps per policy window (0: never hotload)"
+    )
+    max_offpolicy_versions: Count = Field(
+        default=0, ge=0, le=2, description="O: async sampling this many versions ahead (0: sync)"
+    )
+    sample_timeout_s: Number = Field(
+        default=600.0, gt=0, le=86_400, description="Per completion (seconds)"
+    )
+    eval_completions_per_prompt: Count = Field(
+        default=4, gt=0, le=1024, description="Completions per eval prompt (pass@k up to it)"
+    )
+    eval_temperature: Number = Field(
+        default=1.0, ge=0, le=10, description="Eval sampling temperature (0: greedy)"
+    )
+    inference_kl_fail: Number | None = Field(
+        default=None, gt=0, description="Fail when train/inference_kld exceeds it"
+    )
+    write_trajectories: bool = Field(
+        default=True, description="Per-step trajectories under <run_dir>/trajectories/"
+    )
+
+    @property
+    def needs_deployment(self) -> bool:
+        return True
+
+    @property
+    def samples_in_eval(self) -> bool:
+        return True
+
+    @property
+    def hotload_interval(self) -> int:
+        return self.weight_sync_interval
+
+    @property
+    def loss_config(self) -> PolicyLossConfig:
+        """The hyperparameters of `policy_loss`."""
+        config: PolicyLossConfig = getattr(self, self.policy_loss)
+        return config
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        """Combinations no run can train correctly, refused before anything starts."""
+        for problem in _rl_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+def _rl_problems(config: RLConfig) -> list[str]:
+    problems: list[str] = []
+    if config.completions_per_prompt == 1 and config.advantage_norm == "zscore":
+        problems.append(
+            "completions_per_prompt=1 with advantage_norm='zscore': a group of one has no std "
+            "(every advantage is 0); sample G >= 2 per prompt"
+        )
+    if config.loss_path == "builtin" and config.kl_beta > 0:
+        problems.append(
+            f"kl_beta={config.kl_beta} with loss_path='builtin': the server loss cannot see "
+            "reference log-probs; set kl_beta=0 or loss_path='client'"
+        )
+    if config.loss_path == "builtin" and config.policy_loss == "reinforce":
+        problems.append(
+            "policy_loss='reinforce' has no builtin server loss; use loss_path='client'"
+        )
+    if config.policy_loss == "dapo" and config.kl_beta > 0:
+        problems.append(f"kl_beta={config.kl_beta} with policy_loss='dapo': DAPO has no KL term")
+    if config.kl_beta > 0 and config.init_from_checkpoint is not None:
+        problems.append(
+            "kl_beta > 0 with init_from_checkpoint: the KL reference is the base model, not the "
+            "checkpoint the policy starts from; set kl_beta=0"
+        )
+    if config.hotload_every:
+        problems.append("hotload_every does not apply to RL: set weight_sync_interval")
+    window = config.weight_sync_interval
+    if window and config.checkpoint_every % window:
+        problems.append(
+            f"checkpoint_every={config.checkpoint_every} must be a multiple of "
+            f"weight_sync_interval={window}: resumable saves happen only at window ends"
+        )
+    if config.max_offpolicy_versions and window != 1:
+        problems.append(
+            f"max_offpolicy_versions={config.max_offpolicy_versions} needs weight_sync_interval=1"
+            " (async RL hotloads after every step)"
+        )
+    samples = config.completions_per_prompt * config.prompt_groups_per_step
+    if config.ppo_n_minibatches > samples:
+        problems.append(
+            f"ppo_n_minibatches={config.ppo_n_minibatches} exceeds the {samples} samples of a step"
+        )
+    if config.reward is not None:
+        from algorithms.rewards import RewardLoadError, load_reward
+
+        try:
+            load_reward(config.reward)
+        except RewardLoadError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def training_identity_hash(config: BaseModel) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -171,7 +172,9 @@ class RunMonitor:
             return
         last = result.steps[-1]
         name = self.headline_metric.rsplit("/", 1)[-1]
-        values = [record.metrics[self.headline_metric] for record in result.steps]
+        # A step may lack the metric (an RL step whose every group was filtered out).
+        headline = self.headline_metric
+        values = [r.metrics[headline] for r in result.steps if headline in r.metrics] or [math.nan]
         self._segment_rows.append(
             {
                 "steps": f"{result.segment.first}–{result.segment.last}",

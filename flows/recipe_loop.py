@@ -106,7 +106,7 @@ def _train(attempt: Attempt, plan: RecipePlan, point: ResumePoint) -> RunResult:
     cadence = Cadence(
         max_steps=config.max_steps,
         checkpoint_every=config.checkpoint_every,
-        hotload_every=config.hotload_every,
+        hotload_every=config.hotload_interval,
         eval_every=config.eval_every,
         has_deployment=config.needs_deployment,
         sample_eval=config.samples_in_eval,

@@ -1,0 +1,156 @@
+"""The RL flow's data: prompts and reward loaded before any trainer, rendered, rows scored.
+
+`load_rl_data` validates the prompt files (or generates a toy task's) and loads the reward, so
+a bad row or a reward that does not import fails the run before compute is spent.
+`render_rl_data` renders every prompt and checks it leaves room for the completion in the
+model's context. `RowScorer` turns a row's sampled completions into a scored group: parsed at
+the first stop token, rewarded, advantages computed; a reward that raises fails the step with
+the row's file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from algorithms.chat import ChatRenderer
+from algorithms.rewards import Reward, call_reward, load_reward
+from algorithms.rl_data import (
+    RL_TASKS,
+    PromptDataset,
+    load_prompt_source,
+    render_prompts,
+    sample_seed,
+)
+from algorithms.rl_rollouts import Rollout, RowRollouts, score_group
+from flows.config import RLConfig
+from flows.sft_data import context_length_of
+from tasks.rollouts import RowRequest, SampledRow
+
+__all__ = ["RLData", "RenderedRL", "RowScorer", "load_rl_data", "render_rl_data", "row_request"]
+
+# The completion budget when the config leaves it open and the context allows it.
+DEFAULT_COMPLETION_TOKENS: Final = 1024
+# Eval seeds come from their own stream, so an eval row never shares a seed with a training row.
+EVAL_SEED_SALT: Final = 0x5EED_E7A1
+# A tokenizer that does not know its context limits nothing here; the trainer still checks.
+_UNKNOWN_CONTEXT: Final = 1 << 30
+
+
+@dataclass(frozen=True)
+class RLData:
+    """Validated training prompts, eval prompts (None: no evaluation) and the reward."""
+
+    train: PromptDataset
+    eval: PromptDataset | None
+    reward: Reward
+    reward_name: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.train.fingerprint
+
+
+def load_rl_data(config: RLConfig) -> RLData:
+    """The prompts and reward the config names; every problem raises here, before compute."""
+    train = load_prompt_source(
+        config.dataset,
+        split="train",
+        seed=config.seed,
+        max_rows=config.max_rows,
+        max_line_bytes=config.max_line_bytes,
+    )
+    eval_data: PromptDataset | None = None
+    task = RL_TASKS.get(config.dataset)
+    if config.eval_dataset is not None:
+        eval_data = load_prompt_source(
+            config.eval_dataset,
+            split="eval",
+            seed=config.seed,
+            max_rows=config.eval_size,
+            max_line_bytes=config.max_line_bytes,
+        )
+    elif task is not None:
+        rows = min(config.eval_size, task.default_rows["eval"])
+        eval_data = task.dataset("eval", seed=config.seed, n_rows=rows)
+    reward_name = config.reward or (task.reward if task is not None else "answer_integer_match")
+    return RLData(train, eval_data, load_reward(reward_name), reward_name)
+
+
+@dataclass(frozen=True)
+class RenderedRL:
+    """Every prompt's ids, and the completion budget they leave in the context."""
+
+    train: list[list[int]]
+    eval: list[list[int]]
+    max_completion_tokens: int
+
+
+def render_rl_data(data: RLData, renderer: ChatRenderer, config: RLConfig) -> RenderedRL:
+    """Render every prompt; a prompt that leaves no room for `max_completion_tokens` in the
+    model's context fails naming its file and line (the default budget is 1024 tokens, or
+    what the longest prompt leaves when that is less)."""
+    context = context_length_of(renderer) or _UNKNOWN_CONTEXT
+    budget = config.max_completion_tokens
+
+    def render(dataset: PromptDataset | None, tokens: int) -> list[list[int]]:
+        if dataset is None:
+            return []
+        return render_prompts(
+            dataset, renderer, max_completion_tokens=tokens, context_length=context
+        )
+
+    if budget is None:  # what the longest prompt leaves, up to the default
+        longest = max(len(ids) for ids in render(data.train, 1) + render(data.eval, 1))
+        budget = max(1, min(DEFAULT_COMPLETION_TOKENS, context - longest))
+    return RenderedRL(render(data.train, budget), render(data.eval, budget), budget)
+
+
+def row_request(
+    prompts: list[list[int]], row: int, position: int, seed: int, group_size: int
+) -> RowRequest:
+    """The request for dataset row `row` at stream position `position`: G seeds derived from
+    (seed, position, sample), so every draw of the run has its own stream and a replay asks
+    for the same ones."""
+    seeds = [sample_seed(seed, position, sample) for sample in range(group_size)]
+    return RowRequest(row=row, prompt=prompts[row], seeds=seeds)
+
+
+def eval_request(prompts: list[list[int]], row: int, seed: int, group_size: int) -> RowRequest:
+    """An eval row's request: the same seeds at every evaluation (common random numbers make
+    two points' scores comparable)."""
+    return row_request(prompts, row, row, seed ^ EVAL_SEED_SALT, group_size)
+
+
+class RowScorer:
+    """Scores a sampled row: each completion parsed and rewarded, then the group's advantages."""
+
+    def __init__(self, data: PromptDataset, reward: Reward, renderer: ChatRenderer) -> None:
+        self.data, self.reward, self.renderer = data, reward, renderer
+
+    def score(self, sampled: SampledRow, config: RLConfig) -> RowRollouts:
+        row = sampled.request.row
+        if sampled.failure is not None:
+            return RowRollouts(row=row, failure=sampled.failure)
+        where = f"{self.data.source}:{self.data.line_numbers[row]}"
+        rollouts = [
+            Rollout(
+                tokens=completion.completion_tokens,
+                logprobs=list(completion.inference_logprobs or []),
+                finish_reason=completion.finish_reason,
+                snapshot=completion.snapshot_identity,
+                reward=call_reward(
+                    self.reward,
+                    self.renderer.parse_response(completion.completion_tokens),
+                    self.data.rows[row],
+                    where=where,
+                ),
+            )
+            for completion in sampled.completions
+        ]
+        return score_group(
+            row,
+            rollouts,
+            advantage_norm=config.advantage_norm,
+            filter_constant=config.filter_constant_reward_groups,
+        )
