@@ -1,7 +1,8 @@
 """The RL flow's data: prompts and reward loaded before any trainer, rendered, rows scored.
 
-`load_rl_data` validates the prompt files (or generates a toy task's) and loads the reward, so
-a bad row or a reward that does not import fails the run before compute is spent.
+`load_rl_data` validates the prompt files (or generates a toy task's), loads the reward and,
+when the tokenizer is known before provisioning, renders every prompt: a bad row, a prompt too
+long for the context or a reward that does not import fails the run before compute is spent.
 `render_rl_data` renders every prompt and checks it leaves room for the completion in the
 model's context. `RowScorer` turns a row's sampled completions into a scored group: parsed at
 the first stop token, rewarded, advantages computed; a reward that raises fails the step with
@@ -24,7 +25,7 @@ from algorithms.rl_data import (
 )
 from algorithms.rl_rollouts import Rollout, RowRollouts, score_group
 from flows.config import RLConfig
-from flows.sft_data import context_length_of
+from flows.sft_data import context_length_of, known_tokenizer
 from tasks.rollouts import RowRequest, SampledRow
 
 __all__ = ["RLData", "RenderedRL", "RowScorer", "load_rl_data", "render_rl_data", "row_request"]
@@ -74,7 +75,13 @@ def load_rl_data(config: RLConfig) -> RLData:
         rows = min(config.eval_size, task.default_rows["eval"])
         eval_data = task.dataset("eval", seed=config.seed, n_rows=rows)
     reward_name = config.reward or (task.reward if task is not None else "answer_integer_match")
-    return RLData(train, eval_data, load_reward(reward_name), reward_name)
+    data = RLData(train, eval_data, load_reward(reward_name), reward_name)
+    tokenizer = known_tokenizer(config)
+    if tokenizer is not None:  # a prompt too long for the context fails now, not on the trainer
+        from transformers import AutoTokenizer  # slow to import: only when it is used
+
+        render_rl_data(data, ChatRenderer(AutoTokenizer.from_pretrained(tokenizer)), config)
+    return data
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class RLDemoConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
     runs_dir: str = "runs"
     sft_steps: int = Field(default=15, gt=0)
-    rl_steps: int = Field(default=40, gt=0)
+    rl_steps: int = Field(default=60, gt=0)
     policy_loss: str = "grpo"
     seed: int = 0
 
@@ -72,7 +72,7 @@ def rl_demo_configs(
             "completions_per_prompt": 8,
             "prompt_groups_per_step": 4,
             "max_completion_tokens": 8,
-            "learning_rate": 1e-3,
+            "learning_rate": 3e-3,
             "checkpoint_every": 10,
             "eval_every": 10,
             "init_from_checkpoint": start,
