@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import fsspec
@@ -54,9 +54,10 @@ from flows.rl_data import (
     render_rl_data,
     row_request,
 )
+from flows.rl_producer import RolloutProducer, snapshot_version
 from flows.step_inputs import StepInputsLog
 from tasks.errors import trainer_call
-from tasks.rollouts import sample_rollouts
+from tasks.rollouts import RowRequest, SampledRow, sample_rollouts, sample_row
 from tasks.training import RecipeStep, StepInputs, client_loss_step, step_metrics
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
 
 __all__ = [
+    "AsyncSampler",
     "InferenceDriftError",
     "RLConfig",
     "RLStep",
@@ -85,9 +87,12 @@ class InferenceDriftError(RuntimeError):
 
 class RolloutSource(Protocol):
     """Where a step's rollouts come from when the log does not have them: every step it
-    sampled at once, the asked-for step first (a window, or one step of the async producer)."""
+    sampled at once, the asked-for step first (a window, or one step of the async producer),
+    and the timing metrics of getting them."""
 
     def rollouts(self, step: int, cursor: int) -> list[StepRollouts]: ...
+
+    def step_metrics(self, step: int) -> dict[str, float]: ...
 
 
 class WindowSampler:
@@ -101,8 +106,23 @@ class WindowSampler:
         config = attempt.run.config
         assert isinstance(config, RLConfig)
         self.config = config
+        self._waited: dict[int, float] = {}
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        """The trainer waits for all of a window's sampling at its first step, and sampling
+        never overlaps training."""
+        return {
+            "perf/trainer_wait_for_sampler_time": self._waited.pop(step, 0.0),
+            "perf/overlap_ratio": 0.0,
+        }
 
     def rollouts(self, step: int, cursor: int) -> list[StepRollouts]:
+        started = time.monotonic()
+        window = self._sample_window(step, cursor)
+        self._waited[step] = time.monotonic() - started
+        return window
+
+    def _sample_window(self, step: int, cursor: int) -> list[StepRollouts]:
         config, window = self.config, self.config.weight_sync_interval
         steps = 1 if window == 0 else min(window - step % window, config.max_steps - step)
         self._serve(step)
@@ -211,6 +231,7 @@ class RLStep(RecipeStep[StepRollouts]):
             data.metric_groups(), sample_fails=data.sample_fails, pass_k=pass_k
         )
         metrics["train/lr"] = self.optimizer.learning_rate(step)
+        metrics |= self.source.step_metrics(step) | _version_offsets(step, data)
         if self.trajectories is not None:
             self.trajectories(data)
         built = training_batch(data, self.prompts)
@@ -313,6 +334,19 @@ class RLStep(RecipeStep[StepRollouts]):
             )
 
 
+def _version_offsets(step: int, data: StepRollouts) -> dict[str, float]:
+    """How many versions behind the trained step each rollout's weights were (0: on-policy)."""
+    versions = [snapshot_version(rollout.snapshot) for row in data.rows for rollout in row.rollouts]
+    offsets = [step - v for v in versions if v is not None]
+    if not offsets:
+        return {}
+    return {
+        "async/version_offset_min": float(min(offsets)),
+        "async/version_offset_mean": sum(offsets) / len(offsets),
+        "async/version_offset_max": float(max(offsets)),
+    }
+
+
 def _log_key(step: int) -> str:
     return f"rollouts:{step}"
 
@@ -395,7 +429,97 @@ def rl_flow(config: RLConfig) -> RunResult:
 def _rollout_source(
     attempt: Attempt, data: RLData, rendered: RenderedRL, scorer: RowScorer
 ) -> RolloutSource:
+    config = attempt.run.config
+    assert isinstance(config, RLConfig)
+    if config.max_offpolicy_versions > 0:
+        return AsyncSampler(attempt, data, rendered, scorer)
     return WindowSampler(attempt, data, rendered, scorer)
+
+
+class AsyncSampler:
+    """Asynchronous rollouts: a `RolloutProducer` started at the attempt's first step samples
+    up to `max_offpolicy_versions` steps ahead; each step publishes the version the deployment
+    serves, then takes its rows. The producer stops with the session."""
+
+    def __init__(
+        self, attempt: Attempt, data: RLData, rendered: RenderedRL, scorer: RowScorer
+    ) -> None:
+        self.attempt, self.data, self.rendered, self.scorer = attempt, data, rendered, scorer
+        config = attempt.run.config
+        assert isinstance(config, RLConfig)
+        self.config = config
+        self.producer: RolloutProducer | None = None
+        self._metrics: dict[int, dict[str, float]] = {}
+        self._last_take: tuple[float, float] | None = None  # (time, producer busy seconds)
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        return self._metrics.pop(step, {})
+
+    def rollouts(self, step: int, cursor: int) -> list[StepRollouts]:
+        config = self.config
+        self.attempt.serve(step)
+        producer = self.producer or self._start(step, cursor)
+        producer.publish(step)
+        started, busy = time.monotonic(), producer.busy_seconds()
+        sampled = producer.take(step, config.sample_timeout_s)
+        waited = time.monotonic() - started
+        metrics = {"perf/trainer_wait_for_sampler_time": waited, **producer.gauges()}
+        if self._last_take is not None:
+            # Of the trainer's time since the last take (training, hotload), the share during
+            # which the producer was sampling.
+            cycle, sampling = started - self._last_take[0], busy - self._last_take[1]
+            metrics["perf/overlap_ratio"] = min(1.0, sampling / cycle) if cycle > 0 else 0.0
+        self._last_take = (time.monotonic(), producer.busy_seconds())
+        self._metrics[step] = metrics
+        if all(row.failure is not None for row in sampled):
+            raise RuntimeError(f"step {step}: every row failed to sample: {sampled[0].failure}")
+        n_rows = len(self.data.train.rows)
+        return [
+            StepRollouts(
+                step=step,
+                rows=[self.scorer.score(row, config) for row in sampled],
+                cursor_after=cursor + len(sampled),
+                epoch=cursor // n_rows,
+            )
+        ]
+
+    def _start(self, step: int, cursor: int) -> RolloutProducer:
+        config, run, session = self.config, self.attempt.run, self.attempt.session
+        assert session.deployments is not None and run.deployment_id is not None
+        sampler = session.deployments.create_sampler(run.deployment_id)
+        group, rows = config.completions_per_prompt, config.prompt_groups_per_step
+        n_rows = len(self.data.train.rows)
+
+        def request(position: int) -> RowRequest:
+            (row,), _ = next_batch(config.seed, position, 1, n_rows, shuffle=config.shuffle)
+            return row_request(self.rendered.train, row, position, config.seed, group)
+
+        def sample(request: RowRequest) -> Awaitable[SampledRow]:
+            return sample_row(
+                sampler,
+                request,
+                max_tokens=self.rendered.max_completion_tokens,
+                temperature=config.temperature,
+                timeout_s=config.sample_timeout_s,
+                hotload_retry_interval_s=run.waits.poll_interval_s,
+            )
+
+        producer = RolloutProducer(
+            sample,
+            request,
+            first_step=step,
+            first_cursor=cursor,
+            last_step=config.max_steps,
+            rows_per_step=rows,
+            group_size=group,
+            max_offpolicy_versions=config.max_offpolicy_versions,
+            max_samples_in_flight=(config.max_offpolicy_versions + 1) * rows * group,
+            close_sampler=sampler.aclose,
+        )
+        session.on_close(producer.close)
+        producer.start()
+        self.producer = producer
+        return producer
 
 
 def _evaluate(attempt: Attempt, data: RLData, rendered: RenderedRL, point: int) -> dict[str, float]:

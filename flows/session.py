@@ -11,6 +11,7 @@ newest checkpoint that the trainer job still lists, with its optimizer state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ class TrainerSession(ClosesOnExit):
     ) -> None:
         self.service, self.client, self.job, self.renderer = service, client, job, renderer
         self.deployments, self.syncer, self.sampler = deployments, syncer, sampler
+        self._on_close: list[Callable[[], None]] = []
 
     @classmethod
     def open(
@@ -151,10 +153,19 @@ class TrainerSession(ClosesOnExit):
         )
         self.sampler = self.deployments.create_sampler(deployment.deployment_id)
 
+    def on_close(self, stop: Callable[[], None]) -> None:
+        """Call `stop` first when the session closes (what a recipe runs beside the session,
+        such as a rollout producer, ends with it)."""
+        self._on_close.append(stop)
+
     def close(self) -> None:
-        if self.deployments is not None:
-            self.deployments.close()
-        self.service.close()
+        try:
+            for stop in reversed(self._on_close):
+                stop()
+        finally:
+            if self.deployments is not None:
+                self.deployments.close()
+            self.service.close()
 
 
 def _training_client(

@@ -50,9 +50,12 @@ async def sample_row(
     max_tokens: int,
     temperature: float,
     timeout_s: float,
+    hotload_retry_interval_s: float = 5.0,
 ) -> SampledRow:
     """All of a row's completions, or its failure: a sampling error, or fewer completions than
-    seeds (the sampler drops a completion that does not fit)."""
+    seeds (the sampler drops a completion that does not fit). A request that meets a hotload
+    in progress is retried every `hotload_retry_interval_s` (the sampler's default is 5 s;
+    a producer sampling alongside hotloads wants less)."""
 
     async def one(seed: int) -> list[SampledCompletion]:
         return await sampler.sample_with_prompt_tokens(
@@ -63,6 +66,8 @@ async def sample_row(
             seed=seed,
             logprobs=True,
             http_timeout=timeout_s,
+            hotload_retry_interval=hotload_retry_interval_s,
+            hotload_max_retries=max(10, int(timeout_s / hotload_retry_interval_s)),
         )
 
     try:
