@@ -9,6 +9,7 @@ needs its numbers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -79,3 +80,26 @@ def test_orchestration_overhead_compares_equal_work(tmp_path: Path) -> None:
     row = next(line for line in out.splitlines() if line.split()[:1] == ["1"])
     assert row.split()[7] == "True", out  # the same final loss on both sides
     assert "median: flow" in out, out
+
+
+@pytest.mark.slow
+def test_rl_throughput_runs_every_mode_within_its_staleness_bound(tmp_path: Path) -> None:
+    results = tmp_path / "rl.json"
+    out = run_bench(
+        "rl_throughput.py",
+        *("--rounds", "1", "--steps", "2", "--sft-steps", "1", "--json", str(results)),
+        tmp_path=tmp_path,
+    )
+    modes = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert modes[1:] == ["sync", "async-O1", "async-O2"], out  # after the header row
+    runs = json.loads(results.read_text())["runs"]
+    assert [(run["mode"], len(run["reward"])) for run in runs] == [
+        ("sync", 2),
+        ("async-O1", 2),
+        ("async-O2", 2),
+    ]
+    # Realised staleness never exceeds the mode's bound: 0 for sync, O for async.
+    bounds = {"sync": 0, "async-O1": 1, "async-O2": 2}
+    for run in runs:
+        offsets = run["async_metrics"]["async/version_offset_max"]
+        assert len(offsets) == 2 and max(offsets) <= bounds[run["mode"]], run
