@@ -1,4 +1,4 @@
-"""`fireloop`: run recipes (SFT, DPO, ORPO), the demo, the local platform; export results."""
+"""`fireloop`: run recipes (SFT, DPO, ORPO, RL), the demos, the local platform; export results."""
 
 from __future__ import annotations
 
@@ -161,9 +161,34 @@ for _recipe in RECIPES.values():
     _add_run_command(_recipe)
 
 
+DEMOS = ("sft", "rl")
+
+
 @app.command()
 def demo(
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    recipe: Annotated[
+        str,
+        typer.Argument(
+            help="sft: SFT of the tiny model on string reversal. rl: SFT on addition as a "
+            "warm start, then RL (GRPO by default) from its last checkpoint."
+        ),
+    ] = "sft",
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Optimizer steps; for rl, the RL run's steps (its SFT warm start keeps its "
+            "own). Default: 100 for sft, 60 for rl.",
+            show_default=False,
+        ),
+    ] = None,
+    policy_loss: Annotated[
+        str | None,
+        typer.Option(
+            help="rl only: grpo (the default), dapo, gspo, cispo, dro, importance_sampling or "
+            "reinforce.",
+            show_default=False,
+        ),
+    ] = None,
     smoke: Annotated[
         bool, typer.Option(help="Only provision and tear down a trainer and a deployment.")
     ] = False,
@@ -172,10 +197,29 @@ def demo(
     ] = False,
 ) -> None:
     """The main job: SFT of the tiny model on string reversal, on the embedded platform,
-    with verified hotloads and evaluation through the deployment."""
+    with verified hotloads and evaluation through the deployment. `fireloop demo rl`: the RL
+    recipe, rewarded for right sums, ending with its reward curve."""
+    if recipe not in DEMOS:
+        console.print(f"unknown demo {recipe!r}; known: {', '.join(DEMOS)}", markup=False)
+        raise typer.Exit(2)
+    if recipe == "rl":
+        if smoke:
+            console.print("--smoke provisions only: run it without rl", markup=False)
+            raise typer.Exit(2)
+        from fireloop.rl_demo_cli import RLDemoRequest, run_rl_demo
+
+        request = RLDemoRequest(max_steps, policy_loss, verbose)
+        raise typer.Exit(run_rl_demo(request, console))
+    if policy_loss is not None:
+        console.print("--policy-loss is an option of `demo rl`", markup=False)
+        raise typer.Exit(2)
     if smoke:
         _smoke()
         return
+    _sft_demo(100 if max_steps is None else max_steps, verbose)
+
+
+def _sft_demo(max_steps: int, verbose: bool) -> None:
     from datetime import UTC, datetime
 
     from fireloop.run_cli import RunRequest, run_and_report

@@ -157,7 +157,10 @@ def task_rows() -> Iterator[tuple[str, str, str, str, str]]:
         # task (prompts and a built-in reward) lists it, once `fireloop run rl` exists.
         names = chat_recipes.split(", ")
         recipes = ", ".join(n for n in names if n != "rl" or task.name in RL_TASKS)
-        yield task.name, task.description, example, task.metric, recipes
+        # RL scores the task by its reward on sampled completions, not by exact match.
+        rl = "rl" in names and task.name in RL_TASKS
+        metric = f"{task.metric}; rl: eval/reward" if rl else task.metric
+        yield task.name, task.description, example, metric, recipes
     for pair_task in PREFERENCE_TASKS.values():
         pair = pair_task.generate(1, seed=0, split="train")[0]
         example = _pair_example(pair)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -92,12 +92,18 @@ def print_error(console: Console, message: str) -> None:
 
 def run_and_report(request: RunRequest, console: Console) -> int:
     """Validate, run the recipe's flow with a progress bar, print the summary; the exit code."""
-    set_offline_defaults()
     configure_output(verbose=request.verbose)
+    return with_prefect(console, lambda api: _run(request, api, console))
+
+
+def with_prefect(console: Console, body: Callable[[PrefectApi], int]) -> int:
+    """`body`'s exit code, run with a Prefect API (started now, while `body` imports its flow
+    modules) and SIGTERM raising; an interrupt before `body` acts on it is an exit code too."""
+    set_offline_defaults()
     with sigterm_raises():
         try:
-            with prefect_api() as api:  # starts now, while the flow modules import
-                return _run(request, api, console)
+            with prefect_api() as api:
+                return body(api)
         except PrefectServerError as exc:
             print_error(console, f"error: {exc} (or set PREFECT_API_URL to a running server)")
             return EXIT_FAILURE
