@@ -106,20 +106,20 @@ class WindowSampler:
         config = attempt.run.config
         assert isinstance(config, RLConfig)
         self.config = config
-        self._waited: dict[int, float] = {}
+        self._metrics: dict[int, dict[str, float]] = {}
+        self._syncs = SyncReport(attempt)
 
     def step_metrics(self, step: int) -> dict[str, float]:
         """The trainer waits for all of a window's sampling at its first step, and sampling
         never overlaps training."""
-        return {
-            "perf/trainer_wait_for_sampler_time": self._waited.pop(step, 0.0),
-            "perf/overlap_ratio": 0.0,
-        }
+        waited = {"perf/trainer_wait_for_sampler_time": 0.0, "perf/overlap_ratio": 0.0}
+        return waited | self._metrics.pop(step, {})
 
     def rollouts(self, step: int, cursor: int) -> list[StepRollouts]:
         started = time.monotonic()
-        window = self._sample_window(step, cursor)
-        self._waited[step] = time.monotonic() - started
+        window = self._sample_window(step, cursor)  # serves the weights first if needed
+        rate = _sampling_rate(window, time.monotonic() - started)
+        self._metrics[step] = self._syncs.new_sync() | rate
         return window
 
     def _sample_window(self, step: int, cursor: int) -> list[StepRollouts]:
@@ -334,6 +334,41 @@ class RLStep(RecipeStep[StepRollouts]):
             )
 
 
+class SyncReport:
+    """The timing of the attempt's latest weight sync, reported once, by the step after it."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+        self._reported: str | None = None
+
+    def new_sync(self) -> dict[str, float]:
+        syncer = self.attempt.session.syncer
+        if syncer is None or syncer.last_synced is None:
+            return {}
+        if syncer.last_synced.name == self._reported:
+            return {}
+        self._reported = syncer.last_synced.name
+        timing = syncer.last_timing
+        return {
+            "perf/weight_sync_time": timing["total_time_s"],
+            "perf/save_time": timing["save_time_s"],
+            "perf/hotload_time": timing["hotload_time_s"],
+            "perf/warmup_time": timing["warmup_time_s"],
+        }
+
+
+def _sampling_rate(window: Sequence[StepRollouts], seconds: float) -> dict[str, float]:
+    """Completion tokens and samples per second of one sampling burst."""
+    rollouts = [r for step in window for row in step.rows for r in row.rollouts]
+    if seconds <= 0:
+        return {}
+    return {
+        "perf/trainer_wait_for_sampler_time": seconds,
+        "perf/rollout_tokens_per_s": sum(len(r.tokens) for r in rollouts) / seconds,
+        "perf/rollout_samples_per_s": len(rollouts) / seconds,
+    }
+
+
 def _version_offsets(step: int, data: StepRollouts) -> dict[str, float]:
     """How many versions behind the trained step each rollout's weights were (0: on-policy)."""
     versions = [snapshot_version(rollout.snapshot) for row in data.rows for rollout in row.rollouts]
@@ -451,6 +486,7 @@ class AsyncSampler:
         self.producer: RolloutProducer | None = None
         self._metrics: dict[int, dict[str, float]] = {}
         self._last_take: tuple[float, float] | None = None  # (time, producer busy seconds)
+        self._syncs = SyncReport(attempt)
 
     def step_metrics(self, step: int) -> dict[str, float]:
         return self._metrics.pop(step, {})
@@ -464,6 +500,7 @@ class AsyncSampler:
         sampled = producer.take(step, config.sample_timeout_s)
         waited = time.monotonic() - started
         metrics = {"perf/trainer_wait_for_sampler_time": waited, **producer.gauges()}
+        metrics |= self._syncs.new_sync()
         if self._last_take is not None:
             # Of the trainer's time since the last take (training, hotload), the share during
             # which the producer was sampling.
