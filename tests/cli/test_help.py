@@ -19,7 +19,7 @@ from backend.models.registry import REGISTERED_MODELS
 from fireloop.cli import app
 from fireloop.help import REFERENCE_END, REFERENCE_START, config_fields, config_reference_markdown
 from fireloop.recipes import RECIPES
-from flows.config import DPOConfig, ORPOConfig, SFTConfig
+from flows.config import DPOConfig, ORPOConfig, RLConfig, SFTConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WIDE = {"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
@@ -66,7 +66,7 @@ def test_run_dpo_and_orpo_help_list_their_own_config_fields(recipe: str, own_fie
 
 def test_the_registry_names_each_recipes_own_config() -> None:
     classes = {name: recipe.config_class() for name, recipe in RECIPES.items()}
-    assert classes == {"sft": SFTConfig, "dpo": DPOConfig, "orpo": ORPOConfig}
+    assert classes == {"sft": SFTConfig, "dpo": DPOConfig, "orpo": ORPOConfig, "rl": RLConfig}
     assert all(cls.recipe == name for name, cls in classes.items())
 
 
@@ -97,7 +97,7 @@ def test_tasks_lists_the_toy_tasks_with_an_example() -> None:
         r"│ reverse\s+│ reverse a word.*user: '[a-h]+='\s+assistant: '[a-h]+'.*│ sft\s+│", text
     )
     assert re.search(
-        r"│ addition\s+│ add two digits.*user: '\d\+\d='\s+assistant: '\d'.*│ sft\s+│", text
+        r"│ addition\s+│ add two digits.*user: '\d\+\d='\s+assistant: '\d'.*│ sft, rl\s+│", text
     )
     assert re.search(
         r"│ reverse_pairs\s+│ prefer the right reversal.*user: '[a-h]+='\s+chosen: '[a-h]+'"
@@ -106,7 +106,7 @@ def test_tasks_lists_the_toy_tasks_with_an_example() -> None:
     )
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo", "orpo"])
+@pytest.mark.parametrize("recipe", ["sft", "dpo", "orpo", "rl"])
 def test_the_readme_config_reference_is_the_generated_one(recipe: str) -> None:
     generated = _invoke("config-reference", recipe)
     assert generated == config_reference_markdown(RECIPES[recipe].config_class())
@@ -124,4 +124,4 @@ def test_the_readme_config_reference_is_the_generated_one(recipe: str) -> None:
 def test_an_unknown_recipe_is_refused() -> None:
     result = CliRunner().invoke(app, ["config-reference", "nope"], env=WIDE)
     assert result.exit_code == 2
-    assert "unknown recipe 'nope'; known: sft, dpo, orpo" in result.output
+    assert "unknown recipe 'nope'; known: sft, dpo, orpo, rl" in result.output
