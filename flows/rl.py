@@ -23,12 +23,10 @@ the trainer trains (`flows/rl_producer.py`). The orchestration is `flows/recipe_
 from __future__ import annotations
 
 import itertools
-import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-import fsspec
 from prefect import Flow, flow
 
 from algorithms.datasets import next_batch
@@ -49,15 +47,16 @@ from flows.rl_data import (
     RenderedRL,
     RLData,
     RowScorer,
+    TrajectoryWriter,
     eval_request,
     load_rl_data,
     render_rl_data,
-    row_request,
 )
-from flows.rl_producer import RolloutProducer, snapshot_version
+from flows.rl_producer import snapshot_version
+from flows.rl_sources import RolloutSource, rollout_source
 from flows.step_inputs import StepInputsLog
 from tasks.errors import trainer_call
-from tasks.rollouts import RowRequest, SampledRow, sample_rollouts, sample_row
+from tasks.rollouts import sample_rollouts
 from tasks.training import RecipeStep, StepInputs, client_loss_step, step_metrics
 
 if TYPE_CHECKING:
@@ -66,12 +65,9 @@ if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
 
 __all__ = [
-    "AsyncSampler",
     "InferenceDriftError",
     "RLConfig",
     "RLStep",
-    "RolloutSource",
-    "WindowSampler",
     "configured_rl_flow",
     "rl_flow",
     "run_rl",
@@ -83,97 +79,6 @@ class InferenceDriftError(RuntimeError):
     deployment is not serving the weights being trained."""
 
     retryable: ClassVar[bool] = False
-
-
-class RolloutSource(Protocol):
-    """Where a step's rollouts come from when the log does not have them: every step it
-    sampled at once, the asked-for step first (a window, or one step of the async producer),
-    and the timing metrics of getting them."""
-
-    def rollouts(self, step: int, cursor: int) -> list[StepRollouts]: ...
-
-    def step_metrics(self, step: int) -> dict[str, float]: ...
-
-
-class WindowSampler:
-    """Synchronous rollouts: at a window's first step, sample every step of the window from the
-    deployment serving the weights at that point."""
-
-    def __init__(
-        self, attempt: Attempt, data: RLData, rendered: RenderedRL, scorer: RowScorer
-    ) -> None:
-        self.attempt, self.data, self.rendered, self.scorer = attempt, data, rendered, scorer
-        config = attempt.run.config
-        assert isinstance(config, RLConfig)
-        self.config = config
-        self._metrics: dict[int, dict[str, float]] = {}
-        self._syncs = SyncReport(attempt)
-
-    def step_metrics(self, step: int) -> dict[str, float]:
-        """The trainer waits for all of a window's sampling at its first step, and sampling
-        never overlaps training."""
-        waited = {"perf/trainer_wait_for_sampler_time": 0.0, "perf/overlap_ratio": 0.0}
-        return waited | self._metrics.pop(step, {})
-
-    def rollouts(self, step: int, cursor: int) -> list[StepRollouts]:
-        started = time.monotonic()
-        window = self._sample_window(step, cursor)  # serves the weights first if needed
-        rate = _sampling_rate(window, time.monotonic() - started)
-        self._metrics[step] = self._syncs.new_sync() | rate
-        return window
-
-    def _sample_window(self, step: int, cursor: int) -> list[StepRollouts]:
-        config, window = self.config, self.config.weight_sync_interval
-        steps = 1 if window == 0 else min(window - step % window, config.max_steps - step)
-        self._serve(step)
-        plan: list[tuple[int, int, list[int], int]] = []  # step, cursor, rows, cursor after
-        for offset in range(steps):
-            rows, after = next_batch(
-                config.seed,
-                cursor,
-                config.prompt_groups_per_step,
-                len(self.data.train.rows),
-                shuffle=config.shuffle,
-            )
-            plan.append((step + offset, cursor, rows, after))
-            cursor = after
-        requests = [
-            row_request(
-                self.rendered.train, row, at + i, config.seed, config.completions_per_prompt
-            )
-            for _, at, rows, _ in plan
-            for i, row in enumerate(rows)
-        ]
-        assert self.attempt.session.sampler is not None, "RL needs a deployment"
-        sampled = sample_rollouts(
-            self.attempt.session.sampler,
-            requests,
-            step,
-            self.rendered.max_completion_tokens,
-            config.temperature,
-            config.sample_timeout_s,
-        )
-        if all(row.failure is not None for row in sampled):
-            raise RuntimeError(f"step {step}: every row failed to sample: {sampled[0].failure}")
-        scored = iter([self.scorer.score(row, config) for row in sampled])
-        n_rows = len(self.data.train.rows)
-        return [
-            StepRollouts(
-                step=k,
-                rows=[next(scored) for _ in rows],
-                cursor_after=after,
-                epoch=at // n_rows,
-            )
-            for k, at, rows, after in plan
-        ]
-
-    def _serve(self, step: int) -> None:
-        """The deployment serves the weights after `step` steps (with `weight_sync_interval`
-        0, whatever it serves once the attempt's first sync is done)."""
-        syncer = self.attempt.session.syncer
-        if self.config.weight_sync_interval == 0 and syncer is not None and syncer.last_synced:
-            return
-        self.attempt.serve(step)
 
 
 class RLStep(RecipeStep[StepRollouts]):
@@ -334,41 +239,6 @@ class RLStep(RecipeStep[StepRollouts]):
             )
 
 
-class SyncReport:
-    """The timing of the attempt's latest weight sync, reported once, by the step after it."""
-
-    def __init__(self, attempt: Attempt) -> None:
-        self.attempt = attempt
-        self._reported: str | None = None
-
-    def new_sync(self) -> dict[str, float]:
-        syncer = self.attempt.session.syncer
-        if syncer is None or syncer.last_synced is None:
-            return {}
-        if syncer.last_synced.name == self._reported:
-            return {}
-        self._reported = syncer.last_synced.name
-        timing = syncer.last_timing
-        return {
-            "perf/weight_sync_time": timing["total_time_s"],
-            "perf/save_time": timing["save_time_s"],
-            "perf/hotload_time": timing["hotload_time_s"],
-            "perf/warmup_time": timing["warmup_time_s"],
-        }
-
-
-def _sampling_rate(window: Sequence[StepRollouts], seconds: float) -> dict[str, float]:
-    """Completion tokens and samples per second of one sampling burst."""
-    rollouts = [r for step in window for row in step.rows for r in row.rollouts]
-    if seconds <= 0:
-        return {}
-    return {
-        "perf/trainer_wait_for_sampler_time": seconds,
-        "perf/rollout_tokens_per_s": sum(len(r.tokens) for r in rollouts) / seconds,
-        "perf/rollout_samples_per_s": len(rollouts) / seconds,
-    }
-
-
 def _version_offsets(step: int, data: StepRollouts) -> dict[str, float]:
     """How many versions behind the trained step each rollout's weights were (0: on-policy)."""
     versions = [snapshot_version(rollout.snapshot) for row in data.rows for rollout in row.rollouts]
@@ -392,38 +262,6 @@ def _minibatches(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-class TrajectoryWriter:
-    """Per-step trajectories: `<run_dir>/trajectories/step-<N>.jsonl`, one line per rollout
-    (a replayed step rewrites its file with the same lines)."""
-
-    def __init__(self, run_dir: str, data: RLData, renderer_decode: Callable[[list[int]], str]):
-        self.dir, self.data, self.decode = f"{run_dir}/trajectories", data, renderer_decode
-
-    def __call__(self, rollouts: StepRollouts) -> None:
-        lines = []
-        for group in rollouts.rows:
-            row = self.data.train.rows[group.row]
-            for rollout, advantage in zip(group.rollouts, group.advantages, strict=True):
-                lines.append(
-                    {
-                        "step": rollouts.step,
-                        "row": group.row,
-                        "prompt": row.prompt[-1].content,
-                        "completion": self.decode(rollout.tokens),
-                        "reward": rollout.reward,
-                        "advantage": advantage,
-                        "completion_len": len(rollout.tokens),
-                        "truncated": rollout.finish_reason == "length",
-                        "accepted": group.accepted,
-                        "snapshot": rollout.snapshot,
-                        "ground_truth": row.ground_truth,
-                    }
-                )
-        text = "".join(json.dumps(line) + "\n" for line in lines)
-        with fsspec.open(f"{self.dir}/step-{rollouts.step:06d}.jsonl", "w", auto_mkdir=True) as f:
-            f.write(text)
-
-
 @flow(
     name="rl",
     flow_run_name="rl-{config.run_name}",
@@ -441,7 +279,7 @@ def rl_flow(config: RLConfig) -> RunResult:
             session = attempt.session
             rendered = render_rl_data(data, session.renderer, config)
             scorer = RowScorer(data.train, data.reward, session.renderer)
-            source = _rollout_source(attempt, data, rendered, scorer)
+            source = rollout_source(attempt, data, rendered, scorer)
             reference = None
             if config.kl_beta > 0:
                 with trainer_call(attempt.run.job_id, "creating the reference model"):
@@ -459,104 +297,6 @@ def rl_flow(config: RLConfig) -> RunResult:
             return RecipePlan(step, lambda point: _evaluate(attempt, data, rendered, point))
 
         return run_recipe(config, dataset_fingerprint=data.fingerprint, prepare=prepare)
-
-
-def _rollout_source(
-    attempt: Attempt, data: RLData, rendered: RenderedRL, scorer: RowScorer
-) -> RolloutSource:
-    config = attempt.run.config
-    assert isinstance(config, RLConfig)
-    if config.max_offpolicy_versions > 0:
-        return AsyncSampler(attempt, data, rendered, scorer)
-    return WindowSampler(attempt, data, rendered, scorer)
-
-
-class AsyncSampler:
-    """Asynchronous rollouts: a `RolloutProducer` started at the attempt's first step samples
-    up to `max_offpolicy_versions` steps ahead; each step publishes the version the deployment
-    serves, then takes its rows. The producer stops with the session."""
-
-    def __init__(
-        self, attempt: Attempt, data: RLData, rendered: RenderedRL, scorer: RowScorer
-    ) -> None:
-        self.attempt, self.data, self.rendered, self.scorer = attempt, data, rendered, scorer
-        config = attempt.run.config
-        assert isinstance(config, RLConfig)
-        self.config = config
-        self.producer: RolloutProducer | None = None
-        self._metrics: dict[int, dict[str, float]] = {}
-        self._last_take: tuple[float, float] | None = None  # (time, producer busy seconds)
-        self._syncs = SyncReport(attempt)
-
-    def step_metrics(self, step: int) -> dict[str, float]:
-        return self._metrics.pop(step, {})
-
-    def rollouts(self, step: int, cursor: int) -> list[StepRollouts]:
-        config = self.config
-        self.attempt.serve(step)
-        producer = self.producer or self._start(step, cursor)
-        producer.publish(step)
-        started, busy = time.monotonic(), producer.busy_seconds()
-        sampled = producer.take(step, config.sample_timeout_s)
-        waited = time.monotonic() - started
-        metrics = {"perf/trainer_wait_for_sampler_time": waited, **producer.gauges()}
-        metrics |= self._syncs.new_sync()
-        if self._last_take is not None:
-            # Of the trainer's time since the last take (training, hotload), the share during
-            # which the producer was sampling.
-            cycle, sampling = started - self._last_take[0], busy - self._last_take[1]
-            metrics["perf/overlap_ratio"] = min(1.0, sampling / cycle) if cycle > 0 else 0.0
-        self._last_take = (time.monotonic(), producer.busy_seconds())
-        self._metrics[step] = metrics
-        if all(row.failure is not None for row in sampled):
-            raise RuntimeError(f"step {step}: every row failed to sample: {sampled[0].failure}")
-        n_rows = len(self.data.train.rows)
-        return [
-            StepRollouts(
-                step=step,
-                rows=[self.scorer.score(row, config) for row in sampled],
-                cursor_after=cursor + len(sampled),
-                epoch=cursor // n_rows,
-            )
-        ]
-
-    def _start(self, step: int, cursor: int) -> RolloutProducer:
-        config, run, session = self.config, self.attempt.run, self.attempt.session
-        assert session.deployments is not None and run.deployment_id is not None
-        sampler = session.deployments.create_sampler(run.deployment_id)
-        group, rows = config.completions_per_prompt, config.prompt_groups_per_step
-        n_rows = len(self.data.train.rows)
-
-        def request(position: int) -> RowRequest:
-            (row,), _ = next_batch(config.seed, position, 1, n_rows, shuffle=config.shuffle)
-            return row_request(self.rendered.train, row, position, config.seed, group)
-
-        def sample(request: RowRequest) -> Awaitable[SampledRow]:
-            return sample_row(
-                sampler,
-                request,
-                max_tokens=self.rendered.max_completion_tokens,
-                temperature=config.temperature,
-                timeout_s=config.sample_timeout_s,
-                hotload_retry_interval_s=run.waits.poll_interval_s,
-            )
-
-        producer = RolloutProducer(
-            sample,
-            request,
-            first_step=step,
-            first_cursor=cursor,
-            last_step=config.max_steps,
-            rows_per_step=rows,
-            group_size=group,
-            max_offpolicy_versions=config.max_offpolicy_versions,
-            max_samples_in_flight=(config.max_offpolicy_versions + 1) * rows * group,
-            close_sampler=sampler.aclose,
-        )
-        session.on_close(producer.close)
-        producer.start()
-        self.producer = producer
-        return producer
 
 
 def _evaluate(attempt: Attempt, data: RLData, rendered: RenderedRL, point: int) -> dict[str, float]:

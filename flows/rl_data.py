@@ -11,8 +11,12 @@ the row's file and line.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
+
+import fsspec
 
 from algorithms.chat import ChatRenderer
 from algorithms.rewards import Reward, call_reward, load_reward
@@ -23,12 +27,21 @@ from algorithms.rl_data import (
     render_prompts,
     sample_seed,
 )
-from algorithms.rl_rollouts import Rollout, RowRollouts, score_group
+from algorithms.rl_rollouts import Rollout, RowRollouts, StepRollouts, score_group
 from flows.config import RLConfig
 from flows.sft_data import context_length_of, known_tokenizer
 from tasks.rollouts import RowRequest, SampledRow
 
-__all__ = ["RLData", "RenderedRL", "RowScorer", "load_rl_data", "render_rl_data", "row_request"]
+__all__ = [
+    "RLData",
+    "RenderedRL",
+    "RowScorer",
+    "TrajectoryWriter",
+    "eval_request",
+    "load_rl_data",
+    "render_rl_data",
+    "row_request",
+]
 
 # The completion budget when the config leaves it open and the context allows it.
 DEFAULT_COMPLETION_TOKENS: Final = 1024
@@ -161,3 +174,35 @@ class RowScorer:
             advantage_norm=config.advantage_norm,
             filter_constant=config.filter_constant_reward_groups,
         )
+
+
+class TrajectoryWriter:
+    """Per-step trajectories: `<run_dir>/trajectories/step-<N>.jsonl`, one line per rollout
+    (a replayed step rewrites its file with the same lines)."""
+
+    def __init__(self, run_dir: str, data: RLData, renderer_decode: Callable[[list[int]], str]):
+        self.dir, self.data, self.decode = f"{run_dir}/trajectories", data, renderer_decode
+
+    def __call__(self, rollouts: StepRollouts) -> None:
+        lines = []
+        for group in rollouts.rows:
+            row = self.data.train.rows[group.row]
+            for rollout, advantage in zip(group.rollouts, group.advantages, strict=True):
+                lines.append(
+                    {
+                        "step": rollouts.step,
+                        "row": group.row,
+                        "prompt": row.prompt[-1].content,
+                        "completion": self.decode(rollout.tokens),
+                        "reward": rollout.reward,
+                        "advantage": advantage,
+                        "completion_len": len(rollout.tokens),
+                        "truncated": rollout.finish_reason == "length",
+                        "accepted": group.accepted,
+                        "snapshot": rollout.snapshot,
+                        "ground_truth": row.ground_truth,
+                    }
+                )
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        with fsspec.open(f"{self.dir}/step-{rollouts.step:06d}.jsonl", "w", auto_mkdir=True) as f:
+            f.write(text)
