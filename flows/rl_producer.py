@@ -12,8 +12,9 @@ Durability is the step-inputs log's: a step's rows are logged when the step take
 it trains, so a replay reuses them; rows sampled ahead but not yet taken are lost with a crashed
 attempt and sampled again by the next one (from its own, newer weights), so no row is trained
 twice or skipped, and the data cursor, which only counts trained steps, never passes a row
-that was not trained. Five failed rows in a row stop the producer (a circuit breaker): the step
-waiting for them fails with `RolloutProducerError`, which a flow retry may clear.
+that was not trained. Five failed rows in a row, or half of the last twenty, stop the producer
+(a circuit breaker): the step waiting for rows fails with `RolloutProducerError`, which a flow
+retry may clear.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Final
 
@@ -29,8 +31,12 @@ from tasks.rollouts import RowRequest, SampledRow
 
 __all__ = ["RolloutProducer", "RolloutProducerError", "snapshot_version"]
 
-# Consecutive failed rows after which the producer stops.
+# The circuit breaker: the producer stops after this many failed rows in a row, or when at
+# least half of the last rows failed (judged once enough rows have settled).
 BREAKER_CONSECUTIVE_FAILURES: Final = 5
+BREAKER_WINDOW: Final = 20
+BREAKER_MIN_SETTLED: Final = 10
+BREAKER_FAILURE_SHARE: Final = 0.5
 _SNAPSHOT_STEP: Final = re.compile(r"^step-(\d+)(?:-|$)")
 
 
@@ -83,6 +89,7 @@ class RolloutProducer:
         self._results: dict[int, SampledRow] = {}
         self._failed_in_a_row = 0
         self._rows_failed = 0
+        self._recent: deque[bool] = deque(maxlen=BREAKER_WINDOW)  # settled rows: failed?
         self._error: str | None = None
         self._busy_since: float | None = None
         self._busy_s = 0.0  # time with samples in flight
@@ -177,6 +184,22 @@ class RolloutProducer:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    def _settle(self, row: SampledRow) -> None:
+        """Count a settled row; open the circuit breaker when failures pile up."""
+        failed = row.failure is not None
+        self._recent.append(failed)
+        self._failed_in_a_row = self._failed_in_a_row + 1 if failed else 0
+        self._rows_failed += failed
+        if self._error is not None:
+            return
+        share = sum(self._recent) / len(self._recent)
+        if self._failed_in_a_row >= BREAKER_CONSECUTIVE_FAILURES:
+            self._error = f"{self._failed_in_a_row} rows in a row failed to sample"
+        elif len(self._recent) >= BREAKER_MIN_SETTLED and share >= BREAKER_FAILURE_SHARE:
+            self._error = f"{sum(self._recent)} of the last {len(self._recent)} rows failed"
+        if self._error is not None and failed:
+            self._error += f"; last: {row.failure}"
+
     async def _run(self, position: int) -> None:
         request = self._request(position)
         try:
@@ -189,15 +212,6 @@ class RolloutProducer:
                 self._busy_s += time.monotonic() - self._busy_since
                 self._busy_since = None
             self._results[position] = row
-            if row.failure is None:
-                self._failed_in_a_row = 0
-            else:
-                self._rows_failed += 1
-                self._failed_in_a_row += 1
-                if self._failed_in_a_row >= BREAKER_CONSECUTIVE_FAILURES:
-                    self._error = (
-                        f"{self._failed_in_a_row} rows in a row failed to sample; last: "
-                        f"{row.failure}"
-                    )
+            self._settle(row)
             self._cond.notify_all()
         self._admit()

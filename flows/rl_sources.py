@@ -18,6 +18,7 @@ from flows.config import RLConfig
 from flows.recipe_loop import Attempt
 from flows.rl_data import RenderedRL, RLData, RowScorer, row_request
 from flows.rl_producer import RolloutProducer
+from sdk import AdaptiveConcurrencyController, ConcurrencyController
 from tasks.rollouts import RowRequest, SampledRow, sample_rollouts, sample_row
 
 __all__ = ["AsyncSampler", "RolloutSource", "SyncReport", "WindowSampler", "rollout_source"]
@@ -64,7 +65,10 @@ class WindowSampler(_Sampling):
         started = time.monotonic()
         window = self._sample_window(step, cursor)  # serves the weights first if needed
         rate = _sampling_rate(window, time.monotonic() - started)
-        self._metrics[step] = self._syncs.new_sync() | rate
+        sampler = self.attempt.session.sampler
+        assert sampler is not None
+        controller = _concurrency(sampler.concurrency_controller.step_completed())
+        self._metrics[step] = self._syncs.new_sync() | rate | controller
         return window
 
     def _sample_window(self, step: int, cursor: int) -> list[StepRollouts]:
@@ -144,6 +148,11 @@ class SyncReport:
         }
 
 
+def _concurrency(counters: dict[str, float]) -> dict[str, float]:
+    """The sampler's concurrency controller's counters of the step, as `concurrency/*`."""
+    return {f"concurrency/{name}": value for name, value in counters.items()}
+
+
 def _sampling_rate(window: Sequence[StepRollouts], seconds: float) -> dict[str, float]:
     """Completion tokens and samples per second of one sampling burst."""
     rollouts = [r for step in window for row in step.rows for r in row.rollouts]
@@ -176,6 +185,7 @@ class AsyncSampler(_Sampling):
     ) -> None:
         super().__init__(attempt, data, rendered, scorer)
         self.producer: RolloutProducer | None = None
+        self._sampler_controller: ConcurrencyController = AdaptiveConcurrencyController()
         self._last_take: tuple[float, float] | None = None  # (time, producer busy seconds)
 
     def rollouts(self, step: int, cursor: int) -> list[StepRollouts]:
@@ -193,6 +203,8 @@ class AsyncSampler(_Sampling):
             # which the producer was sampling.
             cycle, sampling = started - self._last_take[0], busy - self._last_take[1]
             metrics["perf/overlap_ratio"] = min(1.0, sampling / cycle) if cycle > 0 else 0.0
+            metrics["perf/sampler_wait_for_trainer_time"] = max(0.0, cycle - sampling)
+        metrics |= _concurrency(self._sampler_controller.step_completed())
         self._last_take = (time.monotonic(), producer.busy_seconds())
         self._metrics[step] = metrics
         if all(row.failure is not None for row in sampled):
@@ -210,7 +222,9 @@ class AsyncSampler(_Sampling):
     def _start(self, step: int, cursor: int) -> RolloutProducer:
         config, run, session = self.config, self.attempt.run, self.attempt.session
         assert session.deployments is not None and run.deployment_id is not None
-        sampler = session.deployments.create_sampler(run.deployment_id)
+        sampler = session.deployments.create_sampler(
+            run.deployment_id, concurrency_controller=self._sampler_controller
+        )
         group, rows = config.completions_per_prompt, config.prompt_groups_per_step
         n_rows = len(self.data.train.rows)
 
