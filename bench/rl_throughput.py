@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import torch
 from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel
 
@@ -49,6 +51,8 @@ from flows.sft import configured_sft_flow
 MODES = {"sync": 0, "async-O1": 1, "async-O2": 2}  # name → max_offpolicy_versions
 FINAL_STEPS = 10  # the final reward is the mean raw reward of this many last steps
 C = TypeVar("C", bound=BaseModel)
+LOOP_METRIC_PREFIXES = ("perf/", "async/", "producer/")
+SAMPLING_RETRY_LOGGER = "sdk._sampling_retry"  # one warning per retried completion
 ASYNC_METRICS = (
     "perf/overlap_ratio",
     "perf/trainer_wait_for_sampler_time",
@@ -69,7 +73,8 @@ class RunOutcome:
     total_wall_s: float  # the whole flow, provisioning and teardown included
     step_wall_s: list[float]  # perf/step_wall_time per step: the trainer side of a step
     reward: list[float | None]  # rollout/raw_reward per step (None: the step logged none)
-    async_metrics: dict[str, list[float]] = field(default_factory=dict)  # present ones only
+    sampling_retries: int  # completions the SDK retried (a deployment mid-hotload answers 425)
+    loop_metrics: dict[str, list[float]] = field(default_factory=dict)  # perf/, async/, producer/
 
     @property
     def final_reward(self) -> float | None:
@@ -78,6 +83,26 @@ class RunOutcome:
     @property
     def first_reward(self) -> float | None:
         return mean_or_none(self.reward[:FINAL_STEPS])
+
+
+class RetryCounter(logging.Filter):
+    """Counts the SDK's sampling retries while in use, and keeps their log lines off the
+    table (an async producer meets every hotload, so there are hundreds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.count += 1
+        return False
+
+    def __enter__(self) -> RetryCounter:
+        logging.getLogger(SAMPLING_RETRY_LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger(SAMPLING_RETRY_LOGGER).removeFilter(self)
 
 
 def mean_or_none(values: list[float | None]) -> float | None:
@@ -132,7 +157,8 @@ def run_mode(
         stamps.append(time.monotonic())
 
     started = time.monotonic()
-    result = run_rl(config, on_progress=on_progress)
+    with RetryCounter() as retries:
+        result = run_rl(config, on_progress=on_progress)
     total_wall_s = time.monotonic() - started
     rows = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines()]
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
@@ -145,10 +171,11 @@ def run_mode(
         total_wall_s=total_wall_s,
         step_wall_s=[row["perf/step_wall_time"] for row in rows if "perf/step_wall_time" in row],
         reward=[row.get("rollout/raw_reward") for row in rows],
-        async_metrics={
+        sampling_retries=retries.count,
+        loop_metrics={
             name: [row[name] for row in rows if name in row]
-            for name in ASYNC_METRICS
-            if any(name in row for row in rows)
+            for name in sorted({k for row in rows for k in row})
+            if name.startswith(LOOP_METRIC_PREFIXES)
         },
     )
 
@@ -167,9 +194,9 @@ def spread(values: list[float], spec: str = ".3f") -> str:
     return f"{middle} ({format(min(values), spec)}–{format(max(values), spec)})"
 
 
-def async_summary(runs: list[RunOutcome], name: str) -> str:
+def metric_summary(runs: list[RunOutcome], name: str) -> str:
     """Mean over the steps of each run, then median over runs; max for the maximum offset."""
-    per_run = [r.async_metrics[name] for r in runs if name in r.async_metrics]
+    per_run = [r.loop_metrics[name] for r in runs if name in r.loop_metrics]
     if not per_run:
         return "n/a"
     pick = max if name.endswith("_max") else statistics.fmean
@@ -212,10 +239,33 @@ def report(model: str, runs: list[RunOutcome]) -> None:
             spread([statistics.fmean(r.step_wall_s) for r in of_mode if r.step_wall_s], ".2f"),
             spread([v for r in of_mode if (v := r.first_reward) is not None]),
             spread([v for r in of_mode if (v := r.final_reward) is not None]),
-            *(async_summary(of_mode, name) for name in ASYNC_METRICS),
+            *(metric_summary(of_mode, name) for name in ASYNC_METRICS),
         ]
         print("| " + " | ".join(cells) + " |")
+    print_breakdown(runs)
     print_curves(runs)
+
+
+BREAKDOWN = {  # column → metric, each a per-step mean
+    "fwd_bwd s": "perf/fwd_bwd_time",
+    "optim_step s": "perf/optim_step_time",
+    "weight sync s": "perf/weight_sync_time",
+    "hotload s": "perf/hotload_time",
+    "rollout tokens/s": "perf/rollout_tokens_per_s",
+}
+
+
+def print_breakdown(runs: list[RunOutcome]) -> None:
+    """Where a step's time goes: the trainer's calls, the weight sync, the sampler's rate."""
+    print("\nper-step means (median over rounds); sampling retries: completions retried per run")
+    print("| mode | " + " | ".join(BREAKDOWN) + " | sampling retries |")
+    print("|---|" + "---:|" * (len(BREAKDOWN) + 1))
+    for mode in MODES:
+        of_mode = [r for r in runs if r.mode == mode]
+        if of_mode:
+            cells = [metric_summary(of_mode, name) for name in BREAKDOWN.values()]
+            retries = spread([float(r.sampling_retries) for r in of_mode], ".0f")
+            print(f"| {mode} | " + " | ".join(cells) + f" | {retries} |")
 
 
 def print_curves(runs: list[RunOutcome], bucket: int = 5) -> None:
@@ -244,11 +294,16 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=15, help="SFT warm-start steps")
     parser.add_argument("--lora-rank", type=int, default=0, help="0: full-parameter (both runs)")
     parser.add_argument("--seed", type=int, default=0, help="round r runs seed + r in every mode")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads, trainer and sampler alike (default: torch's)"
+    )
     parser.add_argument("--data-dir", type=Path, help="the platform's data (default: a temp dir)")
     parser.add_argument(
         "--json", type=Path, default=Path("runs/bench/rl_throughput.json"), help="results file"
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",")]
     unknown = [m for m in modes if m not in MODES]
     if unknown or "sync" not in modes:
@@ -259,7 +314,8 @@ def main() -> None:
         platform = PlatformConfig(base_url=endpoint.base_url, api_key=endpoint.api_key)
         print(
             f"Prefect API: {PREFECT_API_URL.value() or 'temporary local server'}; platform "
-            f"{endpoint.base_url}; {args.model}, {args.steps} RL steps × {args.rounds} rounds"
+            f"{endpoint.base_url}; {args.model}, {args.steps} RL steps × {args.rounds} rounds; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
         )
         sft, rl = warm_start_configs(args, root, platform)
         rl = revalidated(rl, init_from_checkpoint=run_sft(sft))

@@ -90,8 +90,9 @@ def test_rl_throughput_runs_every_mode_within_its_staleness_bound(tmp_path: Path
         *("--rounds", "1", "--steps", "2", "--sft-steps", "1", "--json", str(results)),
         tmp_path=tmp_path,
     )
-    modes = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
-    assert modes[1:] == ["sync", "async-O1", "async-O2"], out  # after the header row
+    table = next(block for block in out.split("\n\n") if "| staleness max |" in block)
+    modes = [line.split("|")[1].strip() for line in table.splitlines()[3:]]  # title, header, rule
+    assert modes == ["sync", "async-O1", "async-O2"], out
     runs = json.loads(results.read_text())["runs"]
     assert [(run["mode"], len(run["reward"])) for run in runs] == [
         ("sync", 2),
@@ -101,5 +102,5 @@ def test_rl_throughput_runs_every_mode_within_its_staleness_bound(tmp_path: Path
     # Realised staleness never exceeds the mode's bound: 0 for sync, O for async.
     bounds = {"sync": 0, "async-O1": 1, "async-O2": 2}
     for run in runs:
-        offsets = run["async_metrics"]["async/version_offset_max"]
+        offsets = run["loop_metrics"]["async/version_offset_max"]
         assert len(offsets) == 2 and max(offsets) <= bounds[run["mode"]], run
