@@ -189,6 +189,14 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="rl only: resume the stopped demo of this name (the command is printed when "
+            "one is stopped).",
+            show_default=False,
+        ),
+    ] = None,
     smoke: Annotated[
         bool, typer.Option(help="Only provision and tear down a trainer and a deployment.")
     ] = False,
@@ -208,10 +216,10 @@ def demo(
             raise typer.Exit(2)
         from fireloop.rl_demo_cli import RLDemoRequest, run_rl_demo
 
-        request = RLDemoRequest(max_steps, policy_loss, verbose)
+        request = RLDemoRequest(max_steps, policy_loss, name, verbose)
         raise typer.Exit(run_rl_demo(request, console))
-    if policy_loss is not None:
-        console.print("--policy-loss is an option of `demo rl`", markup=False)
+    if policy_loss is not None or name is not None:
+        console.print("--policy-loss and --name are options of `demo rl`", markup=False)
         raise typer.Exit(2)
     if smoke:
         _smoke()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,10 +47,12 @@ _EVAL_COLUMNS: Final = ("eval/reward", "eval/accuracy")
 
 @dataclass(frozen=True)
 class RLDemoRequest:
-    """The demo as typed: RL steps, the policy loss, and whether to show Prefect's output."""
+    """The demo as typed: RL steps, the policy loss, the name of a demo to resume, and
+    whether to show Prefect's output."""
 
     rl_steps: int | None = None  # None: the demo's default
     policy_loss: str | None = None
+    name: str | None = None  # None: a new demo
     verbose: bool = False
     runs_dir: str = "runs"
 
@@ -72,7 +75,12 @@ def run_rl_demo(request: RLDemoRequest, console: Console) -> int:
     """Run the RL demo with a progress bar per phase, then print its reward curve; the exit
     code (2 for a bad option, 130 / 143 when interrupted)."""
     configure_output(verbose=request.verbose)
-    name = demo_name()
+    name = demo_name() if request.name is None else request.name
+    # Nothing may import Prefect before the Prefect API is chosen: it reads its settings once.
+    return with_prefect(console, lambda api: _run(request, name, api, console))
+
+
+def _run(request: RLDemoRequest, name: str, api: PrefectApi, console: Console) -> int:
     try:
         config = _checked(request.config(name))
     except (ValidationError, ValueError) as exc:
@@ -83,21 +91,6 @@ def run_rl_demo(request: RLDemoRequest, console: Console) -> int:
         f"then RL ({config.policy_loss}, {config.rl_steps} steps) from its checkpoint, rewarded "
         "for right sums; embedded local platform"
     )
-    return with_prefect(console, lambda api: _run(config, api, console))
-
-
-def _checked(config: RLDemoConfig) -> RLDemoConfig:
-    """`config`, once both runs' configs validate (a bad loss name is refused here, in a
-    second, instead of after the SFT run)."""
-    from flows.config import PlatformConfig
-    from flows.rl_demo import rl_demo_configs
-
-    # A placeholder platform: the demo starts its embedded one only once the flow runs.
-    rl_demo_configs(config, PlatformConfig(base_url="http://127.0.0.1:1"), start="job:step-1")
-    return config
-
-
-def _run(config: RLDemoConfig, api: PrefectApi, console: Console) -> int:
     from flows.monitoring import progress_listener
     from flows.rl_demo import rl_demo_flow
 
@@ -120,6 +113,17 @@ def _run(config: RLDemoConfig, api: PrefectApi, console: Console) -> int:
             return report_failure(exc, console)
     print_demo_summary(result, console)
     return 0
+
+
+def _checked(config: RLDemoConfig) -> RLDemoConfig:
+    """`config`, once both runs' configs validate (a bad loss name is refused here, in a
+    second, instead of after the SFT run)."""
+    from flows.config import PlatformConfig
+    from flows.rl_demo import rl_demo_configs
+
+    # A placeholder platform: the demo starts its embedded one only once the flow runs.
+    rl_demo_configs(config, PlatformConfig(base_url="http://127.0.0.1:1"), start="job:step-1")
+    return config
 
 
 class PhaseBars:
@@ -156,15 +160,27 @@ class PhaseBars:
 
 
 def _print_interrupted(console: Console, config: RLDemoConfig, code: int) -> None:
+    """Where the stopped demo's runs are, and the command that resumes it (each run resumes
+    from its last checkpoint; a finished SFT run is not trained again)."""
     what = "Ctrl-C" if code == 130 else "SIGTERM"
     root = Path(config.runs_dir, config.name).absolute()
-    console.print(
-        Text(
-            f"\nstopped by {what}: demo {config.name} was not finished; its runs so far "
-            f"(ledgers and checkpoints) are under {root}",
-        ),
-        soft_wrap=True,
+    stopped = f"\nstopped by {what}: demo {config.name} was not finished; its runs are under {root}"
+    console.print(Text(stopped), soft_wrap=True)
+    console.print(Text("to resume, run (from this directory):", style="bold"))
+    command = shlex.join(
+        [
+            "fireloop",
+            "demo",
+            "rl",
+            "--max-steps",
+            str(config.rl_steps),
+            "--policy-loss",
+            config.policy_loss,
+            "--name",
+            config.name,
+        ]
     )
+    console.print(Text(f"  {command}"), soft_wrap=True)
 
 
 @dataclass(frozen=True)

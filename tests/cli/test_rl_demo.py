@@ -1,24 +1,28 @@
 """`fireloop demo rl` as a user runs it: SFT warm start, then RL, then the reward curve.
 
 The end-to-end test runs the real CLI in a subprocess (its own Prefect server, the embedded
-platform under the test's directory) and holds what it prints to what the runs wrote: the
-block means and the sparkline to the RL run's `metrics.jsonl`, the evaluation table to its
-ledger. The helpers that compact the curve are checked on hand-computed values.
+platform under the test's directory), stops it with Ctrl-C during RL, resumes it with the
+command it printed, and holds what it prints to what the runs wrote: the block means and the
+sparkline to the RL run's `metrics.jsonl`, the evaluation table to its ledger. The helpers that
+compact the curve are checked on hand-computed values.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from fireloop.cli import app
 from fireloop.rl_demo_cli import reward_curve, sparkline
-from tests.cli.support import cli_env, ledger_rows, run_cli
+from tests.cli.support import cli_env, ledger_rows, run_cli, start_cli
 
-RL_STEPS = 6
+RL_STEPS = 10  # one checkpoint, at the end: a Ctrl-C mid-way resumes RL from its start
 SFT_STEPS = 15  # the demo's warm start (RLDemoConfig.sft_steps)
 
 
@@ -27,22 +31,52 @@ def _metric_lines(path: Path, rewards: list[float]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def test_demo_rl_prints_the_reward_curve_and_the_evaluations_of_its_two_runs(
+def _interrupt_during_rl(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Start the demo and press Ctrl-C once its RL run has trained a step; the exit code and
+    the output."""
+    log = tmp_path / "interrupted.log"
+    process = start_cli(["demo", "rl", "--max-steps", str(RL_STEPS)], env, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(
+            row.get("kind") == "hotload" and row.get("step", 0) >= 1
+            for ledger in (tmp_path / "runs").glob("*/rl")
+            for row in ledger_rows(ledger)
+        ):
+            assert process.poll() is None, log.read_text(encoding="utf-8")
+            assert time.monotonic() < deadline, log.read_text(encoding="utf-8")
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole group
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return code, log.read_text(encoding="utf-8")
+
+
+def test_demo_rl_stops_on_ctrl_c_resumes_and_prints_the_curve_and_evaluations(
     tmp_path: Path,
 ) -> None:
-    done = run_cli(
-        ["demo", "rl", "--max-steps", str(RL_STEPS)],
-        cli_env(tmp_path / "home", None),
-        tmp_path,
-        timeout_s=180,
-    )
+    env = cli_env(tmp_path / "home", None)  # the CLI starts its own Prefect server
+
+    code, stopped = _interrupt_during_rl(tmp_path, env)
+
+    assert code == 130, stopped
+    assert "to resume, run (from this directory):" in stopped
+    command = stopped.split("to resume, run (from this directory):", 1)[1].split()
+    assert command[:3] == ["fireloop", "demo", "rl"]
+    assert "Traceback" not in stopped
+
+    done = run_cli(command[1:], env, tmp_path, timeout_s=180)
+
     out = done.stdout
     assert done.returncode == 0, out
     assert "Traceback" not in out
     assert "Finished in state" not in out, "Prefect's own lines belong to --verbose"
-
     (root,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"demo-rl-\d{8}-\d{6}", root.name)
+    assert f"run {root.name}-sft is already complete" in out  # not trained twice
     sft_dir, rl_dir = root / "sft", root / "rl"
     for run_dir, steps in ((sft_dir, SFT_STEPS), (rl_dir, RL_STEPS)):
         last = ledger_rows(run_dir)[-1]
@@ -50,13 +84,13 @@ def test_demo_rl_prints_the_reward_curve_and_the_evaluations_of_its_two_runs(
         assert last["next_step"] == steps
         assert re.search(rf"^\s+\w+ run\s+{re.escape(str(run_dir))}$", out, re.MULTILINE)
 
-    # The curve: one block of steps 0-5 whose mean is that of metrics.jsonl, and one spark
-    # per step.
+    # The curve: one block of every step, whose mean is that of metrics.jsonl (each step
+    # once, the replayed ones included), and one spark per step.
     rows = [json.loads(line) for line in (rl_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [row["rollout/raw_reward"] for row in rows]
     assert [row["step"] for row in rows] == list(range(RL_STEPS))
     assert "RL reward: rollout/raw_reward, mean per 10 steps" in out
-    assert re.search(r"┃ steps\s+┃\s+0-5 ┃", out)  # a heading row: heavy rules
+    assert re.search(rf"┃ steps\s+┃\s+0-{RL_STEPS - 1} ┃", out)  # a heading row: heavy rules
     assert re.search(rf"│ reward\s+│\s+{sum(rewards) / RL_STEPS:.3f} │", out)
     spark = re.search(r"^  ([▁▂▃▄▅▆▇█]+)  \(one per step; ▁ 0 … █ 1\)$", out, re.MULTILINE)
     assert spark is not None, out
@@ -64,7 +98,7 @@ def test_demo_rl_prints_the_reward_curve_and_the_evaluations_of_its_two_runs(
 
     # The held-out evaluations: the ledger's rows (before step 0 and after the last step).
     evaluations = [row for row in ledger_rows(rl_dir) if row["kind"] == "evaluation"]
-    assert [row["step"] for row in evaluations] == [0, RL_STEPS]
+    assert [row["step"] for row in evaluations][-1] == RL_STEPS
     assert re.search(r"┃ step ┃ reward ┃ accuracy ┃ pass@1 ┃ pass@4 ┃", out)
     for row in evaluations:
         metrics = row["metrics"]
@@ -114,7 +148,7 @@ def test_demo_options_that_do_not_fit_the_recipe_are_refused() -> None:
     assert unknown.exit_code == 2
     assert "unknown demo 'dpo'; known: sft, rl" in unknown.output
     assert loss_for_sft.exit_code == 2
-    assert "--policy-loss is an option of `demo rl`" in loss_for_sft.output
+    assert "--policy-loss and --name are options of `demo rl`" in loss_for_sft.output
     assert smoke_for_rl.exit_code == 2
 
 
