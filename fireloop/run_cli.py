@@ -30,6 +30,7 @@ from fireloop.recipes import RECIPES
 
 if TYPE_CHECKING:
     from flows.config import RecipeConfig
+    from flows.ledger import HotloadRow
     from flows.lifecycle import RunResult
     from flows.monitoring import Progress as StepProgress
 
@@ -232,8 +233,8 @@ def print_summary(result: RunResult, console: Console, headline_metric: str) -> 
     console.print(Text(_resources_line(result)), soft_wrap=True)
 
 
-# The evaluation scores a person looks at first (SFT's toy tasks, the preference recipes).
-_SCORES: Final = ("eval/exact_match", "eval/accuracy")
+# The evaluation scores a person looks at first (SFT's toy tasks, RL, the preference recipes).
+_SCORES: Final = ("eval/exact_match", "eval/reward", "eval/accuracy")
 
 
 def _final_metrics(result: RunResult, headline_metric: str) -> str | None:
@@ -316,11 +317,28 @@ def print_report(ledger_path: str, console: Console) -> None:
         hotloads = Table(title="hotloads")
         for column in ("step", "identity", "type", "verified"):
             hotloads.add_column(column)
-        for row in hotload_rows:
+        for hotload in _ends(hotload_rows):
+            if hotload is None:
+                hidden = hotload_rows[_HOTLOADS_SHOWN:-_HOTLOADS_SHOWN]
+                unverified = sum(not row.verified for row in hidden)
+                verified = "all yes" if not unverified else f"{unverified} NO"
+                hotloads.add_row("…", f"{len(hidden)} more", "", verified)
+                continue
             hotloads.add_row(
-                str(row.step),
-                Text(row.identity),
-                str(row.checkpoint_type),
-                "yes" if row.verified else "NO",
+                str(hotload.step),
+                Text(hotload.identity),
+                str(hotload.checkpoint_type),
+                "yes" if hotload.verified else "NO",
             )
         console.print(hotloads)
+
+
+# RL hotloads after every window: a long run lists its first and last few (the ledger has all).
+_HOTLOADS_SHOWN: Final = 4
+
+
+def _ends(rows: Sequence[HotloadRow]) -> list[HotloadRow | None]:
+    """`rows`, or their first and last `_HOTLOADS_SHOWN` with None between them."""
+    if len(rows) <= 2 * _HOTLOADS_SHOWN + 1:
+        return list(rows)
+    return [*rows[:_HOTLOADS_SHOWN], None, *rows[-_HOTLOADS_SHOWN:]]

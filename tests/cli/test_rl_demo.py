@@ -16,10 +16,13 @@ import signal
 import time
 from pathlib import Path
 
+from rich.console import Console
 from typer.testing import CliRunner
 
 from fireloop.cli import app
 from fireloop.rl_demo_cli import reward_curve, sparkline
+from fireloop.run_cli import print_report
+from flows.ledger import HotloadRow, Ledger, RunHeader, ledger_path
 from tests.cli.support import cli_env, ledger_rows, run_cli, start_cli
 
 RL_STEPS = 10  # one checkpoint, at the end: a Ctrl-C mid-way resumes RL from its start
@@ -160,3 +163,35 @@ def test_an_unknown_policy_loss_is_refused_before_anything_runs(tmp_path: Path) 
     assert done.returncode == 2, done.stdout
     assert "policy_loss" in done.stdout and "'ppo'" in done.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_hotloads_every_step_lists_its_first_and_last_hotloads(tmp_path: Path) -> None:
+    header = RunHeader(
+        run_id="rl-many",
+        recipe="rl",
+        config_hash="sha256:cfg",
+        base_model="fireloop/tiny",
+        tokenizer_model="fireloop/tiny",
+        lora_rank=0,
+        dataset_fingerprint="sha256:data",
+    )
+    ledger = Ledger.open(tmp_path, header)
+    for step in range(21):
+        kind = "base" if step == 0 else "delta"
+        ledger.append(
+            HotloadRow(
+                identity=f"snap-{step}",
+                deployment="d",
+                verified=True,
+                step=step,
+                checkpoint_type=kind,
+            )
+        )
+    console = Console(record=True, width=120, color_system=None)
+
+    print_report(str(ledger_path(tmp_path)), console)
+
+    text = console.export_text()
+    shown = re.findall(r"snap-(\d+)", text)
+    assert shown == ["0", "1", "2", "3", "17", "18", "19", "20"]
+    assert re.search(r"│ …\s+│ 13 more\s+│\s+│ all yes\s+│", text), text
