@@ -205,8 +205,8 @@ def demo(
     ] = False,
 ) -> None:
     """The main job: SFT of the tiny model on string reversal, on the embedded platform,
-    with verified hotloads and evaluation through the deployment. `fireloop demo rl`: the RL
-    recipe, rewarded for right sums, ending with its reward curve."""
+    with verified hotloads and evaluation through the deployment. `fireloop demo rl`: an SFT
+    warm start on addition, then RL rewarded for right sums, ending with its reward curve."""
     if recipe not in DEMOS:
         console.print(f"unknown demo {recipe!r}; known: {', '.join(DEMOS)}", markup=False)
         raise typer.Exit(2)
