@@ -76,6 +76,10 @@ def run_rl_demo(request: RLDemoRequest, console: Console) -> int:
     code (2 for a bad option, 130 / 143 when interrupted)."""
     configure_output(verbose=request.verbose)
     name = demo_name() if request.name is None else request.name
+    console.print(
+        "[bold]fireloop demo rl[/]: SFT of fireloop/tiny on addition, then RL from its checkpoint, "
+        "rewarded for right sums; embedded local platform"
+    )
     # Nothing may import Prefect before the Prefect API is chosen: it reads its settings once.
     return with_prefect(console, lambda api: _run(request, name, api, console))
 
@@ -86,10 +90,14 @@ def _run(request: RLDemoRequest, name: str, api: PrefectApi, console: Console) -
     except (ValidationError, ValueError) as exc:
         print_error(console, f"invalid RL demo options:\n{exc}")
         return EXIT_USER_ERROR
+    root = Path(config.runs_dir, config.name)
     console.print(
-        f"[bold]fireloop demo rl[/]: SFT of fireloop/tiny on addition ({config.sft_steps} steps), "
-        f"then RL ({config.policy_loss}, {config.rl_steps} steps) from its checkpoint, rewarded "
-        "for right sums; embedded local platform"
+        Text(
+            f"SFT: {config.sft_steps} steps; RL: {config.policy_loss}, {config.rl_steps} steps; "
+            f"runs under {root}",
+            style="dim",
+        ),
+        soft_wrap=True,
     )
     from flows.monitoring import progress_listener
     from flows.rl_demo import rl_demo_flow
