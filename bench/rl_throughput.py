@@ -12,7 +12,7 @@ metrics.jsonl ("n/a" where a mode does not log them). Prints a markdown table an
 curve to a JSON file. Measures only; asserts nothing.
 
     .venv/bin/python bench/rl_throughput.py --rounds 2 --steps 20          # tiny
-    .venv/bin/python bench/rl_throughput.py --model smollm2-135m --rounds 1 --steps 6 --lora-rank 16
+    .venv/bin/python bench/rl_throughput.py --model fireloop/smollm2-135m --rounds 2 --steps 16 --lora-rank 16
 """
 
 from __future__ import annotations
@@ -73,16 +73,23 @@ class RunOutcome:
     total_wall_s: float  # the whole flow, provisioning and teardown included
     step_wall_s: list[float]  # perf/step_wall_time per step: the trainer side of a step
     reward: list[float | None]  # rollout/raw_reward per step (None: the step logged none)
+    skipped_steps: int  # steps with nothing to train (every group's rewards equal)
     sampling_retries: int  # completions the SDK retried (a deployment mid-hotload answers 425)
     loop_metrics: dict[str, list[float]] = field(default_factory=dict)  # perf/, async/, producer/
 
     @property
     def final_reward(self) -> float | None:
-        return mean_or_none(self.reward[-FINAL_STEPS:])
+        return mean_or_none(self.reward[-reward_window(self.steps) :])
 
     @property
     def first_reward(self) -> float | None:
-        return mean_or_none(self.reward[:FINAL_STEPS])
+        return mean_or_none(self.reward[: reward_window(self.steps)])
+
+
+def reward_window(steps: int) -> int:
+    """Steps averaged for the first and the final reward: 10, or half a shorter run, so the
+    two never share a step."""
+    return max(1, min(FINAL_STEPS, steps // 2))
 
 
 class RetryCounter(logging.Filter):
@@ -171,6 +178,7 @@ def run_mode(
         total_wall_s=total_wall_s,
         step_wall_s=[row["perf/step_wall_time"] for row in rows if "perf/step_wall_time" in row],
         reward=[row.get("rollout/raw_reward") for row in rows],
+        skipped_steps=sum(1 for row in rows if row.get("train/skipped_step")),
         sampling_retries=retries.count,
         loop_metrics={
             name: [row[name] for row in rows if name in row]
@@ -204,9 +212,10 @@ def metric_summary(runs: list[RunOutcome], name: str) -> str:
 
 
 def report(model: str, runs: list[RunOutcome]) -> None:
+    window = reward_window(min(r.steps for r in runs))
     print(
         f"\n{model}: steps/s between the first and last step reported (median over rounds, "
-        f"range); final reward = mean rollout/raw_reward of the last {FINAL_STEPS} steps"
+        f"range); final reward = mean rollout/raw_reward of the last {window} steps"
     )
     header = [
         "mode",
@@ -215,7 +224,7 @@ def report(model: str, runs: list[RunOutcome]) -> None:
         "steps/s",
         "× sync",
         "trainer s/step",
-        f"reward first {FINAL_STEPS}",
+        f"reward first {window}",
         "final reward",
         "overlap ratio",
         "trainer wait s",
@@ -257,15 +266,19 @@ BREAKDOWN = {  # column → metric, each a per-step mean
 
 def print_breakdown(runs: list[RunOutcome]) -> None:
     """Where a step's time goes: the trainer's calls, the weight sync, the sampler's rate."""
-    print("\nper-step means (median over rounds); sampling retries: completions retried per run")
-    print("| mode | " + " | ".join(BREAKDOWN) + " | sampling retries |")
-    print("|---|" + "---:|" * (len(BREAKDOWN) + 1))
+    print(
+        "\nper-step means over the steps that report them (median over rounds); skipped "
+        "steps: nothing to train; sampling retries: completions retried, per run"
+    )
+    print("| mode | " + " | ".join(BREAKDOWN) + " | skipped steps | sampling retries |")
+    print("|---|" + "---:|" * (len(BREAKDOWN) + 2))
     for mode in MODES:
         of_mode = [r for r in runs if r.mode == mode]
         if of_mode:
             cells = [metric_summary(of_mode, name) for name in BREAKDOWN.values()]
             retries = spread([float(r.sampling_retries) for r in of_mode], ".0f")
-            print(f"| {mode} | " + " | ".join(cells) + f" | {retries} |")
+            skipped = spread([float(r.skipped_steps) for r in of_mode], ".0f")
+            print(f"| {mode} | " + " | ".join(cells) + f" | {skipped} | {retries} |")
 
 
 def print_curves(runs: list[RunOutcome], bucket: int = 5) -> None:
