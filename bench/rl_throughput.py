@@ -11,8 +11,8 @@ step). Rewards, overlap, trainer wait and realised staleness are read from each 
 metrics.jsonl ("n/a" where a mode does not log them). Prints a markdown table and writes every
 curve to a JSON file. Measures only; asserts nothing.
 
-    .venv/bin/python bench/rl_throughput.py --rounds 2 --steps 20          # tiny
-    .venv/bin/python bench/rl_throughput.py --model fireloop/smollm2-135m --rounds 2 --steps 16 --lora-rank 16
+    .venv/bin/python bench/rl_throughput.py --rounds 3 --steps 40                  # tiny
+    .venv/bin/python bench/rl_throughput.py --model smollm2-135m --lora-rank 16 --steps 16
 """
 
 from __future__ import annotations
