@@ -12,17 +12,20 @@ which long-polls on the event loop; no handler computes: work goes to the job's 
 
 # No `from __future__ import annotations`: FastAPI must evaluate the handlers' annotations,
 # which use aliases local to `trainer_router`.
+import weakref
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 from backend.control.jobs import JobRecord
 from backend.errors import ApiError
 from backend.gateway import TrainerGateway
 from backend.trainer.errors import UserError
 from backend.trainer.futures import TryAgain
+from backend.trainer.refusals import read_ordered_ids
 from backend.trainer.service import JobTrainer, OrderedKind, TrainerRegistry
 from backend.trainer.wire import (
+    MAX_NUM_SAMPLES,
     CheckpointListResponse,
     ClientConfig,
     CreateModelRequest,
@@ -30,10 +33,12 @@ from backend.trainer.wire import (
     CreateSamplingSessionResponse,
     CreateSessionRequest,
     CreateSessionResponse,
+    CreateViaLoadRequest,
     GetInfoResponse,
     GetSamplerResponse,
     HeartbeatResponse,
     JsonDict,
+    LoraConfigWire,
     ModelRequest,
     RetrieveFutureRequest,
     ServerCapabilities,
@@ -44,6 +49,17 @@ from backend.trainer.wire import (
     UntypedFuture,
     WeightsInfoRequest,
     WeightsInfoResponse,
+    parse_json_body,
+    parse_request,
+)
+from backend.trainer.wire_proto import (
+    PROTO_MEDIA_TYPE,
+    PROTO_RESULT_TYPES,
+    ProtoDecodeError,
+    decode_forward_backward,
+    encode_result,
+    request_body,
+    wants_proto,
 )
 
 __all__ = ["trainer_router"]
@@ -179,12 +195,28 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
             sampler_id=sampler_id, base_model=info.base_model, model_path=info.model_path
         )
 
-    @router.post("/asample")
+    @router.post("/asample", response_model_exclude_none=True)
     def asample(body: Annotated[dict[str, Any], Body()], trainer: Active) -> UntypedFuture:
-        return UntypedFuture(request_id=trainer.sample(body))
+        request_id = trainer.sample(body)
+        # tinker 0.38 stamps each returned sequence with these ids and refuses an answer
+        # without exactly one per requested sample; 0.23 ignores them.
+        count = body.get("num_samples", 1)
+        count = count if isinstance(count, int) and 0 < count <= MAX_NUM_SAMPLES else 1
+        ids = [f"{request_id}:{index}" for index in range(count)]
+        return UntypedFuture(request_id=request_id, sample_sequence_ids=ids)
 
-    @router.post("/retrieve_future")
-    async def retrieve_future(body: RetrieveFutureRequest, trainer: Active) -> JsonDict:
+    @router.post("/sessions/{session_id}/finish")
+    def finish_session(session_id: str, trainer: Background) -> JsonDict:
+        # tinker 0.38's close(): the session ends; its models stay loaded until a newer
+        # session takes the trainer over, as when a 0.23 client simply goes away.
+        if not trainer.has_session(session_id):
+            raise ApiError.not_found(f"unknown session {session_id!r}", "SESSION_NOT_FOUND")
+        return {}
+
+    @router.post("/retrieve_future", response_model=None)
+    async def retrieve_future(
+        body: RetrieveFutureRequest, request: Request, trainer: Active
+    ) -> JsonDict | Response:
         hold_s = registry.settings.retrieve_hold_s
         try:
             outcome = await trainer.futures.retrieve(body.request_id, hold_s=hold_s)
@@ -196,6 +228,16 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
             ) from None
         if isinstance(outcome, TryAgain):
             return TryAgainResponse(request_id=outcome.request_id).model_dump()
+        record = trainer.futures.get(body.request_id)
+        request_type = record.request_type if record is not None else ""
+        # A 0.38 client reads fwd/bwd and sample results only as protobuf; errors stay JSON.
+        if (
+            request_type in PROTO_RESULT_TYPES
+            and "error" not in outcome
+            and wants_proto(request.headers.get("accept"))
+        ):
+            content = encode_result(request_type, outcome)
+            return Response(content=content, media_type=PROTO_MEDIA_TYPE)
         return outcome
 
     return router
@@ -205,20 +247,114 @@ def _ordered_handler(kind: OrderedKind, trainer_dependency: Any) -> Any:
     """A route handler that hands one ordered request to the trainer and answers its future."""
 
     async def handler(
-        body: Annotated[dict[str, Any], Body()],
+        request: Request,
         trainer: Annotated[JobTrainer, Depends(trainer_dependency)],
     ) -> UntypedFuture:
+        try:
+            operation, body = await _ordered_body(kind, request)
+        except ApiError as refusal:
+            return await _refused(trainer, kind, request, refusal)
+        if kind == "load_weights" and body.get("model_id") is None and "session_id" in body:
+            return _create_via_load(trainer, body)
         model_id = body.get("model_id")
         seq_id = body.get("seq_id")
         if not isinstance(model_id, str) or not model_id:
             raise ApiError.invalid_argument(f"{kind}: model_id is required and must be a string")
         if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int)):
             raise ApiError.invalid_argument(f"{kind}: seq_id must be an integer")
-        request_id = trainer.submit(kind, model_id, seq_id, body)
+        request_id = trainer.submit(operation, model_id, seq_id, body)
         return UntypedFuture(request_id=request_id, model_id=model_id)
 
     handler.__name__ = kind
     return handler
+
+
+async def _refused(
+    trainer: JobTrainer, kind: OrderedKind, request: Request, refusal: ApiError
+) -> UntypedFuture:
+    """An ordered body refused at the edge. When its model and seq id can still be read, the
+    refusal consumes that seq id (the client's future for it fails with the message, and its
+    later operations run at once instead of waiting for it until the gap timeout); otherwise
+    there is nothing to consume and it stays a plain 400."""
+    headers = request.headers
+    ids = read_ordered_ids(
+        await request.body(), headers.get("content-type"), headers.get("content-encoding")
+    )
+    if ids is None or refusal.http_status != 400:
+        raise refusal
+    model_id, seq_id = ids
+    request_id = trainer.reject(kind, model_id, seq_id, UserError(refusal.message))
+    if request_id is None:
+        raise refusal
+    return UntypedFuture(request_id=request_id, model_id=model_id)
+
+
+# Per trainer: model id → the request id of its create-via-load, so a resubmission (the client
+# retries a lost answer) gets the same future instead of loading twice.
+_CREATED_BY_LOAD: weakref.WeakKeyDictionary[JobTrainer, dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _create_via_load(trainer: JobTrainer, body: JsonDict) -> UntypedFuture:
+    """tinker 0.38's `create_training_client_from_state`: `load_weights` addressed by session
+    and model seq id creates the model (its LoRA shape read from the checkpoint) and loads it,
+    as the model's request 0; the model's next ordered request is seq id 1."""
+    request = parse_request(CreateViaLoadRequest, body)
+    try:
+        info = trainer.weights_info(request.path)
+    except UserError as exc:
+        raise ApiError.invalid_argument(f"load_weights: {exc}") from None
+    except KeyError as exc:
+        raise ApiError.not_found(_text(exc), "CHECKPOINT_NOT_FOUND") from None
+    lora = None
+    if info.is_lora:
+        lora = LoraConfigWire(
+            rank=info.lora_rank or 0,
+            train_unembed=bool(info.train_unembed),
+            train_mlp=bool(info.train_mlp),
+            train_attn=bool(info.train_attn),
+        )
+    create = CreateModelRequest(
+        session_id=request.session_id,
+        model_seq_id=request.model_seq_id,
+        base_model=request.base_model or info.base_model,
+        user_metadata=request.user_metadata,
+        lora_config=lora,
+    )
+    try:
+        _, model_id = trainer.create_model(create)
+    except KeyError as exc:
+        raise ApiError.not_found(_text(exc), "SESSION_NOT_FOUND") from None
+    except UserError as exc:
+        raise ApiError.invalid_argument(f"load_weights: {exc}") from None
+    loads = _CREATED_BY_LOAD.setdefault(trainer, {})
+    if model_id not in loads:
+        # Unordered: it runs on the job's worker right after the model's loading.
+        load = {"model_id": model_id, "path": request.path, "optimizer": request.optimizer}
+        loads[model_id] = trainer.submit("load_weights", model_id, None, load)
+    return UntypedFuture(request_id=loads[model_id], model_id=model_id)
+
+
+async def _ordered_body(kind: OrderedKind, request: Request) -> tuple[OrderedKind, JsonDict]:
+    """The dialect edge of an ordered request: (the operation, its JSON-shaped command).
+
+    tinker 0.38 posts `forward_backward` as protobuf (`forward_only` selects a forward, possibly
+    zstd-compressed); it becomes the command a 0.23 client would have sent as JSON, so everything
+    behind this point sees one shape whichever dialect the client speaks.
+    """
+    raw = await request.body()
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != PROTO_MEDIA_TYPE:
+        return kind, parse_json_body(raw, kind)
+    if kind != "forward_backward":
+        raise ApiError.invalid_argument(f"{kind}: {PROTO_MEDIA_TYPE} bodies are not accepted here")
+    try:
+        data = request_body(raw, request.headers.get("content-encoding"))
+        forward_only, body = decode_forward_backward(data)
+    except ProtoDecodeError as exc:
+        raise ApiError.invalid_argument(f"{kind}: {exc}") from None
+    return ("forward" if forward_only else "forward_backward"), body
 
 
 def _text(error: KeyError) -> str:

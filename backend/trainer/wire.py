@@ -9,11 +9,12 @@ operations queued behind it.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from backend.errors import describe_validation_errors
+from backend.errors import ApiError, describe_validation_errors
 from backend.trainer.errors import UserError
 
 JsonDict = dict[str, Any]
@@ -31,6 +32,27 @@ def parse(model: type[M], body: object) -> M:
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         raise UserError(describe_validation_errors(errors)) from None
+
+
+def parse_json_body(raw: bytes, route: str) -> JsonDict:
+    """A JSON request body that must be an object; 400 naming the route otherwise."""
+    try:
+        body = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError.invalid_argument(
+            f"{route}: request body is not valid JSON ({exc})"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError.invalid_argument(f"{route}: request body must be a JSON object")
+    return body
+
+
+def parse_request(model: type[M], body: object) -> M:
+    """`body` as `model`, or a 400 naming every invalid field (for synchronous routes)."""
+    try:
+        return parse(model, body)
+    except UserError as exc:
+        raise ApiError.invalid_argument(str(exc)) from None
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -102,6 +124,17 @@ class LoadWeightsRequest(WireModel):
     weights_access_token: str | None = None
 
 
+class CreateViaLoadRequest(WireModel):
+    """tinker 0.38's `load_weights` that creates its model (no `model_id`, no `create_model`)."""
+
+    session_id: str
+    model_seq_id: StrictInt = Field(ge=0)
+    path: str
+    optimizer: bool = False
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
 class SaveForSamplerRequest(WireModel):
     path: str | None = None
     sampling_session_seq_id: int | None = None
@@ -166,6 +199,8 @@ class ServerCapabilities(WireModel):
 class UntypedFuture(WireModel):
     request_id: str
     model_id: str | None = None
+    # asample only: one id per requested sample (tinker 0.38 requires them).
+    sample_sequence_ids: list[str] | None = None
 
 
 class TryAgainResponse(WireModel):
@@ -227,6 +262,9 @@ class PromptWire(WireModel):
     chunks: list[dict[str, Any]]
 
 
+MAX_NUM_SAMPLES = 64
+
+
 class SamplingParamsWire(WireModel):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = None
@@ -238,7 +276,7 @@ class SamplingParamsWire(WireModel):
 
 
 class SampleRequest(WireModel):
-    num_samples: int = Field(default=1, ge=1, le=64)
+    num_samples: int = Field(default=1, ge=1, le=MAX_NUM_SAMPLES)
     prompt: PromptWire
     sampling_params: SamplingParamsWire = SamplingParamsWire()
     sampling_session_id: str | None = None
