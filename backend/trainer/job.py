@@ -19,7 +19,7 @@ from backend.trainer.sequencer import ModelSequencer
 if TYPE_CHECKING:
     from backend.trainer.engine import TrainableModel
 
-__all__ = ["CheckpointRowType", "JobContext", "ModelEntry", "TrainerHost"]
+__all__ = ["CheckpointRowType", "JobContext", "ModelEntry", "TrainerHost", "check_lora_capacity"]
 
 # The control plane's checkpoint types.
 CheckpointRowType = Literal[
@@ -106,3 +106,30 @@ class ModelEntry:
         """Drop the engine (its memory goes with the last reference); later operations fail."""
         self.unloaded_because = reason
         self.engine = None
+
+
+def check_lora_capacity(rank: int, job_rank: int) -> None:
+    """Refuse a training client's LoRA rank that the job cannot hold (`UserError`).
+
+    A LoRA job's rank is a capacity, as the Fireworks SDK treats it: any rank from 1 to it,
+    and several such clients on one trainer. A full-parameter job (rank 0) takes only
+    full-parameter clients, and a LoRA job no full-parameter one; frozen references
+    (`base_only`) fit either and are not checked here.
+    """
+    if job_rank == 0 and rank > 0:
+        raise UserError(
+            f"lora_config.rank {rank} needs a LoRA trainer job, but this job is full-parameter "
+            "(lora_rank 0); create the job with lora_rank >= the client's rank, or the client "
+            "with lora_rank=0"
+        )
+    if job_rank > 0 and rank == 0:
+        raise UserError(
+            f"lora_config.rank 0 (full-parameter) does not fit this LoRA trainer job "
+            f"(lora_rank {job_rank}); create the client with 1 <= lora_rank <= {job_rank}, "
+            "or as a base-only reference"
+        )
+    if rank > job_rank:
+        raise UserError(
+            f"lora_config.rank {rank} is larger than this trainer job's lora_rank {job_rank} "
+            f"(its LoRA capacity); create the client with 1 <= lora_rank <= {job_rank}"
+        )

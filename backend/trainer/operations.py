@@ -24,7 +24,7 @@ from backend.trainer.checkpoints import CheckpointStore, validate_name
 from backend.trainer.datum import decode_datum, encode_tensor_data
 from backend.trainer.engine import TrainableModel
 from backend.trainer.errors import UserError
-from backend.trainer.job import CheckpointRowType, JobContext, ModelEntry
+from backend.trainer.job import CheckpointRowType, JobContext, ModelEntry, check_lora_capacity
 from backend.trainer.samplers import SamplerInfo
 from backend.trainer.sampling import SamplerCache
 from backend.trainer.settings import DEFAULT_LORA_ALPHA, AdamSettings, CheckpointType, LoraSettings
@@ -251,12 +251,7 @@ def _lora_settings(ctx: JobContext, request: CreateModelRequest) -> LoraSettings
             raise UserError("base_only models take no lora_config (they are frozen)")
         return None
     rank = config.rank if config is not None else 0
-    if rank != ctx.lora_rank:
-        raise UserError(
-            f"lora_config.rank {rank} does not match this trainer job's lora_rank "
-            f"{ctx.lora_rank} (0 = full-parameter); create the training client with "
-            f"lora_rank={ctx.lora_rank}"
-        )
+    check_lora_capacity(rank, ctx.lora_rank)  # also checked at create_model, answered 400
     if config is None or rank == 0:
         return None
     return LoraSettings(

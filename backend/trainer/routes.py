@@ -135,6 +135,8 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
             request_id, model_id = trainer.create_model(body)
         except KeyError as exc:
             raise ApiError.not_found(_text(exc), "SESSION_NOT_FOUND") from None
+        except UserError as exc:  # a rank the job cannot hold, or a full trainer
+            raise ApiError.invalid_argument(str(exc)) from None
         return UntypedFuture(request_id=request_id, model_id=model_id)
 
     @router.post("/get_info", response_model_exclude_none=True)

@@ -4,8 +4,10 @@ The 0.23 client submits the chunks of one `forward_backward` concurrently and th
 *last*, so the server must wait for gaps: a lowest-first queue would run chunk 2 before chunk 1
 exists. Each accepted `(model_id, seq_id)` maps to one request id, so a resubmission after a
 lost answer returns the same future and runs nothing twice. Failures consume their seq id; the
-next operation still runs. A request parked behind a missing seq id for longer than the gap
-timeout fails (server error), as does everything parked after it.
+next operation still runs, and so does a request refused before it could run (`reject`): once
+its model and seq id are known, its slot completes with the refusal instead of staying a gap
+that parks every later operation until the gap timeout. A request parked behind a missing seq
+id for longer than the gap timeout fails (server error), as does everything parked after it.
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ class ModelSequencer:
             self._parked[seq_id] = _Parked(record, operation, self._clock())
             self._release_ready_locked()
             return record.request_id
+
+    def reject(self, seq_id: int, request_type: str, error: UserError) -> str:
+        """Consume `seq_id` with `error` as its result (a request whose body was refused).
+
+        It takes its turn like any operation, so the operations before it still run first and
+        the ones after it run as soon as it is reached. A resubmission gets the same failed
+        future. UserError: `seq_id` itself is invalid or stale.
+        """
+
+        def refused() -> JsonDict:
+            raise error
+
+        return self.submit(seq_id, request_type, refused)
 
     def expire_gaps(self) -> int:
         """Fail parked operations stuck behind a missing seq id for too long; returns count."""

@@ -25,7 +25,7 @@ from backend.models.registry import canonical_model_name, resolve_model
 from backend.trainer.checkpoints import CheckpointStore
 from backend.trainer.errors import ServerError, UserError
 from backend.trainer.futures import FutureRecord, FutureStore
-from backend.trainer.job import JobContext, ModelEntry, TrainerHost
+from backend.trainer.job import JobContext, ModelEntry, TrainerHost, check_lora_capacity
 from backend.trainer.samplers import SamplerInfo, SamplerSessions
 from backend.trainer.sequencer import ModelSequencer
 from backend.trainer.wire import (
@@ -78,6 +78,9 @@ class TrainerSettings(BaseModel):
     gap_timeout_s: float = Field(default=900.0, gt=0)
     # How long finished results stay retrievable.
     future_ttl_s: float = Field(default=3600.0, gt=0)
+    # Models one trainer holds loaded at once (each LoRA client or reference keeps its own
+    # copy of the base weights and its own optimizer state, so memory grows with every one).
+    max_models: int = Field(default=8, gt=0)
     # `auto`: CUDA when available, else CPU.
     device: str = "auto"
 
@@ -143,7 +146,11 @@ class JobTrainer:
     # -- models ------------------------------------------------------------------------------
 
     def create_model(self, request: CreateModelRequest) -> tuple[str, str]:
-        """Register the model and queue its loading; (request id, model id). Idempotent."""
+        """Register the model and queue its loading; (request id, model id). Idempotent.
+
+        KeyError: unknown session. UserError (answered 400, nothing registered): a LoRA rank
+        the job cannot hold, or a trainer already holding `max_models` models.
+        """
         if not self.has_session(request.session_id):
             raise KeyError(f"unknown session {request.session_id!r}")
         model_id = f"{request.session_id}:train:{request.model_seq_id}"
@@ -152,6 +159,9 @@ class JobTrainer:
             if known is not None:  # a resubmitted create_model: same future, nothing new
                 return known, model_id
             rank = 0 if request.lora_config is None else request.lora_config.rank
+            if not request.base_only:
+                check_lora_capacity(rank, self.context.lora_rank)
+            self._check_model_capacity_locked()
             entry = ModelEntry(
                 model_id=model_id,
                 session_id=request.session_id,
@@ -228,6 +238,29 @@ class JobTrainer:
             return record.request_id
         try:
             return entry.sequencer.submit(seq_id, request_type, operation)
+        except UserError as exc:  # a stale or invalid seq id
+            return self._failed(request_type, exc).request_id
+
+    def reject(
+        self, kind: OrderedKind, model_id: str, seq_id: int | None, error: UserError
+    ) -> str | None:
+        """An ordered request whose body was refused at the edge; its request id, or None.
+
+        With a seq id the refusal consumes that slot (the client's future for it fails with
+        `error`, later operations go on at once); without one there is nothing to consume and
+        the caller answers a plain 400.
+        """
+        if seq_id is None:
+            return None
+        request_type = _REQUEST_TYPES[kind]
+        with self._lock:
+            entry = self._models.get(model_id)
+        if entry is None:
+            return self._failed(
+                request_type, UserError(f"unknown model_id {model_id!r}")
+            ).request_id
+        try:
+            return entry.sequencer.reject(seq_id, request_type, error)
         except UserError as exc:  # a stale or invalid seq id
             return self._failed(request_type, exc).request_id
 
@@ -318,6 +351,15 @@ class JobTrainer:
         if entry is None:
             raise KeyError(f"unknown model_id {model_id!r}")
         return entry
+
+    def _check_model_capacity_locked(self) -> None:
+        live = [m for m in self._models.values() if m.unloaded_because is None and not m.failure]
+        limit = self._settings.max_models
+        if len(live) >= limit:
+            raise UserError(
+                f"trainer job {self.job_id!r} already holds {len(live)} models, the most one "
+                f"trainer keeps loaded ({limit}); unload_model one of them first"
+            )
 
     def _model_owner(self, model_id: str) -> str | None:
         with self._lock:

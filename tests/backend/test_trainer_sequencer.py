@@ -84,6 +84,21 @@ def test_failure_consumes_its_seq_and_the_next_runs() -> None:
     assert _result(futures, good) == {"seq": 2}
 
 
+def test_a_rejected_request_takes_its_turn_and_never_leaves_a_gap() -> None:
+    futures, rec = FutureStore(), Recorder()
+    seq = _sequencer(futures)
+    later = seq.submit(3, "OptimStep", rec.op(3))  # parked behind 1 and 2
+    first = seq.submit(1, "Forward", rec.op(1))
+    refused = seq.reject(2, "ForwardBackward", UserError("forward_backward: bad body"))
+    assert rec.ran == [1, 3] and seq.next_seq == 4
+    assert _result(futures, refused) == {"error": "forward_backward: bad body", "category": "user"}
+    assert _result(futures, first) == {"seq": 1} and _result(futures, later) == {"seq": 3}
+    assert seq.reject(2, "ForwardBackward", UserError("again")) == refused  # same future
+    seq._accepted.pop(2)  # forgotten: a refusal that late is stale, as any submission
+    with pytest.raises(UserError, match="stale"):
+        seq.reject(2, "ForwardBackward", UserError("late"))
+
+
 @pytest.mark.parametrize(("seq_id", "message"), [(0, "must be >= 1"), (1, "stale")])
 def test_bad_seq_ids_are_user_errors(seq_id: int, message: str) -> None:
     futures, rec = FutureStore(), Recorder()
