@@ -41,6 +41,7 @@ from backend.control.checkpoints import (
 )
 from backend.control.deployments import DeploymentService, deployments_router
 from backend.control.jobs import JobRecord, JobState, TrainerJob, TrainerJobService, jobs_router
+from backend.control.models import ModelCatalog, models_router
 from backend.control.promotion import PromotionService, promotion_router
 from backend.control.shapes import TrainingShapeCatalog, shapes_router
 from backend.errors import install_error_handlers
@@ -111,6 +112,7 @@ class PlatformState:
             jobs=self.jobs,
             clock=clock,
         )
+        self.models = ModelCatalog(account_id, self.promotions)
         self.deployments = DeploymentService(
             self.store,
             clock,
@@ -187,6 +189,7 @@ def create_app(state: PlatformState, *gateway_routers: APIRouter) -> FastAPI:
     app.include_router(jobs_router(state.jobs, check_account))
     app.include_router(checkpoints_router(state.checkpoints, check_account))
     app.include_router(promotion_router(state.promotions, check_account))
+    app.include_router(models_router(state.models, check_account))
     app.include_router(shapes_router(state.shapes, check_account))
     app.include_router(deployments_router(state.deployments, check_account))
     trainer = trainer_router(state.gateway, state.trainers)

@@ -71,6 +71,9 @@ class TrainingConfig(RequestModel):
     accelerator_type: str | None = None
     accelerator_count: StrictInt | None = Field(default=None, ge=0)
     extra_args: list[str] | None = None
+    # Sent by the published SDK when set: the size of a trainable projection head, which the
+    # local trainer does not build; accepted and echoed so such a create does not fail.
+    projection_head_dim: StrictInt | None = Field(default=None, ge=0)
 
     @field_validator("base_model")
     @classmethod
@@ -126,6 +129,11 @@ class TrainerJobCreate(RequestModel):
     preemptible: bool = False
     disable_inactivity_cleanup: bool = False
     inactivity_timeout: str | None = None
+    # Capacity placement on the real platform. Published SDK releases since 1.2.9 send
+    # `useReservation` on every create; one machine has no reservations, so these are echoed only.
+    use_reservation: bool | None = None
+    reservation_target: str | None = None
+    extra_values: dict[str, str] | None = None
 
     @field_validator("inactivity_timeout")
     @classmethod

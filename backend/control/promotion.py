@@ -114,15 +114,26 @@ class PromotionService:
             if target.exists():
                 raise ApiError.already_exists(
                     f"model accounts/{self._account_id}/models/{model_id} already exists "
-                    f"(at {target}); choose another output_model"
+                    f"(at {PROMOTED_SUBDIR}/{model_id} in the data directory); choose another "
+                    "output_model"
                 )
             return self._write(source, target, model_id, base_model)
+
+    def find(self, model_id: str) -> PromotedModel | None:
+        """The promoted model `model_id` as it was answered, or None when there is none."""
+        if not _MODEL_ID.match(model_id):
+            return None
+        model_file = self.registry_dir / model_id / MODEL_FILE
+        if not model_file.is_file():
+            return None
+        return PromotedModel.model_validate_json(model_file.read_text())
 
     def _write(self, source: Path, target: Path, model_id: str, base_model: str) -> PromotedModel:
         # torch and transformers load only when a promotion happens.
         from backend.export import adapter_target_modules, write_export
         from backend.models.store import ensure_model_dir
         from backend.trainer.atomic import atomic_directory
+        from backend.trainer.checkpoints import CheckpointStore
         from backend.trainer.errors import UserError
 
         base_dir = ensure_model_dir(base_model, self._models_dir)
@@ -152,7 +163,9 @@ class PromotionService:
                     model.model_dump_json(by_alias=True, exclude_none=True, indent=1)
                 )
         except UserError as exc:  # incomplete or corrupt files: the request cannot succeed
-            raise ApiError.failed_precondition(f"cannot promote {source.name!r}: {exc}") from exc
+            # The export names the files it read; a client sees them relative to the data dir.
+            shown = CheckpointStore(self._data_dir, models_dir=self._models_dir).relative(str(exc))
+            raise ApiError.failed_precondition(f"cannot promote {source.name!r}: {shown}") from exc
         return model
 
     def _model_id(self, output_model: str) -> str:

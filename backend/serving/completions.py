@@ -120,7 +120,10 @@ class ChoiceStream:
         prompt = self._request.prompt
         entries: list[JsonDict] = []
         if self._request.wants_logprobs:
-            entries.append(self._entry(prompt[0], None, None, ()))
+            # The first prompt token has no context to be predicted from; it still carries a
+            # number (0.0), because the published SDK drops the whole list when any entry is null
+            # (it strips this row itself, as ours does).
+            entries.append(self._entry(prompt[0], 0.0, None, ()))
             entries += [self._entry(p.token_id, p.logprob, None, p.top) for p in prompt_logprobs]
         return self._choice(self._decode(prompt), entries, None)
 

@@ -261,7 +261,8 @@ class HotloadService:
             logger.warning(
                 "deployment %s: hotload of %s failed: %s", replica.deployment_id, identity, exc
             )
-            replica.fail_load(identity, str(exc))
+            # The status is read by clients: paths in it are relative to the data directory.
+            replica.fail_load(identity, self._snapshots.relative(str(exc)))
             return
         except ReplicaStoppedError:
             logger.info(

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,8 +71,32 @@ class CheckpointStore:
         self.jobs_dir = data_dir / "jobs"
         self._data_root = Path(os.path.realpath(data_dir))
         self._read_roots = [self._data_root]
+        # Absolute roots never shown to a client, each with what a message says instead:
+        # paths inside the data directory become relative to it.
+        hidden = {str(data_dir): "", str(self._data_root): ""}
         if models_dir is not None:
             self._read_roots.append(Path(os.path.realpath(models_dir)))
+            hidden |= {
+                str(models_dir): "<model cache>/",
+                os.path.realpath(models_dir): "<model cache>/",
+            }
+        # Longest first, so a root inside another is cut before its parent.
+        self._hidden = sorted(hidden.items(), key=lambda item: -len(item[0]))
+
+    def relative(self, message: str) -> str:
+        """`message` with the server's absolute directories cut out of the paths it names
+        (`jobs/<job>/checkpoints/<name>`), so a client never learns where the files live."""
+        for root, shown in self._hidden:
+            message = message.replace(root + os.sep, shown).replace(root, shown or "<data dir>")
+        return message
+
+    @contextmanager
+    def relative_errors(self) -> Iterator[None]:
+        """Re-raise a `UserError` of the block with `relative` applied to its message."""
+        try:
+            yield
+        except UserError as exc:
+            raise type(exc)(self.relative(str(exc))) from exc
 
     def inside(
         self, path: Path, ref: str, *, what: str = "path", model_cache: bool = False

@@ -135,7 +135,8 @@ def save_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
     request = parse(SaveWeightsRequest, body)
     engine = entry.require_engine()
     name = validate_name(request.path or f"step-{engine.step}")
-    engine.save_state(ctx.checkpoints.state_dir(ctx.job_id, name), overwrite=request.overwrite)
+    with ctx.checkpoints.relative_errors():
+        engine.save_state(ctx.checkpoints.state_dir(ctx.job_id, name), overwrite=request.overwrite)
     row_type: CheckpointRowType = (
         "CHECKPOINT_TYPE_TRAINING_LORA" if engine.is_lora else "CHECKPOINT_TYPE_TRAINING"
     )
@@ -154,7 +155,8 @@ def load_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
         raise UserError(f"path {request.path!r} is a sampler snapshot, not a training state")
     if not ref.path.is_dir():
         raise UserError(_missing_checkpoint(ctx, ref.job_id, ref.name, request.path))
-    engine.load_state(ref.path, with_optimizer=request.optimizer)
+    with ctx.checkpoints.relative_errors():
+        engine.load_state(ref.path, with_optimizer=request.optimizer)
     logger.info("job %s: %s loaded %s (step %d)", ctx.job_id, entry.model_id, ref.path, engine.step)
     return {"path": request.path, "type": "load_weights"}
 
@@ -169,7 +171,15 @@ def save_weights_for_sampler(ctx: JobContext, entry: ModelEntry, body: JsonDict)
     kind = _checkpoint_type(request.checkpoint_type)
     previous = entry.last_snapshot if kind == "delta" else None
     directory = ctx.checkpoints.snapshot_dir(ctx.job_id, name)
-    engine.export_for_sampler(directory, kind, previous)
+    if previous is not None and previous.resolve() == directory.resolve():
+        raise UserError(
+            f"snapshot name {name!r} is the base of this delta: replacing it would leave the "
+            "delta without its base; save the delta under a new name"
+        )
+    # A re-used snapshot name replaces the old snapshot (atomically, once the new one is
+    # complete), as the published SDK expects: it only warns that it is overwriting.
+    with ctx.checkpoints.relative_errors():
+        engine.export_for_sampler(directory, kind, previous, overwrite=True)
     if kind != "merged_base":  # a merged export never starts or continues a delta chain
         entry.last_snapshot = directory
     ctx.host.record_checkpoint(ctx.job_id, name, _snapshot_row_type(kind, engine.is_lora))
@@ -315,4 +325,6 @@ def new_sampler_cache(ctx: JobContext) -> SamplerCache:
 def sample(ctx: JobContext, cache: SamplerCache, info: SamplerInfo, body: JsonDict) -> JsonDict:
     """`asample`: sequences (and prompt logprobs if asked) from the sampler's weights."""
     request = parse(SampleRequest, body)
-    return sampling.sample(cache.get(info), request, ctx.context_length)
+    with ctx.checkpoints.relative_errors():
+        model = cache.get(info)
+    return sampling.sample(model, request, ctx.context_length)

@@ -91,7 +91,7 @@ class ServingHarness(TrainerPlatform):
         )
         assert response.status_code == 200, response.text
         content = response.json()["choices"][0]["logprobs"]["content"]
-        assert len(content) == len(tokens) and content[0]["logprob"] is None
+        assert len(content) == len(tokens) and content[0]["logprob"] == 0.0
         return torch.tensor([entry["logprob"] for entry in content[1:]], dtype=torch.float64)
 
     # -- hotload --------------------------------------------------------------------------------
