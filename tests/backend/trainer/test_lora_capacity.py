@@ -79,6 +79,10 @@ def test_two_lora_clients_of_different_ranks_train_independently_on_one_trainer(
         path = client.save_state(name).result().path
         info = rest.get_weights_info_by_tinker_path(path).result()
         assert (info.is_lora, info.lora_rank) == (True, rank)
+    # An adapter below the job's rank is served like any other.
+    sampler = small.save_weights_and_get_sampling_client()
+    params = types.SamplingParams(max_tokens=2, temperature=0.0)
+    assert sampler.sample(BATCH[0].model_input, 1, params).result().sequences[0].tokens
 
 
 def _create_model(
