@@ -111,6 +111,10 @@ class HotloadService:
         self._runtime = runtime
         self._deployments = runtime.deployments
         self._snapshots = CheckpointStore(data_dir)
+        # Deployment id → the completion marker's (mtime, size) of the snapshot it serves: a
+        # snapshot saved again under the same name (the published SDK overwrites re-used names)
+        # is loaded again, not taken for the one already served.
+        self._served_markers: dict[str, tuple[int, int]] = {}
 
     def status(self, deployment: str | None, model: str | None) -> HotloadStatus:
         record = self._target(deployment, model)
@@ -152,7 +156,8 @@ class HotloadService:
                 "yet; wait until the hotload status lists one, then retry",
                 reason="REPLICA_NOT_READY",
             )
-        if body.identity == replica.identity and replica.ready:
+        served = self._served_markers.get(record.deployment_id)
+        if body.identity == replica.identity and replica.ready and served == _marker(snapshot_dir):
             return HotloadAccepted(identity=body.identity)  # already served: nothing to do
         try:
             started = replica.begin_load(body.identity)
@@ -254,6 +259,7 @@ class HotloadService:
         identity, settings = body.identity, self._runtime.settings
         started = time.monotonic()
         try:
+            marker = _marker(snapshot_dir)  # before reading: a later save must load again
             time.sleep(settings.load_delay_s)
             model, adapters = _verified_build(replica, snapshot_dir, body)
             _swap(replica, model, settings.drain_timeout_s)
@@ -279,6 +285,7 @@ class HotloadService:
         if not replica.finish_load(model, identity, adapters, version):
             return  # stopped right after the swap: the reset already emptied the identity
         # A deployment deleted meanwhile has nothing left to record the snapshot on.
+        self._served_markers[replica.deployment_id] = marker
         with contextlib.suppress(ApiError):
             self._deployments.set_served_snapshot(replica.deployment_id, identity)
         logger.info(
@@ -401,3 +408,9 @@ def _canonical_or_none(name: str) -> str | None:
         return canonical_model_name(name)
     except UnknownModelError:
         return None
+
+
+def _marker(snapshot_dir: Path) -> tuple[int, int]:
+    """(mtime, size) of the snapshot's completion marker: it changes whenever it is saved again."""
+    stat = (snapshot_dir / MARKER_NAME).stat()
+    return stat.st_mtime_ns, stat.st_size
