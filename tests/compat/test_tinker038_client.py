@@ -120,7 +120,7 @@ def backend_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def test_stock_tinker_038_trains_saves_loads_and_samples(backend_url: str) -> None:
     python = _client_python()
-    env = os.environ | {"TINKER_TELEMETRY": "0"}
+    env = os.environ | {"TINKER_TELEMETRY": "0", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
         [str(python), str(CLIENT_SCRIPT), backend_url, KEY],
         capture_output=True,
@@ -140,4 +140,6 @@ def test_stock_tinker_038_trains_saves_loads_and_samples(backend_url: str) -> No
         )
         assert len(seen["sample_tokens"]) == 2 and all(len(t) == 4 for t in seen["sample_tokens"])
         assert len(set(seen["sequence_ids"])) == 2
+        assert seen["sampler_path"].endswith("/sampler_weights/sampler-1")
+        assert seen["tokenizer"] == [97, 98, 99, 61]  # found offline through get_info's path
     assert KEY not in run.stdout + run.stderr

@@ -3,10 +3,10 @@
 Usage: python tinker038_client.py CONTROL_URL API_KEY. The key must start with `tml-` (the stock
 client refuses other keys before sending anything), so the backend is started with such a key.
 For one LoRA job and one full-parameter job it trains (forward_backward + optim_step), runs a
-forward, saves and reloads state, creates a client from the saved state (create-via-load), samples
-and closes the session; it prints one JSON line of what it saw and exits non-zero on any failure.
-This file imports only the standard library, tinker and its dependencies: it runs outside the
-project's virtualenv.
+forward, saves and reloads state, creates a client from the saved state (create-via-load),
+samples from an ephemeral and a named snapshot, reads the tokenizer and closes the session; it
+prints one JSON line of what it saw and exits non-zero on any failure. This file imports only
+the standard library, tinker and its dependencies: it runs outside the project's virtualenv.
 """
 
 from __future__ import annotations
@@ -117,6 +117,15 @@ def exercise(service: tinker.ServiceClient, lora_rank: int) -> dict[str, Any]:
     report["sample_tokens"] = [list(s.tokens) for s in sampled.sequences]
     report["sequence_ids"] = [s.sequence_id for s in sampled.sequences]
     assert all(isinstance(s, str) and s for s in report["sequence_ids"])
+    named = training.save_weights_for_sampler("sampler-1").result(timeout=120)
+    report["sampler_path"] = named.path
+    by_path = service.create_sampling_client(model_path=named.path).result(timeout=120)
+    again_sampled = by_path.sample(prompt, num_samples=2, sampling_params=params).result(
+        timeout=120
+    )
+    # Same weights, same seed: the named snapshot samples what the ephemeral one did.
+    assert [list(s.tokens) for s in again_sampled.sequences] == report["sample_tokens"]
+    report["tokenizer"] = training.get_tokenizer().encode("abc=")
     logprobs = sampler.compute_logprobs(prompt).result(timeout=120)
     assert logprobs[0] is None and all(
         isinstance(x, float) and math.isfinite(x) for x in logprobs[1:]
