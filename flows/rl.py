@@ -142,6 +142,7 @@ class RLStep(RecipeStep[StepRollouts]):
         built = training_batch(data, self.prompts)
         if built.batch is None:  # every group filtered or failed: nothing to learn from
             metrics["train/skipped_step"] = 1.0
+            self.source.trained(step)
             return metrics
         batch = self._anchored(trainer, built.datums, built.batch, timeout_s)
         parts = _minibatches(len(built.datums), self.config.ppo_n_minibatches)
@@ -154,6 +155,7 @@ class RLStep(RecipeStep[StepRollouts]):
         }
         metrics["train/optimizer_steps"] = float(len(per_minibatch))
         metrics["perf/step_wall_time"] = time.monotonic() - started
+        self.source.trained(step)
         self._check_drift(step, metrics)
         return metrics
 

@@ -84,6 +84,7 @@ class RolloutProducer:
         self._end = first_cursor + (last_step - first_step) * rows_per_step
         self._cond = threading.Condition()
         self._version = first_step  # published: the deployment serves the weights after it
+        self._held = False  # a hotload is coming: admit nothing until the next publication
         self._next = first_cursor  # the next position to admit
         self._in_flight = 0  # samples
         self._results: dict[int, SampledRow] = {}
@@ -107,7 +108,15 @@ class RolloutProducer:
         """The deployment now serves the weights after `version` steps: admit what that allows."""
         with self._cond:
             self._version = max(self._version, version)
+            self._held = False
         self._loop.call_soon_threadsafe(self._admit)
+
+    def hold(self) -> None:
+        """Admit nothing until the next `publish`: a hotload is coming. Requests started now
+        would only meet the load (the server answers 425 until it is done) and delay it (the
+        swap waits for the requests it already accepted)."""
+        with self._cond:
+            self._held = True
 
     def take(self, step: int, timeout_s: float) -> list[SampledRow]:
         """Step `step`'s rows in row order, once all are sampled (the wait is the trainer's
@@ -171,6 +180,7 @@ class RolloutProducer:
         with self._cond:
             while (
                 self._error is None
+                and not self._held
                 and self._next < self._end
                 and self._step_of(self._next) <= self._version + self._offpolicy
                 and self._in_flight + self._group <= self._max_in_flight

@@ -33,6 +33,9 @@ class RolloutSource(Protocol):
 
     def step_metrics(self, step: int) -> dict[str, float]: ...
 
+    def trained(self, step: int) -> None:
+        """Step `step` has trained; its weights are about to be hotloaded."""
+
 
 class _Sampling:
     """What both sources hold: the attempt, the data, the scorer, and per-step metrics."""
@@ -49,6 +52,9 @@ class _Sampling:
 
     def step_metrics(self, step: int) -> dict[str, float]:
         return self._metrics.pop(step, {})
+
+    def trained(self, step: int) -> None:
+        """Nothing to do between a step and its hotload (a window samples at its start)."""
 
 
 class WindowSampler(_Sampling):
@@ -218,6 +224,11 @@ class AsyncSampler(_Sampling):
                 epoch=cursor // n_rows,
             )
         ]
+
+    def trained(self, step: int) -> None:
+        """Async RL hotloads after every step: hold new rows until it is published."""
+        if self.producer is not None:
+            self.producer.hold()
 
     def _start(self, step: int, cursor: int) -> RolloutProducer:
         config, run, session = self.config, self.attempt.run, self.attempt.session

@@ -86,6 +86,22 @@ def test_rows_are_admitted_up_to_o_versions_ahead(running: list[RolloutProducer]
     assert _settle(sampler, 6) == [100, 101, 102, 103, 104, 105]
 
 
+def test_a_hold_admits_nothing_until_the_next_publication(
+    running: list[RolloutProducer],
+) -> None:
+    sampler = GatedSampler()
+    producer = _producer(sampler, offpolicy=2, cap=2 * GROUP)
+    running.append(producer)
+    producer.start()
+    assert _settle(sampler, 2) == [100, 101]
+    producer.hold()  # a step trained: its hotload is coming
+    sampler.release(100)  # a slot frees, but nothing new may start before the publication
+    time.sleep(0.2)
+    assert sorted(sampler.asked) == [100, 101]
+    producer.publish(10)
+    assert _settle(sampler, 3) == [100, 101, 102]
+
+
 def test_the_concurrency_cap_holds_rows_back(running: list[RolloutProducer]) -> None:
     sampler = GatedSampler()
     producer = _producer(sampler, offpolicy=2, cap=2 * GROUP)  # two rows in flight at most
