@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from backend.errors import ApiError, describe_validation_errors
 from backend.trainer.errors import UserError
@@ -284,3 +284,22 @@ class SampleRequest(WireModel):
     model_path: str | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = Field(default=0, ge=0)
+    # tinker 0.38 options the local sampler does not compute: refused when asked for, so a
+    # client never silently receives less than it requested. (`record_stability_info` only
+    # records data for `stable_reinforce`, which the trainer refuses, so it is ignored.)
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+
+    @field_validator(
+        "topk_sample_logprobs",
+        "target_prompt_logprobs",
+        "prompt_alt_tokens_k",
+        "prompt_logprobs_last_n",
+    )
+    @classmethod
+    def _not_computed_locally(cls, value: object) -> object:
+        if value not in (None, 0):
+            raise ValueError("not supported by the local trainer's sampler")
+        return value

@@ -217,3 +217,22 @@ def test_load_weights_by_session_creates_the_model_once(tp: TrainerPlatform) -> 
     assert proto_logprobs(client.retrieve(again["request_id"], PROTO)) == expected
     missing = dict(load, model_seq_id=2, path="no-such-checkpoint")
     assert client.post("load_weights", missing, status=404)["error"]
+
+
+def test_sampling_options_the_local_sampler_lacks_are_refused_by_name(tp: TrainerPlatform) -> None:
+    client = Client(tp, "dialect-sample-options")
+    future = client.post(
+        "asample",
+        {
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]},
+            "sampling_params": {"max_tokens": 1},
+            "base_model": "tiny",
+            "topk_sample_logprobs": 5,
+            "record_stability_info": True,  # recorded only for stable_reinforce: ignored
+        },
+    )
+
+    failed = client.retrieve(future["request_id"], PROTO).json()
+
+    assert failed["category"] == "user"
+    assert failed["error"].startswith("topk_sample_logprobs: not supported")
