@@ -2,9 +2,10 @@
 
 The client lives in its own virtualenv (the project pins tinker 0.23), built from the package
 registry on first use and cached under `$FIRELOOP_COMPAT_VENVS` (default
-`~/.cache/fireloop/compat-venvs`); the test skips, saying why, only when the registry cannot be
-reached. The client script (`tinker038_client.py`) trains a LoRA and a full-parameter model,
-saves, reloads, creates a client from the saved state, samples and closes its session.
+`${XDG_CACHE_HOME:-~/.cache}/fireloop/compat-venvs`); the test skips, saying why, only when the
+registry cannot be reached. The client script (`tinker038_client.py`) trains a LoRA and a
+full-parameter model, saves, reloads, creates a client from the saved state, samples and closes
+its session.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ pytestmark = pytest.mark.slow
 
 def _venv_root() -> Path:
     configured = os.environ.get("FIRELOOP_COMPAT_VENVS")
-    return Path(configured) if configured else Path.home() / ".cache" / "fireloop" / "compat-venvs"
+    if configured:
+        return Path(configured)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "fireloop" / "compat-venvs"
 
 
 def _client_python() -> Path:
