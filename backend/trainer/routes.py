@@ -1,10 +1,16 @@
-"""The tinker 0.23 JSON protocol under the trainer gateway.
+"""The tinker protocol under the trainer gateway, in both of its dialects.
+
+tinker 0.23 speaks JSON; tinker 0.38 posts forward/backward as protobuf and reads fwd/bwd and
+sample results as protobuf. The dialect is read from each request's headers (`Content-Type`,
+`Accept`) here, at the edge: bodies are decoded into the JSON-shaped commands the trainer runs
+and results are encoded on the way out (`wire_proto`), so nothing behind the routes knows which
+client it serves.
 
 Mounted by `backend.gateway.gateway_router` under `/training/v1/rlorTrainerJobs/{account}/
 {job_id}/api/v1`. Every route resolves the job first; a job that is unknown or not RUNNING
 answers 404 with a JSON body, which tinker treats as fatal, so a client of a preempted trainer
 fails fast instead of retrying for minutes (healthz, owned by the gateway, keeps its 503 for
-readiness probes). Errors are always JSON; 402 is never sent.
+readiness probes). Errors are always JSON, in both dialects; 402 is never sent.
 
 Handlers are plain functions (FastAPI runs them on its thread pool) except `retrieve_future`,
 which long-polls on the event loop; no handler computes: work goes to the job's worker.

@@ -1,4 +1,7 @@
-"""The JSON shapes of the tinker 0.23 protocol as the trainer gateway reads and answers them.
+"""The JSON shapes of the tinker protocol as the trainer gateway reads and answers them.
+
+They are also the trainer's one internal form: tinker 0.38's protobuf requests are decoded into
+these shapes at the edge (`wire_proto`), and results in these shapes are encoded there for it.
 
 Requests ignore unknown fields: later tinker clients and the Firetitan extensions add fields, and
 a trainer must not refuse a client for sending more than it needs.
