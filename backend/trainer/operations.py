@@ -215,7 +215,8 @@ def load_adapter(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
     adapter_dir = ctx.checkpoints.inside(
         adapter_dir, request.adapter_path, what="adapter_path", model_cache=True
     )
-    engine.load_adapter(adapter_dir)
+    with ctx.checkpoints.relative_errors():
+        engine.load_adapter(adapter_dir)
     return {
         "model_id": entry.model_id,
         "adapter_path": request.adapter_path,
