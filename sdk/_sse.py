@@ -172,7 +172,8 @@ def to_completion(
     entries = list(choice.logprobs)
     if echo:
         # The server prepended the prompt: strip it from the ids, and drop the first logprob
-        # (the first prompt token has none) so the rest aligns with full_tokens[1:].
+        # (the first prompt token has nothing before it; servers send a placeholder number or
+        # null there) so the rest aligns with full_tokens[1:].
         if completion[: len(prompt)] != prompt:
             raise FireworksError("echoed completion_token_ids do not start with the prompt")
         completion = completion[len(prompt) :]
