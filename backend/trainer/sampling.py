@@ -32,6 +32,7 @@ from backend.serving.generation import (
 )
 from backend.serving.sampling import SamplingParams
 from backend.trainer import export
+from backend.trainer.atomic import MARKER_NAME
 from backend.trainer.errors import UserError
 from backend.trainer.modeling import load_hf_model
 from backend.trainer.samplers import SamplerInfo
@@ -79,10 +80,15 @@ class SamplerCache:
     def __init__(self, model_dir: Path, device: str) -> None:
         self._model_dir = model_dir
         self._device = torch.device(device)
-        self._models: OrderedDict[Path | None, SamplerModel] = OrderedDict()
+        self._models: OrderedDict[tuple[Path, int] | None, SamplerModel] = OrderedDict()
 
     def get(self, info: SamplerInfo) -> SamplerModel:
-        key = info.snapshot_dir
+        # A snapshot saved again under its name (allowed for sampler snapshots) has a new
+        # completion marker: keyed by the marker's time too, it is loaded afresh.
+        key = None
+        if info.snapshot_dir is not None:
+            marker = info.snapshot_dir / MARKER_NAME
+            key = (info.snapshot_dir, marker.stat().st_mtime_ns if marker.is_file() else 0)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tinker
 from tinker import types
 
 from backend import LocalPlatform
@@ -208,6 +209,26 @@ def test_a_reused_snapshot_name_overwrites_and_the_row_promotes(tp: TrainerPlatf
     model = tp.http.get(f"/v1/accounts/{ACCOUNT}/models/reused-snap")
     assert model.status_code == 200, model.text
     assert model.json() == promoted.json()["model"]
+
+
+def test_a_sampler_path_saved_again_samples_the_new_weights(tp: TrainerPlatform) -> None:
+    service = tinker.ServiceClient(
+        base_url=tp.create_job("resample", lora_rank=8),
+        api_key="tml-local-test",
+        default_headers={"Authorization": f"Bearer {tp.api_key}"},
+    )
+    try:
+        client = service.create_lora_training_client("fireloop/tiny", rank=8)
+        prompt = BATCH[0].model_input
+        path = client.save_weights_for_sampler("same").result().path
+        before = service.create_sampling_client(model_path=path).compute_logprobs(prompt).result()
+        client.forward_backward(BATCH, "cross_entropy").result()
+        client.optim_step(ADAM).result()
+        assert client.save_weights_for_sampler("same").result().path == path
+        after = service.create_sampling_client(model_path=path).compute_logprobs(prompt).result()
+        assert after[1:] != before[1:]  # the trainer's cached sampler model was not reused
+    finally:
+        service.holder.close()  # type: ignore[no-untyped-call]  # stops the heartbeat
 
 
 def test_states_load_by_name_and_cross_job_reference(tp: TrainerPlatform) -> None:
