@@ -1,4 +1,3 @@
-
 """A step's rollouts as data: scored groups, what the step-inputs log keeps, what a loss trains on.
 
 A rollout is one sampled completion of a prompt: its tokens, the sampler's log-probabilities,
