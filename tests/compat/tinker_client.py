@@ -1,12 +1,14 @@
-"""Drives a `fireloop backend` with the unmodified tinker 0.38 client (run by that client's venv).
+"""Drives a `fireloop backend` with an unmodified stock tinker client, 0.23 or 0.38 (run by that
+client's venv).
 
-Usage: python tinker038_client.py CONTROL_URL API_KEY. The key must start with `tml-` (the stock
+Usage: python tinker_client.py CONTROL_URL API_KEY. The key must start with `tml-` (the stock
 client refuses other keys before sending anything), so the backend is started with such a key.
 For one LoRA job and one full-parameter job it trains (forward_backward + optim_step), runs a
 forward, saves and reloads state, creates a client from the saved state (create-via-load),
-samples from an ephemeral and a named snapshot, reads the tokenizer and closes the session; it
-prints one JSON line of what it saw and exits non-zero on any failure. This file imports only
-the standard library, tinker and its dependencies: it runs outside the project's virtualenv.
+samples from an ephemeral and a named snapshot, reads the tokenizer and, where the release has
+sessions to close (0.38), closes its session; it prints one JSON line of what it saw and exits
+non-zero on any failure. This file imports only the standard library, tinker and its
+dependencies: it runs outside the project's virtualenv.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ TOKENS = [5, 9, 12, 7, 3, 11, 4, 8]
 
 
 def create_job(control: httpx.Client, lora_rank: int) -> str:
-    job_id = f"t38-{'lora' if lora_rank else 'full'}-{uuid.uuid4().hex[:6]}"
+    job_id = f"tinker-{'lora' if lora_rank else 'full'}-{uuid.uuid4().hex[:6]}"
     config = {"baseModel": BASE_MODEL, "loraRank": lora_rank, "maxContextLength": 64}
     response = control.post(
         f"/v1/accounts/{ACCOUNT}/rlorTrainerJobs",
@@ -45,6 +47,11 @@ def create_job(control: httpx.Client, lora_rank: int) -> str:
             raise TimeoutError(f"job {job_id} did not reach RUNNING")
         time.sleep(0.1)
     return job_id
+
+
+def ready(value: Any) -> Any:
+    """A client that 0.38 returns as a future and 0.23 returns as is."""
+    return value.result(timeout=120) if hasattr(value, "result") else value
 
 
 def datum() -> types.Datum:
@@ -76,9 +83,9 @@ def rl_datum() -> types.Datum:
 
 def exercise(service: tinker.ServiceClient, lora_rank: int) -> dict[str, Any]:
     report: dict[str, Any] = {}
-    training = service.create_lora_training_client(
-        base_model=BASE_MODEL, rank=lora_rank, seed=0
-    ).result(timeout=120)
+    training = ready(
+        service.create_lora_training_client(base_model=BASE_MODEL, rank=lora_rank, seed=0)
+    )
     adam = types.AdamParams(learning_rate=1e-2)
     losses = []
     for _ in range(3):
@@ -102,24 +109,22 @@ def exercise(service: tinker.ServiceClient, lora_rank: int) -> dict[str, Any]:
     training.load_state(saved.path).result(timeout=120)
     after = training.forward([datum()], "cross_entropy").result(timeout=120)
     assert after.loss_fn_outputs[0]["logprobs"].tolist() == lp_before, "load_state differs"
-    restored = service.create_training_client_from_state_with_optimizer(saved.path).result(
-        timeout=120
-    )
+    restored = ready(service.create_training_client_from_state_with_optimizer(saved.path))
     again = restored.forward([datum()], "cross_entropy").result(timeout=120)
     assert again.loss_fn_outputs[0]["logprobs"].tolist() == lp_before, "from_state differs"
     restored.forward_backward([datum()], "cross_entropy").result(timeout=120)
     restored.optim_step(adam).result(timeout=120)
-    sampler = training.save_weights_and_get_sampling_client().result(timeout=120)
+    sampler = ready(training.save_weights_and_get_sampling_client())
     params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=1)
     prompt = types.ModelInput.from_ints(TOKENS[:4])
     sampled = sampler.sample(prompt, num_samples=2, sampling_params=params).result(timeout=120)
     assert len(sampled.sequences) == 2
     report["sample_tokens"] = [list(s.tokens) for s in sampled.sequences]
-    report["sequence_ids"] = [s.sequence_id for s in sampled.sequences]
-    assert all(isinstance(s, str) and s for s in report["sequence_ids"])
+    # Sequence ids came with 0.38; 0.23's sequences have none.
+    report["sequence_ids"] = [getattr(s, "sequence_id", None) for s in sampled.sequences]
     named = training.save_weights_for_sampler("sampler-1").result(timeout=120)
     report["sampler_path"] = named.path
-    by_path = service.create_sampling_client(model_path=named.path).result(timeout=120)
+    by_path = ready(service.create_sampling_client(model_path=named.path))
     again_sampled = by_path.sample(prompt, num_samples=2, sampling_params=params).result(
         timeout=120
     )
@@ -141,7 +146,8 @@ def main(control_url: str, api_key: str) -> int:
         trainer_base = f"{control_url}/training/v1/rlorTrainerJobs/{ACCOUNT}/{job_id}"
         service = tinker.ServiceClient(base_url=trainer_base, api_key=api_key)
         results["lora" if rank else "full"] = exercise(service, rank)
-        service.close("success").result(timeout=60)
+        if hasattr(service, "close"):  # 0.38 finishes its session; 0.23 has none to close
+            service.close("success").result(timeout=60)
     print(json.dumps(results))
     return 0
 
