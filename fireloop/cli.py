@@ -271,6 +271,45 @@ def models() -> None:
 
 
 @app.command()
+def tokenizers(
+    base_models: Annotated[
+        list[str], typer.Argument(help="Local base models, e.g. fireloop/tiny.", show_default=False)
+    ],
+    hf_home: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="HF_HOME",
+            help="Hugging Face home whose hub cache receives the tokenizers "
+            "[default: $HF_HOME, else ~/.cache/huggingface].",
+            show_default=False,
+        ),
+    ] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Shared cache of built base models [default: $FIRELOOP_MODEL_CACHE, else "
+            "~/.cache/fireloop/models].",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Put local models' tokenizers in the Hugging Face cache, so clients that call
+    AutoTokenizer.from_pretrained("fireloop/tiny") find them offline (HF_HUB_OFFLINE=1)."""
+    from backend.models.cache import resolve_models_dir
+    from backend.models.hf_cache import default_hub_dir, publish_tokenizer
+    from backend.models.registry import UnknownModelError
+
+    hub_dir = default_hub_dir(hf_home)
+    for base_model in base_models:
+        try:
+            snapshot = publish_tokenizer(base_model, resolve_models_dir(models_dir), hub_dir)
+        except UnknownModelError as exc:
+            console.print(str(exc), markup=False)
+            raise typer.Exit(2) from None
+        print(f"{base_model}: {snapshot}")
+
+
+@app.command()
 def tasks() -> None:
     """The built-in toy tasks (`--set dataset=<name>`): what each teaches, an example, and
     which recipes take it."""

@@ -9,6 +9,8 @@ full-parameter model, saves, reloads, creates a client from the saved state, sam
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -25,13 +27,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("tinker_version", ["0.23.0", "0.38.0"])
-def test_stock_tinker_trains_saves_loads_and_samples(backend: Backend, tinker_version: str) -> None:
+def test_stock_tinker_trains_saves_loads_and_samples(
+    backend: Backend, tinker_version: str, tmp_path: Path
+) -> None:
     python = compat_python("tinker", [f"tinker=={tinker_version}"])
-    env = {"TINKER_TELEMETRY": "0", "HF_HUB_OFFLINE": "1"}
+    # As the README tells a user: publish the tokenizer where `from_pretrained(name)` looks.
+    hf_home = tmp_path / "hf"
+    publish = [sys.executable, "-m", "fireloop.cli", "tokenizers", "fireloop/tiny"]
+    subprocess.run([*publish, "--hf-home", str(hf_home)], check=True, capture_output=True)
+    env = {"TINKER_TELEMETRY": "0", "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
     run = run_client(python, CLIENT_SCRIPT, [backend.url, backend.api_key], env, CLIENT_TIMEOUT_S)
     report = run.report
 
     assert report["tinker"] == tinker_version
+    assert report["tokenizer_by_name"] == [97, 98, 99, 61]
     for kind in ("lora", "full"):
         seen = report[kind]
         assert seen["losses"][-1] < seen["losses"][0]

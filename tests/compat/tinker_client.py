@@ -5,7 +5,8 @@ Usage: python tinker_client.py CONTROL_URL API_KEY. The key must start with `tml
 client refuses other keys before sending anything), so the backend is started with such a key.
 For one LoRA job and one full-parameter job it trains (forward_backward + optim_step), runs a
 forward, saves and reloads state, creates a client from the saved state (create-via-load),
-samples from an ephemeral and a named snapshot, reads the tokenizer and, where the release has
+samples from an ephemeral and a named snapshot, reads the tokenizer (through get_info and by
+the model's name) and, where the release has
 sessions to close (0.38), closes its session; it prints one JSON line of what it saw and exits
 non-zero on any failure. This file imports only the standard library, tinker and its
 dependencies: it runs outside the project's virtualenv.
@@ -141,6 +142,11 @@ def exercise(service: tinker.ServiceClient, lora_rank: int) -> dict[str, Any]:
 def main(control_url: str, api_key: str) -> int:
     control = httpx.Client(base_url=control_url, headers={"X-Api-Key": api_key}, timeout=60)
     results: dict[str, Any] = {"tinker": tinker.__version__}
+    # What recipes do: look the tokenizer up by the model's name (offline, in the HF cache
+    # that `fireloop tokenizers` filled).
+    from transformers import AutoTokenizer
+
+    results["tokenizer_by_name"] = AutoTokenizer.from_pretrained(BASE_MODEL).encode("abc=")
     for rank in (8, 0):
         job_id = create_job(control, rank)
         trainer_base = f"{control_url}/training/v1/rlorTrainerJobs/{ACCOUNT}/{job_id}"
