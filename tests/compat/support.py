@@ -28,13 +28,13 @@ import pytest
 
 START_TIMEOUT_S = 30.0
 INSTALL_TIMEOUT_S = 900.0
-# pip's words when the registry cannot be reached (as opposed to a broken install).
+# pip's words when the registry cannot be reached (as opposed to a broken install). "No
+# matching distribution found" alone is not one of them: a misspelled pin says it too.
 _UNREACHABLE = (
     "NewConnectionError",
     "Temporary failure in name resolution",
     "Max retries exceeded",
     "Network is unreachable",
-    "No matching distribution found",
 )
 
 
@@ -47,8 +47,14 @@ def venv_root() -> Path:
     return Path(cache) / "fireloop" / "compat-venvs"
 
 
-def _ready_text(requirements: list[str]) -> str:
+def ready_text(requirements: list[str]) -> str:
+    """What a finished virtualenv's `READY` marker holds: its exact requirement list."""
     return json.dumps(requirements)
+
+
+def requirements_digest(requirements: list[str]) -> str:
+    """The part of a virtualenv's directory name that changes with its requirement list."""
+    return hashlib.sha256(ready_text(requirements).encode()).hexdigest()[:12]
 
 
 def compat_python(name: str, requirements: list[str]) -> Path:
@@ -59,11 +65,10 @@ def compat_python(name: str, requirements: list[str]) -> Path:
     The build happens under a temporary name and is renamed into place once complete, so an
     interrupted build is never used.
     """
-    digest = hashlib.sha256(_ready_text(requirements).encode()).hexdigest()[:12]
-    venv = venv_root() / f"{name}-{digest}"
+    venv = venv_root() / f"{name}-{requirements_digest(requirements)}"
     python = venv / "bin" / "python"
     ready = venv / "READY"
-    if ready.is_file() and ready.read_text() == _ready_text(requirements):
+    if ready.is_file() and ready.read_text() == ready_text(requirements):
         return python
     venv.parent.mkdir(parents=True, exist_ok=True)
     building = venv.with_name(f"{venv.name}.building-{os.getpid()}")
@@ -81,7 +86,7 @@ def compat_python(name: str, requirements: list[str]) -> Path:
         if any(sign in output for sign in _UNREACHABLE):
             pytest.skip(f"package registry unreachable, {requirements} not installed")
         raise AssertionError(f"pip install {requirements} failed:\n{output}")
-    (building / "READY").write_text(_ready_text(requirements))
+    (building / "READY").write_text(ready_text(requirements))
     # A virtualenv's scripts hold its absolute path: build where it will live, then swap in.
     shutil.rmtree(venv, ignore_errors=True)
     try:
