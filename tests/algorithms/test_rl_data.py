@@ -306,6 +306,6 @@ def test_addition_is_registered_for_sft_and_rl() -> None:
     for task in RL_TASKS.values():
         assert task.reward in BUILTIN_REWARDS
     listed = {row[0]: row for row in task_rows()}
-    # `fireloop tasks` names only recipes the CLI can run: rl joins once `run rl` exists.
-    assert listed["addition"][4] == "sft"
+    # `fireloop tasks` names the recipes that take each task: `run rl` takes addition.
+    assert listed["addition"][4] == "sft, rl"
     assert listed["reverse"][4] == "sft"
