@@ -34,12 +34,25 @@ def tp() -> Iterator[TrainerPlatform]:
             helper.close()
 
 
+_SERVICES: list[tinker.ServiceClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_heartbeats() -> Iterator[None]:
+    """Stock tinker clients have no close(); their sessions heartbeat until the holder closes."""
+    yield
+    while _SERVICES:
+        _SERVICES.pop().holder.close()  # type: ignore[no-untyped-call]
+
+
 def _service(tp: TrainerPlatform, job_id: str, lora_rank: int) -> tinker.ServiceClient:
-    return tinker.ServiceClient(
+    service = tinker.ServiceClient(
         base_url=tp.create_job(job_id, lora_rank=lora_rank),
         api_key="tml-local-test",
         default_headers={"Authorization": f"Bearer {tp.api_key}"},
     )
+    _SERVICES.append(service)
+    return service
 
 
 def _logprobs(client: tinker.TrainingClient) -> list[torch.Tensor]:
