@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from algorithms.toy_tasks import TOY_TASKS
 from backend.models.registry import REGISTERED_MODELS
 from fireloop.cli import app
+from fireloop.cli import console as cli_console
 from fireloop.help import REFERENCE_END, REFERENCE_START, config_fields, config_reference_markdown
 from fireloop.recipes import RECIPES
 from flows.config import DPOConfig, ORPOConfig, RLConfig, SFTConfig
@@ -26,7 +27,14 @@ WIDE = {"COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
 
 
 def _invoke(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args), env=WIDE)
+    # The CLI's console fixes its width when first built, from COLUMNS at that moment (another
+    # test in the same process may have built it narrower): widen it for this call.
+    width = cli_console.width
+    cli_console.width = int(WIDE["COLUMNS"])
+    try:
+        result = CliRunner().invoke(app, list(args), env=WIDE)
+    finally:
+        cli_console.width = width
     assert result.exit_code == 0, result.output
     return result.output
 
