@@ -5,7 +5,7 @@ The store keeps one `concurrent.futures.Future` per request id. `retrieve` long-
 the HTTP request until the result is ready or `hold_s` has passed, because the 0.23 client
 re-polls a `try_again` answer immediately, so answering "not ready" at once would spin. Results
 stay retrievable for `ttl_s` after completion (a transport error mid-response makes the client
-fetch the same id again).
+fetch the same id again). A future holds a typed result (`WireResult`); the routes encode it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.trainer.errors import ServerError, UserError
+from backend.trainer.wire import FailedResult, WireResult
 
 JsonDict = dict[str, Any]
 
@@ -30,7 +31,7 @@ class FutureRecord:
 
     request_id: str
     request_type: str
-    future: Future[JsonDict] = field(default_factory=Future)
+    future: Future[WireResult] = field(default_factory=Future)
     completed_at: float | None = None
 
 
@@ -41,13 +42,18 @@ class TryAgain:
     request_id: str
 
 
+def failed_result(exc: BaseException) -> FailedResult:
+    """What a future that failed with `exc` answers: the message and its category."""
+    if isinstance(exc, UserError):
+        return FailedResult(error=str(exc), category="user")
+    if isinstance(exc, ServerError):
+        return FailedResult(error=str(exc), category="server")
+    return FailedResult(error=f"internal error: {type(exc).__name__}: {exc}", category="server")
+
+
 def error_payload(exc: BaseException) -> JsonDict:
     """The `{"error", "category"}` body a failed future answers with."""
-    if isinstance(exc, UserError):
-        return {"error": str(exc), "category": "user"}
-    if isinstance(exc, ServerError):
-        return {"error": str(exc), "category": "server"}
-    return {"error": f"internal error: {type(exc).__name__}: {exc}", "category": "server"}
+    return failed_result(exc).wire_json()
 
 
 class FutureStore:
@@ -72,8 +78,8 @@ class FutureStore:
         with self._lock:
             return self._records.get(request_id)
 
-    async def retrieve(self, request_id: str, *, hold_s: float) -> JsonDict | TryAgain:
-        """The result (or error payload) of `request_id`, waiting up to `hold_s` for it.
+    async def retrieve(self, request_id: str, *, hold_s: float) -> WireResult | TryAgain:
+        """The result (a `FailedResult` on failure) of `request_id`, waiting up to `hold_s`.
 
         Raises KeyError for an unknown id (the gateway answers 404: lost server state).
         """
@@ -89,7 +95,7 @@ class FutureStore:
             except Exception:  # the failure itself is reported below as the future's error
                 pass
         exc = record.future.exception()
-        return error_payload(exc) if exc is not None else record.future.result()
+        return failed_result(exc) if exc is not None else record.future.result()
 
     def fail_pending(self, error: BaseException) -> int:
         """Fail every unfinished future (the trainer is going away); returns how many."""

@@ -1,10 +1,11 @@
-"""The trainer's operations as they run on a job's worker thread: JSON in, JSON out.
+"""The trainer's operations as they run on a job's worker thread: typed commands in, typed results
+out (the routes decoded the request and will encode the result for the client's dialect).
 
-Each function parses its request (a malformed one fails as a user error, having consumed its
-sequence id), calls the engine, persists what must outlive the process (checkpoints and
-snapshots, written atomically by the engine) and tells the control plane about it
-(`record_checkpoint`, `record_optim_step`). This module imports torch and the engine, so the
-service imports it only when a job first needs it.
+Each function checks what its command's shape cannot (a bad datum or hyper-parameter fails as a
+user error, having consumed its sequence id), calls the engine, persists what must outlive the
+process (checkpoints and snapshots, written atomically by the engine) and tells the control plane
+about it (`record_checkpoint`, `record_optim_step`). This module imports torch and the engine,
+so the service imports it only when a job first needs it.
 """
 
 from __future__ import annotations
@@ -30,17 +31,24 @@ from backend.trainer.sampling import SamplerCache
 from backend.trainer.settings import DEFAULT_LORA_ALPHA, AdamSettings, CheckpointType, LoraSettings
 from backend.trainer.wire import (
     CreateModelRequest,
+    CreateModelResult,
+    ForwardBackwardOutput,
     ForwardBackwardRequest,
     ForwardRequest,
     JsonDict,
     LoadAdapterRequest,
+    LoadAdapterResult,
     LoadWeightsRequest,
-    LossInput,
+    LoadWeightsResult,
     OptimStepRequest,
+    OptimStepResult,
     SampleRequest,
+    SampleResult,
     SaveForSamplerRequest,
+    SaveForSamplerResult,
     SaveWeightsRequest,
-    parse,
+    SaveWeightsResult,
+    TensorDataWire,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,7 +67,9 @@ def resolve_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(ctx: JobContext, entry: ModelEntry, request: CreateModelRequest) -> JsonDict:
+def load_model(
+    ctx: JobContext, entry: ModelEntry, request: CreateModelRequest
+) -> CreateModelResult:
     """Build the engine for a `create_model` after checking it fits this job."""
     try:
         _check_base_model(ctx, request.base_model)
@@ -85,34 +95,35 @@ def load_model(ctx: JobContext, entry: ModelEntry, request: CreateModelRequest) 
         "base only" if request.base_only else f"lora_rank={entry.lora_rank}",
         entry.engine.num_trainable_params,
     )
-    return {"model_id": entry.model_id, "type": "create_model"}
+    return CreateModelResult(model_id=entry.model_id)
 
 
-def forward(ctx: JobContext, entry: ModelEntry, body: JsonDict, *, backward: bool) -> JsonDict:
+def forward(
+    ctx: JobContext, entry: ModelEntry, request: ForwardRequest | ForwardBackwardRequest
+) -> ForwardBackwardOutput:
     """`forward` / `forward_backward`: per-datum logprobs, loss metrics; gradients accumulate."""
-    loss_input: LossInput
-    if backward:
-        loss_input = parse(ForwardBackwardRequest, body).forward_backward_input
-    else:
-        loss_input = parse(ForwardRequest, body).forward_input
+    backward = isinstance(request, ForwardBackwardRequest)
+    loss_input = (
+        request.forward_backward_input
+        if isinstance(request, ForwardBackwardRequest)
+        else request.forward_input
+    )
     engine = entry.require_engine()
     datums = [decode_datum(datum, index) for index, datum in enumerate(loss_input.data)]
     run = engine.forward_backward if backward else engine.forward
     result = run(datums, loss_input.loss_fn, loss_input.loss_fn_config)
     outputs = [
-        {"logprobs": encode_tensor_data(lp), "elementwise_loss": encode_tensor_data(loss)}
+        {
+            "logprobs": TensorDataWire.model_validate(encode_tensor_data(lp)),
+            "elementwise_loss": TensorDataWire.model_validate(encode_tensor_data(loss)),
+        }
         for lp, loss in zip(result.logprobs, result.elementwise_loss, strict=True)
     ]
-    return {
-        "loss_fn_output_type": "ArrayRecord",
-        "loss_fn_outputs": outputs,
-        "metrics": dict(result.metrics),
-    }
+    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=dict(result.metrics))
 
 
-def optim_step(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
+def optim_step(ctx: JobContext, entry: ModelEntry, request: OptimStepRequest) -> OptimStepResult:
     """Apply the accumulated gradients; report the step count to the control plane."""
-    request = parse(OptimStepRequest, body)
     hyper = {k: v for k, v in request.adam_params.items() if k not in _METRIC_KEYS}
     try:
         adam = AdamSettings.model_validate(hyper)
@@ -127,12 +138,13 @@ def optim_step(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
     # May preempt this very job (scheduled fault injection): the step is applied, its result
     # is then lost with the trainer, exactly as with a real preemption after the step.
     ctx.host.record_optim_step(ctx.job_id, engine.step)
-    return {"metrics": metrics}
+    return OptimStepResult(metrics=metrics)
 
 
-def save_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
+def save_weights(
+    ctx: JobContext, entry: ModelEntry, request: SaveWeightsRequest
+) -> SaveWeightsResult:
     """Save weights + optimizer state as a resumable checkpoint of the job."""
-    request = parse(SaveWeightsRequest, body)
     engine = entry.require_engine()
     name = validate_name(request.path or f"step-{engine.step}")
     with ctx.checkpoints.relative_errors():
@@ -141,12 +153,13 @@ def save_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
         "CHECKPOINT_TYPE_TRAINING_LORA" if engine.is_lora else "CHECKPOINT_TYPE_TRAINING"
     )
     ctx.host.record_checkpoint(ctx.job_id, name, row_type)
-    return {"path": CheckpointStore.state_uri(ctx.job_id, name), "type": "save_weights"}
+    return SaveWeightsResult(path=CheckpointStore.state_uri(ctx.job_id, name))
 
 
-def load_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
+def load_weights(
+    ctx: JobContext, entry: ModelEntry, request: LoadWeightsRequest
+) -> LoadWeightsResult:
     """Replace the weights (and optimizer state if asked) from a checkpoint reference."""
-    request = parse(LoadWeightsRequest, body)
     if request.weights_access_token is not None:
         raise UserError("weights_access_token is not supported by the local trainer")
     engine = entry.require_engine()
@@ -158,12 +171,13 @@ def load_weights(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
     with ctx.checkpoints.relative_errors():
         engine.load_state(ref.path, with_optimizer=request.optimizer)
     logger.info("job %s: %s loaded %s (step %d)", ctx.job_id, entry.model_id, ref.path, engine.step)
-    return {"path": request.path, "type": "load_weights"}
+    return LoadWeightsResult(path=request.path)
 
 
-def save_weights_for_sampler(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
+def save_weights_for_sampler(
+    ctx: JobContext, entry: ModelEntry, request: SaveForSamplerRequest
+) -> SaveForSamplerResult:
     """Export a sampler snapshot of the job, for a deployment to hotload."""
-    request = parse(SaveForSamplerRequest, body)
     if request.path is None:
         return _ephemeral_snapshot(ctx, entry, request)
     engine = entry.require_engine()
@@ -186,12 +200,12 @@ def save_weights_for_sampler(ctx: JobContext, entry: ModelEntry, body: JsonDict)
     # Firetitan clients (which send checkpoint_type) get the name itself: path == snapshot name
     # == hotload identity. Stock tinker clients get a tinker path they can sample from.
     path = name if request.checkpoint_type is not None else _sampler_uri(ctx.job_id, name)
-    return {"path": path, "type": "save_weights_for_sampler"}
+    return SaveForSamplerResult(path=path)
 
 
 def _ephemeral_snapshot(
     ctx: JobContext, entry: ModelEntry, request: SaveForSamplerRequest
-) -> JsonDict:
+) -> SaveForSamplerResult:
     """Stock `save_weights_and_get_sampling_client`: a snapshot read by a new sampling session."""
     if request.sampling_session_seq_id is None:
         raise UserError("save_weights_for_sampler without a path needs sampling_session_seq_id")
@@ -202,12 +216,13 @@ def _ephemeral_snapshot(
     sampler_id = ctx.register_sampler(
         entry.session_id, request.sampling_session_seq_id, _sampler_uri(ctx.job_id, name)
     )
-    return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+    return SaveForSamplerResult(sampling_session_id=sampler_id)
 
 
-def load_adapter(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict:
+def load_adapter(
+    ctx: JobContext, entry: ModelEntry, request: LoadAdapterRequest
+) -> LoadAdapterResult:
     """Load HF PEFT adapter weights into a LoRA model (weights only; optimizer reset)."""
-    request = parse(LoadAdapterRequest, body)
     engine = entry.require_engine()
     adapter_dir = Path(request.adapter_path)
     if not adapter_dir.is_absolute():
@@ -217,11 +232,7 @@ def load_adapter(ctx: JobContext, entry: ModelEntry, body: JsonDict) -> JsonDict
     )
     with ctx.checkpoints.relative_errors():
         engine.load_adapter(adapter_dir)
-    return {
-        "model_id": entry.model_id,
-        "adapter_path": request.adapter_path,
-        "type": "load_adapter",
-    }
+    return LoadAdapterResult(model_id=entry.model_id, adapter_path=request.adapter_path)
 
 
 def state_info(directory: Path) -> JsonDict:
@@ -323,9 +334,10 @@ def new_sampler_cache(ctx: JobContext) -> SamplerCache:
     )
 
 
-def sample(ctx: JobContext, cache: SamplerCache, info: SamplerInfo, body: JsonDict) -> JsonDict:
+def sample(
+    ctx: JobContext, cache: SamplerCache, info: SamplerInfo, request: SampleRequest
+) -> SampleResult:
     """`asample`: sequences (and prompt logprobs if asked) from the sampler's weights."""
-    request = parse(SampleRequest, body)
     with ctx.checkpoints.relative_errors():
         model = cache.get(info)
     return sampling.sample(model, request, ctx.context_length)

@@ -2,9 +2,9 @@
 
 tinker 0.23 speaks JSON; tinker 0.38 posts forward/backward as protobuf and reads fwd/bwd and
 sample results as protobuf. The dialect is read from each request's headers (`Content-Type`,
-`Accept`) here, at the edge: bodies are decoded into the JSON-shaped commands the trainer runs
-and results are encoded on the way out (`wire_proto`), so nothing behind the routes knows which
-client it serves.
+`Accept`) here, at the edge: bodies are decoded into the typed commands the trainer runs (`wire`
+for JSON, `wire_proto` for protobuf) and typed results are encoded on the way out, so nothing
+behind the routes knows which client it serves.
 
 Mounted by `backend.gateway.gateway_router` under `/training/v1/rlorTrainerJobs/{account}/
 {job_id}/api/v1`. Every route resolves the job first; a job that is unknown or not RUNNING
@@ -44,9 +44,12 @@ from backend.trainer.wire import (
     GetSamplerResponse,
     HeartbeatResponse,
     JsonDict,
+    LoadWeightsRequest,
     LoraConfigWire,
     ModelRequest,
+    OrderedCommand,
     RetrieveFutureRequest,
+    SampleRequest,
     ServerCapabilities,
     SessionRequest,
     SupportedModel,
@@ -55,14 +58,17 @@ from backend.trainer.wire import (
     UntypedFuture,
     WeightsInfoRequest,
     WeightsInfoResponse,
+    parse,
+    parse_command,
     parse_json_body,
     parse_request,
 )
 from backend.trainer.wire_proto import (
     PROTO_MEDIA_TYPE,
-    PROTO_RESULT_TYPES,
+    PROTO_RESULTS,
     ProtoDecodeError,
-    decode_forward_backward,
+    ProtoForwardBackward,
+    decode_forward_backward_command,
     encode_result,
     request_body,
     wants_proto,
@@ -205,7 +211,12 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
 
     @router.post("/asample", response_model_exclude_none=True)
     def asample(body: Annotated[dict[str, Any], Body()], trainer: Active) -> UntypedFuture:
-        request_id = trainer.sample(body)
+        # A body that is not a valid request still gets a future, which fails with the reason.
+        try:
+            command: SampleRequest | UserError = parse(SampleRequest, body)
+        except UserError as exc:
+            command = exc
+        request_id = trainer.sample(command)
         # tinker 0.38 stamps each returned sequence with these ids and refuses an answer
         # without exactly one per requested sample; 0.23 ignores them.
         count = body.get("num_samples", 1)
@@ -236,17 +247,10 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
             ) from None
         if isinstance(outcome, TryAgain):
             return TryAgainResponse(request_id=outcome.request_id).model_dump()
-        record = trainer.futures.get(body.request_id)
-        request_type = record.request_type if record is not None else ""
         # A 0.38 client reads fwd/bwd and sample results only as protobuf; errors stay JSON.
-        if (
-            request_type in PROTO_RESULT_TYPES
-            and "error" not in outcome
-            and wants_proto(request.headers.get("accept"))
-        ):
-            content = encode_result(request_type, outcome)
-            return Response(content=content, media_type=PROTO_MEDIA_TYPE)
-        return outcome
+        if isinstance(outcome, PROTO_RESULTS) and wants_proto(request.headers.get("accept")):
+            return Response(content=encode_result(outcome), media_type=PROTO_MEDIA_TYPE)
+        return outcome.wire_json()
 
     return router
 
@@ -262,15 +266,21 @@ def _ordered_handler(kind: OrderedKind, trainer_dependency: Any) -> Any:
             operation, body = await _ordered_body(kind, request)
         except ApiError as refusal:
             return await _refused(trainer, kind, request, refusal)
-        if kind == "load_weights" and body.get("model_id") is None and "session_id" in body:
+        if isinstance(body, ProtoForwardBackward):
+            model_id, seq_id = _ids(kind, body.model_id, body.seq_id)
+            command: OrderedCommand | UserError = body.command
+        elif kind == "load_weights" and body.get("model_id") is None and "session_id" in body:
             return _create_via_load(trainer, body)
-        model_id = body.get("model_id")
-        seq_id = body.get("seq_id")
-        if not isinstance(model_id, str) or not model_id:
-            raise ApiError.invalid_argument(f"{kind}: model_id is required and must be a string")
-        if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int)):
-            raise ApiError.invalid_argument(f"{kind}: seq_id must be an integer")
-        request_id = trainer.submit(operation, model_id, seq_id, body)
+        else:
+            model_id, seq_id = _ids(kind, body.get("model_id"), body.get("seq_id"))
+            try:
+                command = parse_command(operation, body)
+            except UserError as exc:
+                command = exc
+        if isinstance(command, UserError):  # readable ids, a malformed command: seq id consumed
+            request_id = trainer.refuse(operation, model_id, seq_id, command)
+        else:
+            request_id = trainer.submit(operation, model_id, seq_id, command)
         return UntypedFuture(request_id=request_id, model_id=model_id)
 
     handler.__name__ = kind
@@ -339,17 +349,19 @@ def _create_via_load(trainer: JobTrainer, body: JsonDict) -> UntypedFuture:
     loads = _CREATED_BY_LOAD.setdefault(trainer, {})
     if model_id not in loads:
         # Unordered: it runs on the job's worker right after the model's loading.
-        load = {"model_id": model_id, "path": request.path, "optimizer": request.optimizer}
+        load = LoadWeightsRequest(path=request.path, optimizer=request.optimizer)
         loads[model_id] = trainer.submit("load_weights", model_id, None, load)
     return UntypedFuture(request_id=loads[model_id], model_id=model_id)
 
 
-async def _ordered_body(kind: OrderedKind, request: Request) -> tuple[OrderedKind, JsonDict]:
-    """The dialect edge of an ordered request: (the operation, its JSON-shaped command).
+async def _ordered_body(
+    kind: OrderedKind, request: Request
+) -> tuple[OrderedKind, JsonDict | ProtoForwardBackward]:
+    """The dialect edge of an ordered request: (the operation, its JSON body or decoded message).
 
     tinker 0.38 posts `forward_backward` as protobuf (`forward_only` selects a forward, possibly
-    zstd-compressed); it becomes the command a 0.23 client would have sent as JSON, so everything
-    behind this point sees one shape whichever dialect the client speaks.
+    zstd-compressed); it decodes into the same typed command a 0.23 JSON body decodes into, so
+    everything behind the route sees one form whichever dialect the client speaks.
     """
     raw = await request.body()
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -359,10 +371,19 @@ async def _ordered_body(kind: OrderedKind, request: Request) -> tuple[OrderedKin
         raise ApiError.invalid_argument(f"{kind}: {PROTO_MEDIA_TYPE} bodies are not accepted here")
     try:
         data = request_body(raw, request.headers.get("content-encoding"))
-        forward_only, body = decode_forward_backward(data)
+        decoded = decode_forward_backward_command(data)
     except ProtoDecodeError as exc:
         raise ApiError.invalid_argument(f"{kind}: {exc}") from None
-    return ("forward" if forward_only else "forward_backward"), body
+    return ("forward" if decoded.forward_only else "forward_backward"), decoded
+
+
+def _ids(kind: OrderedKind, model_id: object, seq_id: object) -> tuple[str, int | None]:
+    """An ordered request's model id and (optional) seq id; 400 when they are unusable."""
+    if not isinstance(model_id, str) or not model_id:
+        raise ApiError.invalid_argument(f"{kind}: model_id is required and must be a string")
+    if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int)):
+        raise ApiError.invalid_argument(f"{kind}: seq_id must be an integer")
+    return model_id, seq_id
 
 
 def _text(error: KeyError) -> str:

@@ -36,7 +36,12 @@ from backend.trainer.atomic import MARKER_NAME
 from backend.trainer.errors import UserError
 from backend.trainer.modeling import load_hf_model
 from backend.trainer.samplers import SamplerInfo
-from backend.trainer.wire import JsonDict, SampleRequest, SamplingParamsWire
+from backend.trainer.wire import (
+    SampledSequenceWire,
+    SampleRequest,
+    SampleResult,
+    SamplingParamsWire,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +104,8 @@ class SamplerCache:
         return model
 
 
-def sample(sampler: SamplerModel, request: SampleRequest, context_length: int) -> JsonDict:
-    """The tinker `SampleResponse` JSON for one `asample` request.
+def sample(sampler: SamplerModel, request: SampleRequest, context_length: int) -> SampleResult:
+    """The tinker `SampleResponse` of one `asample` request.
 
     The samples decode as one batch on the serving side's decoder; sample i draws with seed + i.
     """
@@ -132,19 +137,18 @@ def sample(sampler: SamplerModel, request: SampleRequest, context_length: int) -
         for index in range(request.num_samples)
     ]
     run_to_completion(sampler.decoding_model(context_length), sequences)
-    answer: JsonDict = {
-        "type": "sample",
-        "sequences": [_sequence_json(s) for s in sequences],
-        "prompt_cache_hit_tokens": 0,
-    }
     scored = sequences[0].prompt_logprobs
+    prompt_logprobs: list[float | None] | None = None
+    topk: list[list[tuple[int, float]] | None] | None = None
     if request.prompt_logprobs:
-        answer["prompt_logprobs"] = [None] + [entry.logprob for entry in scored]
+        prompt_logprobs = [None] + [entry.logprob for entry in scored]
     if top_k > 0:
-        answer["topk_prompt_logprobs"] = [None] + [
-            [(token, value) for token, value in entry.top] for entry in scored
-        ]
-    return answer
+        topk = [None] + [[(token, value) for token, value in entry.top] for entry in scored]
+    return SampleResult(
+        sequences=[_sampled(s) for s in sequences],
+        prompt_logprobs=prompt_logprobs,
+        topk_prompt_logprobs=topk,
+    )
 
 
 def _stop_conditions(
@@ -159,13 +163,13 @@ def _stop_conditions(
     return ids, tuple(s for s in stops if isinstance(s, str))
 
 
-def _sequence_json(sequence: DecodingSequence) -> JsonDict:
-    return {
-        "stop_reason": sequence.finish_reason or "length",
-        "tokens": list(sequence.tokens),
+def _sampled(sequence: DecodingSequence) -> SampledSequenceWire:
+    return SampledSequenceWire(
+        stop_reason=sequence.finish_reason or "length",
+        tokens=list(sequence.tokens),
         # The logprob under the distribution sampled (tinker's sequence logprobs).
-        "logprobs": [entry.sampling_logprob for entry in sequence.logprobs],
-    }
+        logprobs=[entry.sampling_logprob for entry in sequence.logprobs],
+    )
 
 
 def _prompt_tokens(request: SampleRequest, vocab_size: int) -> list[int]:

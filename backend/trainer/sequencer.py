@@ -18,13 +18,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from dataclasses import dataclass
-from typing import Any
 
 from backend.trainer.errors import ServerError, UserError
 from backend.trainer.futures import FutureRecord, FutureStore
+from backend.trainer.wire import WireResult
 
-JsonDict = dict[str, Any]
-Operation = Callable[[], JsonDict]
+Operation = Callable[[], WireResult]
 # Runs an operation on the job's worker, in submission order, and reports back to the record.
 Dispatcher = Callable[[Operation, FutureRecord], None]
 
@@ -93,7 +92,7 @@ class ModelSequencer:
         future. UserError: `seq_id` itself is invalid or stale.
         """
 
-        def refused() -> JsonDict:
+        def refused() -> WireResult:
             raise error
 
         return self.submit(seq_id, request_type, refused)

@@ -6,8 +6,9 @@ worker thread that runs every operation of the job in order. When the control pl
 job lost (preempted, cancelled, deleted), the trainer fails what is pending and drops
 everything; only checkpoints and snapshots on disk survive, as on the real platform.
 
-Routes call the methods here on request threads: they validate, register and enqueue, and never
-compute; the operations themselves (`operations.py`, which imports torch) run on the worker.
+Routes call the methods here on request threads with typed commands (the routes decoded them):
+they validate, register and enqueue, and never compute; the operations themselves
+(`operations.py`, which imports torch) run on the worker.
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ from backend.trainer.errors import ServerError, UserError
 from backend.trainer.futures import FutureRecord, FutureStore
 from backend.trainer.job import JobContext, ModelEntry, TrainerHost, check_lora_capacity
 from backend.trainer.samplers import SamplerInfo, SamplerSessions
-from backend.trainer.sequencer import ModelSequencer
+from backend.trainer.sequencer import ModelSequencer, Operation
 from backend.trainer.wire import (
     CreateModelRequest,
     CreateSamplingSessionRequest,
     GetInfoResponse,
-    JsonDict,
     ModelData,
+    OrderedCommand,
+    SampleRequest,
+    SampleResult,
+    UnloadModelResult,
     WeightsInfoResponse,
+    WireResult,
 )
 from backend.trainer.worker import JobWorker
 
@@ -187,9 +192,9 @@ class JobTrainer:
         entry = self._entry(model_id)
         record = self.futures.new("UnloadModel")
 
-        def _unload() -> JsonDict:
+        def _unload() -> UnloadModelResult:
             entry.unload("unload_model was called")
-            return {"model_id": model_id, "type": "unload_model"}
+            return UnloadModelResult(model_id=model_id)
 
         self._worker.dispatch(_unload, record)
         return record.request_id
@@ -211,12 +216,45 @@ class JobTrainer:
 
     # -- ordered operations ------------------------------------------------------------------
 
-    def submit(self, kind: OrderedKind, model_id: str, seq_id: int | None, body: JsonDict) -> str:
+    def submit(
+        self, kind: OrderedKind, model_id: str, seq_id: int | None, command: OrderedCommand
+    ) -> str:
         """Accept an ordered operation of `model_id`; its request id (the same on resubmission).
 
         Problems are reported through the future (`category: "user"`), never by refusing the
         request, so the operation still consumes its seq id.
         """
+        ops, ctx = _operations(), self.context
+        # forward and forward_backward share one operation; the command's type tells them apart.
+        run = ops.forward if kind in ("forward", "forward_backward") else getattr(ops, kind)
+
+        def operation_of(entry: ModelEntry) -> Operation:
+            return lambda: run(ctx, entry, command)
+
+        return self._accept(kind, model_id, seq_id, operation_of)
+
+    def refuse(self, kind: OrderedKind, model_id: str, seq_id: int | None, error: UserError) -> str:
+        """An ordered request whose body did not decode into its command; its request id.
+
+        It is accepted like any operation (in its seq id's turn, or after what is queued now for
+        an unordered client) and its future fails with `error`, so the seq id is consumed.
+        """
+
+        def operation_of(entry: ModelEntry) -> Operation:
+            def refused() -> WireResult:
+                raise error
+
+            return refused
+
+        return self._accept(kind, model_id, seq_id, operation_of)
+
+    def _accept(
+        self,
+        kind: OrderedKind,
+        model_id: str,
+        seq_id: int | None,
+        operation_of: Callable[[ModelEntry], Operation],
+    ) -> str:
         request_type = _REQUEST_TYPES[kind]
         with self._lock:
             entry = self._models.get(model_id)
@@ -224,14 +262,7 @@ class JobTrainer:
             return self._failed(
                 request_type, UserError(f"unknown model_id {model_id!r}")
             ).request_id
-        ops, ctx = _operations(), self.context
-        operation: Callable[[], JsonDict]
-        if kind in ("forward", "forward_backward"):
-            backward = kind == "forward_backward"
-            operation = lambda: ops.forward(ctx, entry, body, backward=backward)  # noqa: E731
-        else:
-            run = getattr(ops, kind)
-            operation = lambda: run(ctx, entry, body)  # noqa: E731
+        operation = operation_of(entry)
         if seq_id is None:  # an unordered client: run after what is queued now
             record = self.futures.new(request_type)
             self._worker.dispatch(operation, record)
@@ -277,16 +308,21 @@ class JobTrainer:
             request.model_path,
         )
 
-    def sample(self, body: JsonDict) -> str:
-        """Queue an `asample`; its request id. Sampling is not ordered (no seq id)."""
+    def sample(self, request: SampleRequest | UserError) -> str:
+        """Queue an `asample`; its request id. Sampling is not ordered (no seq id).
+
+        A body that did not decode (`UserError`) is queued too, and its future fails with it.
+        """
         record = self.futures.new("Sample")
         ops, ctx = _operations(), self.context
 
-        def _sample() -> JsonDict:
-            info = self._sampler_source(body)
+        def _sample() -> SampleResult:
+            if isinstance(request, UserError):
+                raise request
+            info = self._sampler_source(request)
             if self._sampler_cache is None:
                 self._sampler_cache = ops.new_sampler_cache(ctx)
-            result: JsonDict = ops.sample(ctx, self._sampler_cache, info, body)
+            result: SampleResult = ops.sample(ctx, self._sampler_cache, info, request)
             return result
 
         self._worker.dispatch(_sample, record)
@@ -295,19 +331,14 @@ class JobTrainer:
     def _register_sampler(self, session_id: str, seq_id: int, model_path: str) -> str:
         return self.samplers.create(session_id, seq_id, None, model_path)
 
-    def _sampler_source(self, body: JsonDict) -> SamplerInfo:
-        session = body.get("sampling_session_id")
-        if isinstance(session, str) and session:
+    def _sampler_source(self, request: SampleRequest) -> SamplerInfo:
+        session = request.sampling_session_id
+        if session:
             try:
                 return self.samplers.get(session)
             except KeyError:
                 raise UserError(f"unknown sampling_session_id {session!r}") from None
-        model_path, base_model = body.get("model_path"), body.get("base_model")
-        return self.samplers.resolve(
-            "ad-hoc",
-            base_model if isinstance(base_model, str) else None,
-            model_path if isinstance(model_path, str) else None,
-        )
+        return self.samplers.resolve("ad-hoc", request.base_model, request.model_path)
 
     # -- synchronous reads -------------------------------------------------------------------
 

@@ -1,19 +1,21 @@
-"""The JSON shapes of the tinker protocol as the trainer gateway reads and answers them.
+"""The tinker protocol's shapes as the trainer gateway reads and answers them: typed commands in,
+typed results out.
 
-They are also the trainer's one internal form: tinker 0.38's protobuf requests are decoded into
-these shapes at the edge (`wire_proto`), and results in these shapes are encoded there for it.
+They are the trainer's one internal form: the edges decode a request (JSON from tinker 0.23,
+protobuf from tinker 0.38, in `wire_proto`) into its command here, and encode a result back
+(`WireResult.wire_json` for JSON, `wire_proto` for protobuf), so the sequencer, the worker, the
+operations and the futures never see a dialect.
 
 Requests ignore unknown fields: later tinker clients and the Firetitan extensions add fields, and
-a trainer must not refuse a client for sending more than it needs.
-Ordered requests are parsed on the worker (`parse`), not in the route, so that a malformed one
-still consumes its sequence id and fails as a `category: "user"` future instead of stalling the
-operations queued behind it.
+a trainer must not refuse a client for sending more than it needs. An ordered request whose body
+is malformed is refused at the edge but still consumes its sequence id (it fails as a
+`category: "user"` future instead of stalling the operations queued behind it).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -147,6 +149,32 @@ class SaveForSamplerRequest(WireModel):
 
 class LoadAdapterRequest(WireModel):
     adapter_path: str
+
+
+# The command of each ordered route (forward and forward_backward differ by their input's key).
+OrderedCommand = (
+    ForwardRequest
+    | ForwardBackwardRequest
+    | OptimStepRequest
+    | SaveWeightsRequest
+    | LoadWeightsRequest
+    | SaveForSamplerRequest
+    | LoadAdapterRequest
+)
+_ORDERED_COMMANDS: dict[str, type[WireModel]] = {
+    "forward": ForwardRequest,
+    "forward_backward": ForwardBackwardRequest,
+    "optim_step": OptimStepRequest,
+    "save_weights": SaveWeightsRequest,
+    "load_weights": LoadWeightsRequest,
+    "save_weights_for_sampler": SaveForSamplerRequest,
+    "load_adapter": LoadAdapterRequest,
+}
+
+
+def parse_command(route: str, body: object) -> OrderedCommand:
+    """The typed command of an ordered route's body, or a `UserError` naming every bad field."""
+    return cast(OrderedCommand, parse(_ORDERED_COMMANDS[route], body))
 
 
 class WeightsInfoRequest(WireModel):
@@ -306,3 +334,104 @@ class SampleRequest(WireModel):
         if value not in (None, 0):
             raise ValueError("not supported by the local trainer's sampler")
         return value
+
+
+# -- results (what futures hold; `wire_json` is their 0.23 JSON form) -----------------------
+
+
+class WireResult(WireModel):
+    """The typed result of a future, encoded only at the edge."""
+
+    def wire_json(self) -> JsonDict:
+        """The JSON object a 0.23 client receives for this result."""
+        return self.model_dump()
+
+
+class FailedResult(WireResult):
+    """A failed future: the message and whose fault it was."""
+
+    error: str
+    category: Literal["user", "server"]
+
+
+class CreateModelResult(WireResult):
+    model_id: str
+    type: Literal["create_model"] = "create_model"
+
+
+class UnloadModelResult(WireResult):
+    model_id: str
+    type: Literal["unload_model"] = "unload_model"
+
+
+class TensorDataWire(WireModel):
+    """A tensor as tinker's JSON `TensorData`: flat values, dtype name, shape."""
+
+    data: list[int | float]
+    dtype: str
+    shape: list[int]
+
+
+class ForwardBackwardOutput(WireResult):
+    """`forward` / `forward_backward`: per-datum output tensors by name, and loss metrics."""
+
+    loss_fn_output_type: str = "ArrayRecord"
+    loss_fn_outputs: list[dict[str, TensorDataWire]]
+    metrics: dict[str, float]
+
+
+class OptimStepResult(WireResult):
+    metrics: dict[str, float]
+
+
+class SaveWeightsResult(WireResult):
+    path: str
+    type: Literal["save_weights"] = "save_weights"
+
+
+class LoadWeightsResult(WireResult):
+    path: str
+    type: Literal["load_weights"] = "load_weights"
+
+
+class SaveForSamplerResult(WireResult):
+    """A named snapshot answers its `path`; an ephemeral one its new `sampling_session_id`."""
+
+    path: str | None = None
+    sampling_session_id: str | None = None
+    type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
+
+    def wire_json(self) -> JsonDict:
+        return self.model_dump(exclude_none=True)
+
+
+class LoadAdapterResult(WireResult):
+    model_id: str
+    adapter_path: str
+    type: Literal["load_adapter"] = "load_adapter"
+
+
+class SampledSequenceWire(WireModel):
+    stop_reason: str
+    tokens: list[int]
+    # The logprob of each sampled token under the distribution it was drawn from.
+    logprobs: list[float] = []
+
+
+class SampleResult(WireResult):
+    """`asample`: the sequences, and the prompt's logprobs (first position None) when asked."""
+
+    type: Literal["sample"] = "sample"
+    sequences: list[SampledSequenceWire]
+    prompt_cache_hit_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+    def wire_json(self) -> JsonDict:
+        # Absent unless asked for; the None inside the lists (prompt position 0) stays.
+        unasked = {
+            name
+            for name in ("prompt_logprobs", "topk_prompt_logprobs")
+            if getattr(self, name) is None
+        }
+        return self.model_dump(exclude=unasked)

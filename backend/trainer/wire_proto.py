@@ -3,9 +3,9 @@
 The messages are declared here from the wire facts (package `tinker_public`, field numbers and
 types as the 0.38 client encodes and decodes them) and built into a private descriptor pool, so
 the trainer needs only the `protobuf` runtime, never the client's generated module. This is the
-codec edge: a request is turned into the same JSON-shaped command the 0.23 dialect sends, and a
-result the operations produced is turned into bytes, so nothing behind the routes knows which
-dialect a client speaks. Numeric arrays are little-endian raw bytes; a `BatchedTensor` is the
+codec edge: a request is turned into the same typed command a 0.23 JSON body decodes into, and a
+typed result the operations produced is turned into bytes, so nothing behind the routes knows
+which dialect a client speaks. Numeric arrays are little-endian raw bytes; a `BatchedTensor` is the
 datums' arrays concatenated with int64 *byte* offsets (num_datums + 1, from 0).
 """
 
@@ -25,11 +25,20 @@ from google.protobuf import (  # type: ignore[import-untyped]
 )
 from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
 
+from backend.trainer.errors import UserError
+from backend.trainer.wire import (
+    ForwardBackwardOutput,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    SampleResult,
+    parse_command,
+)
+
 JsonDict = dict[str, Any]
 
 PROTO_MEDIA_TYPE = "application/x-protobuf"
-# The request types whose results a 0.38 client accepts only as protobuf.
-PROTO_RESULT_TYPES = frozenset({"Forward", "ForwardBackward", "Sample"})
+# The results a 0.38 client accepts only as protobuf (fwd/bwd, forward and sample).
+PROTO_RESULTS = (ForwardBackwardOutput, SampleResult)
 
 _F = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "tinker_public"
@@ -257,6 +266,33 @@ def decode_forward_backward(data: bytes) -> tuple[bool, JsonDict]:
     return bool(message.forward_only), body
 
 
+@dataclass(frozen=True)
+class ProtoForwardBackward:
+    """A decoded protobuf fwd/bwd request: its ids and its typed command (or why it has none,
+    which still consumes the seq id, as for a malformed JSON body)."""
+
+    model_id: str
+    seq_id: int
+    forward_only: bool
+    command: ForwardRequest | ForwardBackwardRequest | UserError
+
+
+def decode_forward_backward_command(data: bytes) -> ProtoForwardBackward:
+    """A `ForwardBackwardRequest` as its typed command (`forward_only` makes it a forward).
+
+    ProtoDecodeError: the bytes are not that message.
+    """
+    forward_only, body = decode_forward_backward(data)
+    command: ForwardRequest | ForwardBackwardRequest | UserError
+    try:
+        parsed = parse_command("forward" if forward_only else "forward_backward", body)
+        assert isinstance(parsed, ForwardRequest | ForwardBackwardRequest)
+        command = parsed
+    except UserError as exc:
+        command = exc
+    return ProtoForwardBackward(body["model_id"], body["seq_id"], forward_only, command)
+
+
 def _loss_config(message: Any) -> dict[str, float | str]:
     # The client writes every float key to both maps and strings only to v2; v2 wins when set.
     if len(message.loss_fn_config_v2):
@@ -319,11 +355,11 @@ _NUMPY_OF_WIRE: dict[str, tuple[np.dtype[Any], int]] = {
 }
 
 
-def encode_result(request_type: str, result: Mapping[str, Any]) -> bytes:
-    """A successful fwd/bwd or sample result (JSON-shaped, as operations return it) as protobuf."""
-    if request_type == "Sample":
-        return encode_sample_response(result)
-    return encode_forward_backward_output(result)
+def encode_result(result: ForwardBackwardOutput | SampleResult) -> bytes:
+    """A successful fwd/bwd or sample result, as the operations returned it, as protobuf."""
+    if isinstance(result, SampleResult):
+        return encode_sample_response(result.wire_json())
+    return encode_forward_backward_output(result.wire_json())
 
 
 def encode_forward_backward_output(result: Mapping[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from backend.trainer.wire import ForwardBackwardOutput, SampledSequenceWire, SampleResult
 from backend.trainer.wire_proto import (
     MESSAGES,
     ProtoDecodeError,
@@ -175,7 +176,7 @@ def test_forward_backward_output_matches_the_clients_own_encoding() -> None:
 def test_forward_backward_output_without_datums_is_valid() -> None:
     message = _parsed(
         "ForwardBackwardOutput",
-        encode_result("ForwardBackward", {"loss_fn_outputs": [], "metrics": {}}),
+        encode_result(ForwardBackwardOutput(loss_fn_outputs=[], metrics={})),
     )
     assert message.loss_fn_output_type == "ArrayRecord"
     assert message.loss_fn_outputs[0].num_datums == 0
@@ -204,7 +205,9 @@ def test_sample_response_matches_the_clients_own_encoding() -> None:
 def test_a_sequence_without_logprobs_leaves_the_field_unset() -> None:
     message = _parsed(
         "SampleResponse",
-        encode_result("Sample", {"sequences": [{"stop_reason": "stop", "tokens": [1]}]}),
+        encode_result(
+            SampleResult(sequences=[SampledSequenceWire(stop_reason="stop", tokens=[1])])
+        ),
     )
     assert message.sequences[0].logprobs == b""
     assert not message.HasField("topk_prompt_logprobs")

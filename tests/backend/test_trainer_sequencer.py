@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
 from backend.trainer.errors import ServerError, UserError
 from backend.trainer.futures import FutureRecord, FutureStore, TryAgain
 from backend.trainer.sequencer import ModelSequencer, Operation, run_operation
+from backend.trainer.wire import FailedResult, OptimStepResult, WireResult
 
 
 class Clock:
@@ -26,6 +26,16 @@ class Clock:
         return self.now
 
 
+class Ran(WireResult):
+    """The result of a recorded operation: which seq id it was."""
+
+    seq: int
+
+
+class Done(WireResult):
+    ok: bool = True
+
+
 class Recorder:
     """Operations that append their seq id to `ran`; optional failures by seq id."""
 
@@ -34,11 +44,11 @@ class Recorder:
         self.fail = fail or set()
 
     def op(self, seq: int) -> Operation:
-        def operation() -> dict[str, Any]:
+        def operation() -> Ran:
             self.ran.append(seq)
             if seq in self.fail:
                 raise UserError(f"op {seq} has a bad input")
-            return {"seq": seq}
+            return Ran(seq=seq)
 
         return operation
 
@@ -49,7 +59,7 @@ def _sequencer(futures: FutureStore, clock: Clock | None = None) -> ModelSequenc
     )
 
 
-def _result(futures: FutureStore, request_id: str) -> dict[str, Any] | TryAgain:
+def _result(futures: FutureStore, request_id: str) -> WireResult | TryAgain:
     return asyncio.run(futures.retrieve(request_id, hold_s=0.01))
 
 
@@ -62,7 +72,7 @@ def test_out_of_order_chunks_run_in_seq_order() -> None:
     assert isinstance(_result(futures, ids[2]), TryAgain)
     ids[1] = seq.submit(1, "ForwardBackward", rec.op(1))
     assert rec.ran == [1, 2, 3]
-    assert [_result(futures, ids[s]) for s in (1, 2, 3)] == [{"seq": 1}, {"seq": 2}, {"seq": 3}]
+    assert [_result(futures, ids[s]) for s in (1, 2, 3)] == [Ran(seq=1), Ran(seq=2), Ran(seq=3)]
 
 
 def test_resubmitted_seq_returns_same_request_and_runs_once() -> None:
@@ -80,8 +90,8 @@ def test_failure_consumes_its_seq_and_the_next_runs() -> None:
     bad = seq.submit(1, "ForwardBackward", rec.op(1))
     good = seq.submit(2, "OptimStep", rec.op(2))
     assert rec.ran == [1, 2]
-    assert _result(futures, bad) == {"error": "op 1 has a bad input", "category": "user"}
-    assert _result(futures, good) == {"seq": 2}
+    assert _result(futures, bad) == FailedResult(error="op 1 has a bad input", category="user")
+    assert _result(futures, good) == Ran(seq=2)
 
 
 def test_a_rejected_request_takes_its_turn_and_never_leaves_a_gap() -> None:
@@ -91,8 +101,10 @@ def test_a_rejected_request_takes_its_turn_and_never_leaves_a_gap() -> None:
     first = seq.submit(1, "Forward", rec.op(1))
     refused = seq.reject(2, "ForwardBackward", UserError("forward_backward: bad body"))
     assert rec.ran == [1, 3] and seq.next_seq == 4
-    assert _result(futures, refused) == {"error": "forward_backward: bad body", "category": "user"}
-    assert _result(futures, first) == {"seq": 1} and _result(futures, later) == {"seq": 3}
+    assert _result(futures, refused) == FailedResult(
+        error="forward_backward: bad body", category="user"
+    )
+    assert _result(futures, first) == Ran(seq=1) and _result(futures, later) == Ran(seq=3)
     assert seq.reject(2, "ForwardBackward", UserError("again")) == refused  # same future
     seq._accepted.pop(2)  # forgotten: a refusal that late is stale, as any submission
     with pytest.raises(UserError, match="stale"):
@@ -121,9 +133,9 @@ def test_gap_timeout_fails_parked_operations_and_moves_on() -> None:
     assert seq.expire_gaps() == 2
     for request_id in parked:
         payload = _result(futures, request_id)
-        assert isinstance(payload, dict)
-        assert payload["category"] == "server"
-        assert "seq_id 1" in payload["error"]
+        assert isinstance(payload, FailedResult)
+        assert payload.category == "server"
+        assert "seq_id 1" in payload.error
     assert rec.ran == []
     assert seq.next_seq == 4
     with pytest.raises(UserError, match="stale"):
@@ -142,19 +154,19 @@ def test_ops_dispatched_to_a_worker_thread_keep_order() -> None:
     ids = {s: seq.submit(s, "ForwardBackward", rec.op(s)) for s in order}
     worker.shutdown(wait=True)
     assert rec.ran == sorted(order)
-    assert all(_result(futures, ids[s]) == {"seq": s} for s in order)
+    assert all(_result(futures, ids[s]) == Ran(seq=s) for s in order)
 
 
 def test_retrieve_waits_for_a_result_that_arrives_during_the_hold() -> None:
     futures = FutureStore()
     record = futures.new("OptimStep")
 
-    async def scenario() -> dict[str, Any] | TryAgain:
+    async def scenario() -> WireResult | TryAgain:
         loop = asyncio.get_running_loop()
-        loop.call_later(0.05, record.future.set_result, {"metrics": {}})
+        loop.call_later(0.05, record.future.set_result, OptimStepResult(metrics={}))
         return await futures.retrieve(record.request_id, hold_s=5.0)
 
-    assert asyncio.run(scenario()) == {"metrics": {}}
+    assert asyncio.run(scenario()) == OptimStepResult(metrics={})
 
 
 def test_unknown_request_id_raises_key_error() -> None:
@@ -165,17 +177,19 @@ def test_unknown_request_id_raises_key_error() -> None:
 def test_fail_pending_fails_only_unfinished_futures() -> None:
     futures = FutureStore()
     done, pending = futures.new("Forward"), futures.new("Forward")
-    done.future.set_result({"ok": True})
+    done.future.set_result(Done())
     assert futures.fail_pending(ServerError("trainer lost")) == 1
-    assert _result(futures, done.request_id) == {"ok": True}
-    assert _result(futures, pending.request_id) == {"error": "trainer lost", "category": "server"}
+    assert _result(futures, done.request_id) == Done()
+    assert _result(futures, pending.request_id) == FailedResult(
+        error="trainer lost", category="server"
+    )
 
 
 def test_completed_results_expire_after_ttl() -> None:
     clock = Clock()
     futures = FutureStore(ttl_s=600, clock=clock)
     old = futures.new("Forward")
-    old.future.set_result({})
+    old.future.set_result(Done())
     clock.now += 601
     futures.new("Forward")  # a new submission sweeps expired results
     assert futures.get(old.request_id) is None
