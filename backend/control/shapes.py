@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query
@@ -349,6 +350,24 @@ def _listing_guard(check_account: AccountCheck) -> Callable[[str], None]:
     return check_listing_account
 
 
+@dataclass(frozen=True)
+class ListingQuery:
+    """A listing's query: its filter and order (pages: one, whatever the size asked)."""
+
+    filter_expr: str
+    order_by: str
+
+
+def _listing_query(
+    filter_expr: Annotated[str, Query(alias="filter")] = "",
+    order_by: Annotated[str, Query(alias="orderBy")] = "",
+    page_size: Annotated[int, Query(alias="pageSize", ge=0)] = 0,
+    page_token: Annotated[str, Query(alias="pageToken")] = "",
+) -> ListingQuery:
+    _check_page_token(page_token)
+    return ListingQuery(filter_expr, order_by)
+
+
 def shapes_router(catalog: TrainingShapeCatalog, check_account: AccountCheck) -> APIRouter:
     """Version routes under `/v1/accounts/{account}/trainingShapes` and `…/deploymentShapes`;
     the listings take `-` for the account and the shape."""
@@ -362,14 +381,9 @@ def shapes_router(catalog: TrainingShapeCatalog, check_account: AccountCheck) ->
         dependencies=listing,
     )
     def list_shape_versions(
-        shape_id: str,
-        filter_expr: Annotated[str, Query(alias="filter")] = "",
-        order_by: Annotated[str, Query(alias="orderBy")] = "",
-        page_size: Annotated[int, Query(alias="pageSize", ge=0)] = 0,
-        page_token: Annotated[str, Query(alias="pageToken")] = "",
+        shape_id: str, query: Annotated[ListingQuery, Depends(_listing_query)]
     ) -> TrainingShapeVersionList:
-        _check_page_token(page_token)
-        return catalog.versions(shape_id, filter_expr, order_by)
+        return catalog.versions(shape_id, query.filter_expr, query.order_by)
 
     @router.get(
         "/trainingShapes/{shape_id}/versions/{version}",
@@ -385,14 +399,9 @@ def shapes_router(catalog: TrainingShapeCatalog, check_account: AccountCheck) ->
         dependencies=listing,
     )
     def list_deployment_shape_versions(
-        shape_id: str,
-        filter_expr: Annotated[str, Query(alias="filter")] = "",
-        order_by: Annotated[str, Query(alias="orderBy")] = "",
-        page_size: Annotated[int, Query(alias="pageSize", ge=0)] = 0,
-        page_token: Annotated[str, Query(alias="pageToken")] = "",
+        shape_id: str, query: Annotated[ListingQuery, Depends(_listing_query)]
     ) -> DeploymentShapeVersionList:
-        _check_page_token(page_token)
-        return catalog.deployment_versions(shape_id, filter_expr, order_by)
+        return catalog.deployment_versions(shape_id, query.filter_expr, query.order_by)
 
     @router.get(
         "/deploymentShapes/{shape_id}/versions/{version}",
