@@ -14,6 +14,7 @@ metrics: a resume trusts every row it reads.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -202,7 +203,10 @@ class RunContext:
         notice(f"checkpoint {name} saved at step {row.next_step}")
         return row
 
-    def record_hotload(self, hotload: HotloadResult) -> None:
+    def record_hotload(self, hotload: HotloadResult, *, announce: bool = True) -> None:
+        """Ledger row for a verified hotload. The person running the flow is told of a `base`
+        load and of the hotloads `announce` marks (those with a checkpoint or an evaluation);
+        the others (an RL run hotloads every step) are logged at DEBUG."""
         self.ledger.append(
             HotloadRow(
                 identity=hotload.identity,
@@ -214,7 +218,8 @@ class RunContext:
         )
         notice(
             f"hotload of step {hotload.step} verified on {hotload.deployment_id} "
-            f"({hotload.checkpoint_type}, snapshot {hotload.identity})"
+            f"({hotload.checkpoint_type}, snapshot {hotload.identity})",
+            level=logging.INFO if announce or hotload.checkpoint_type == "base" else logging.DEBUG,
         )
 
     def record_evaluation(self, point: int, metrics: Mapping[str, float]) -> None:

@@ -48,14 +48,14 @@ class Attempt:
     run: RunContext
     session: TrainerSession
 
-    def sync(self, point: int) -> HotloadResult:
-        """Save, hotload and verify the weights after `point` steps, and record the hotload.
-        The session's syncer picks `base` or `delta`."""
+    def sync(self, point: int, *, announce: bool = True) -> HotloadResult:
+        """Save, hotload and verify the weights after `point` steps, and record the hotload
+        (`announce`: tell the person running the flow). The syncer picks `base` or `delta`."""
         assert self.session.syncer is not None, "the run has no deployment"
         hotload = save_and_hotload(
             self.session.syncer, snapshot_name(point), point, self.run.job_id
         )
-        self.run.record_hotload(hotload)
+        self.run.record_hotload(hotload, announce=announce)
         return hotload
 
     def serve(self, point: int) -> None:
@@ -134,7 +134,7 @@ def _train(attempt: Attempt, plan: RecipePlan, point: ResumePoint) -> RunResult:
         eval_due = cadence.eval_at(end) and not run.evaluated(end)
         snapshot = None
         if cadence.hotload_at(end, eval_due=eval_due):
-            snapshot = attempt.sync(end).identity
+            snapshot = attempt.sync(end, announce=saves or eval_due).identity
         if result.saved_name is not None:
             run.record_checkpoint(result, snapshot)
         if eval_due:
