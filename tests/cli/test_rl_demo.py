@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from tests.cli.support import cli_env, ledger_rows, run_cli, start_cli
 
 RL_STEPS = 10  # one checkpoint, at the end: a Ctrl-C mid-way resumes RL from its start
 SFT_STEPS = 15  # the demo's warm start (RLDemoConfig.sft_steps)
+# A stop takes seconds on an idle machine; the bound leaves room for a loaded CI machine.
+STOP_TIMEOUT_S = 120
 
 
 def _metric_lines(path: Path, rewards: list[float]) -> None:
@@ -38,6 +41,7 @@ def _interrupt_during_rl(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]
     """Start the demo and press Ctrl-C once its RL run has trained a step; the exit code and
     the output."""
     log = tmp_path / "interrupted.log"
+    env = env | {"PYTHONFAULTHANDLER": "1"}  # a stack dump on SIGABRT, should it hang
     process = start_cli(["demo", "rl", "--max-steps", str(RL_STEPS)], env, tmp_path, log)
     try:
         deadline = time.monotonic() + 180
@@ -50,7 +54,15 @@ def _interrupt_during_rl(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]
             assert time.monotonic() < deadline, log.read_text(encoding="utf-8")
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole group
-        code = process.wait(timeout=60)
+        try:
+            code = process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # Still running: have faulthandler write every thread's stack into the log.
+            os.killpg(process.pid, signal.SIGABRT)
+            time.sleep(2)
+            raise AssertionError(
+                f"no exit {STOP_TIMEOUT_S} s after Ctrl-C:\n" + log.read_text(encoding="utf-8")
+            ) from None
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
