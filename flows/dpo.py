@@ -182,7 +182,7 @@ def _fill_reference_cache(attempt: Attempt, cache: ReferenceCache, config: DPOCo
             reference = session.service.create_base_training_client(config.base_model)
         for start in range(0, len(missing), config.ref_batch_size):
             batch = missing[start : start + config.ref_batch_size]
-            label = f"pairs {start + 1}–{start + len(batch)} of {len(missing)}"
+            label = f"pairs {start + 1}-{start + len(batch)} of {len(missing)}"
             pairs = [pair for _, pair in batch]
             sums = reference_logprob_sums(reference, pairs, label, run.job_id, run.waits)
             cache.log.append({key: list(s) for (key, _), s in zip(batch, sums, strict=True)})

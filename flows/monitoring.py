@@ -177,7 +177,7 @@ class RunMonitor:
         values = [r.metrics[headline] for r in result.steps if headline in r.metrics] or [math.nan]
         self._segment_rows.append(
             {
-                "steps": f"{result.segment.first}–{result.segment.last}",
+                "steps": f"{result.segment.first}-{result.segment.last}",
                 f"mean_{name}": round(sum(values) / len(values), 5),
                 f"last_{name}": round(values[-1], 5),
                 "lr": last.metrics["train/lr"],

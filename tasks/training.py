@@ -192,7 +192,7 @@ def safe_exp(value: float) -> float:
 
 @task(
     name="train-segment",
-    task_run_name="train steps {segment.first}–{segment.last}",
+    task_run_name="train steps {segment.first}-{segment.last}",
     retries=0,  # ordered trainer operations: never repeated in place
     cache_policy=NO_CACHE,  # holds the live training client
     timeout_seconds=LONG_TIMEOUT_S,

@@ -88,8 +88,8 @@ def test_sft_learns_the_reversal_task_and_serves_it(tmp_path: Path) -> None:
     assert record.artifact("-progress")["data"] == 100.0
     segments = json.loads(record.artifact("-segments")["data"])
     assert [(row["steps"], row["checkpoint"]) for row in segments] == [
-        ("0–49", "step-50"),
-        ("50–99", "step-100"),
+        ("0-49", "step-50"),
+        ("50-99", "step-100"),
     ]
     ledger_report = record.artifact("-ledger")["data"]
     assert "step-100" in ledger_report and hotloads[-1].identity in ledger_report
