@@ -47,6 +47,7 @@ from algorithms.rl_config import (
     TISConfig,
 )
 from algorithms.schedules import LRSchedule
+from flows.scheduling import RUN_NAME_PATTERN, render_run_name, template_run_name
 from tasks.platform import Waits
 from tasks.teardown import TeardownPolicy
 
@@ -78,6 +79,7 @@ __all__ = [
 RUN_ONLY_FIELDS: Final = frozenset(
     {
         "run_dir",
+        "run_name_template",
         "platform",
         "wandb",
         "teardown",
@@ -102,7 +104,7 @@ RUN_ONLY_FIELDS: Final = frozenset(
         "write_trajectories",
     }
 )
-_RUN_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+_RUN_NAME = RUN_NAME_PATTERN
 # `<job id>:<checkpoint name>` or a bare checkpoint name: the names `save_state` takes.
 _CHECKPOINT_REF = r"^([a-z0-9][a-z0-9-]{0,62}:)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Upper bounds that no real run reaches: a typo (an extra zero, a wrong unit) fails here, in
@@ -177,7 +179,17 @@ class RunPart(_Part):
     run_name: str = Field(
         default_factory=str,
         pattern=_RUN_NAME,
-        description="Names ids and artifacts; default: <recipe>-<UTC time>-<4 hex>, unique",
+        description=(
+            "Names ids and artifacts; default: from run_name_template, else "
+            "<recipe>-<UTC time>-<4 hex>, unique"
+        ),
+    )
+    run_name_template: str | None = Field(
+        default=None,
+        description=(
+            "Names an unnamed run from its scheduled start (UTC), e.g. "
+            "'sft-nightly-{scheduled:%Y%m%d-%H%M}'; fields: {scheduled}, {recipe}"
+        ),
     )
     run_dir: str | None = Field(
         default=None, description="Ledger, metrics, W&B files: a path or fsspec URL (./runs/<run>)"
@@ -186,10 +198,22 @@ class RunPart(_Part):
     @model_validator(mode="before")
     @classmethod
     def _default_run_name(cls, data: object) -> object:
-        """A unique `<recipe>-…` name when the config gives none (a per-recipe default)."""
-        if isinstance(data, dict) and data.get("run_name") is None:
-            return {**data, "run_name": unique_run_name(cls.recipe)}
-        return data
+        """A config without `run_name` is named by `run_name_template` from the flow run's
+        scheduled start time, else a unique `<recipe>-…` name (a per-recipe default)."""
+        if not isinstance(data, dict) or data.get("run_name") is not None:
+            return data
+        template = data.get("run_name_template")
+        if isinstance(template, str):
+            return {**data, "run_name": template_run_name(template, cls.recipe)}
+        return {**data, "run_name": unique_run_name(cls.recipe)}
+
+    @field_validator("run_name_template")
+    @classmethod
+    def _template_gives_a_name(cls, template: str | None) -> str | None:
+        """A template is checked even when `run_name` wins, so a deployment's fails at once."""
+        if template is not None:
+            render_run_name(template, recipe=cls.recipe, scheduled=datetime.now(UTC))
+        return template
 
     @property
     def resolved_run_dir(self) -> str:

@@ -44,6 +44,7 @@ from flows.monitoring import METRICS_FILENAME, MetricsLog, RunMonitor
 from flows.notices import notice
 from flows.redaction import redact_secrets
 from flows.run_lock import hold_run_dir, release_run_dir
+from flows.scheduling import flow_run_retries
 from flows.wandb_run import WandbRun, wandb_api_key, wandb_run_id
 from sdk import ConfigError
 from sdk.settings import API_KEY_ENV, FireworksSettings
@@ -57,6 +58,7 @@ __all__ = [
     "ResourceFate",
     "RunContext",
     "RunResult",
+    "config_resource_id",
     "derive_id",
     "open_run",
     "resolve_endpoint",
@@ -101,6 +103,27 @@ def derive_id(run_name: str, run_dir: str, kind: str) -> str:
     """A DNS-label resource id owned by the run: `<run_name>-<kind>-<hash of run_dir>`."""
     digest = hashlib.sha256(run_dir.encode("utf-8")).hexdigest()[:8]
     return f"{run_name[:40]}-{kind}-{digest}"
+
+
+def config_resource_id(config: RecipeConfig, kind: str) -> str:
+    """The id of the run's own `kind` resource, from what the config says: its `run_dir` as
+    written (a path or URL), else `runs/<run_name>`, never the absolute local directory, so the
+    same config derives the same trainer and deployment ids from any directory or host (a flow
+    retry on another worker finds the same job)."""
+    run_dir = config.run_dir.rstrip("/") if config.run_dir else f"runs/{config.run_name}"
+    return derive_id(config.run_name, run_dir, kind)
+
+
+def _recorded_ids(ledger: Ledger, run_name: str) -> tuple[str | None, str | None]:
+    """The run's own trainer job and deployment as its ledger rows name them (the newest): a
+    run begun when ids were derived from the absolute run directory keeps its resources. Only
+    ids of the derived form count, so a job or deployment once handed in by id never becomes
+    one the run owns (and tears down)."""
+    jobs = [row.job_id for row in ledger.checkpoints(resumable_only=False) if row.job_id]
+    deployments = [row.deployment for row in ledger.rows if isinstance(row, HotloadRow)]
+    own_job = [job for job in jobs if job.startswith(f"{run_name[:40]}-trainer-")]
+    own_deployment = [d for d in deployments if d.startswith(f"{run_name[:40]}-deploy-")]
+    return (own_job[-1] if own_job else None), (own_deployment[-1] if own_deployment else None)
 
 
 def _is_local(url: str) -> bool:
@@ -309,11 +332,13 @@ def _flow_run_owner() -> str:
 
 
 def _last_attempt() -> bool:
-    """Whether Prefect will not retry this flow run if it fails now (its configured retries)."""
+    """Whether Prefect will not retry this flow run if it fails now: its run count has reached
+    the retries of the flow run's policy (what the server decides by, set from the config)."""
     context = FlowRunContext.get()
-    if context is None or context.flow_run is None or context.flow is None:
+    retries = flow_run_retries()
+    if context is None or context.flow_run is None or retries is None:
         return True
-    return context.flow_run.run_count > context.flow.retries
+    return context.flow_run.run_count > retries
 
 
 def _start_wandb(config: RecipeConfig, ledger: Ledger) -> WandbRun | None:
@@ -382,14 +407,19 @@ def _attempt(config: RecipeConfig, dataset_fingerprint: str) -> Iterator[RunCont
         platform = config.platform
         user_job = platform.trainer_job_id if platform else None
         user_deployment = platform.deployment_id if platform else None
-        job_id = user_job or derive_id(config.run_name, run_dir, "trainer")
+        derived_job = config_resource_id(config, "trainer")
         if platform is not None:
-            endpoint.check_reachable(job_id)  # a wrong URL or key fails here, in seconds
+            # a wrong URL or key fails here, in seconds
+            endpoint.check_reachable(user_job or derived_job)
         header = run_header(config, dataset_fingerprint)
         ledger = Ledger.open(run_dir, header, extend=config.extend)
+        recorded_job, recorded_deployment = _recorded_ids(ledger, config.run_name)
+        job_id = user_job or recorded_job or derived_job
         deployment_id = None
         if config.needs_deployment:
-            deployment_id = user_deployment or derive_id(config.run_name, run_dir, "deploy")
+            deployment_id = (
+                user_deployment or recorded_deployment or config_resource_id(config, "deploy")
+            )
         monitor = RunMonitor(
             recipe=config.recipe,
             run_name=config.run_name,

@@ -21,6 +21,7 @@ from typing import Any
 from flows.cadence import Cadence
 from flows.config import RecipeConfig
 from flows.lifecycle import RunContext, RunResult, open_run
+from flows.scheduling import apply_retry_policy
 from flows.session import ResumePoint, TrainerSession, provision, resume
 from tasks.provision import TrainerSpec
 from tasks.training import RecipeStep, Segment, train_segment
@@ -75,6 +76,9 @@ def snapshot_name(point: int) -> str:
 
 def run_recipe(config: RecipeConfig, *, dataset_fingerprint: str, prepare: Prepare) -> RunResult:
     """One attempt of the run `config` names (see the module docstring)."""
+    # The config's flow retries, not the decorator's, decide whether a failure is retried,
+    # for a deployment run too.
+    apply_retry_policy(config.flow_retries, config.retry_delay_s)
     with open_run(config, dataset_fingerprint=dataset_fingerprint) as run:
         if (finished := run.finished()) is not None:
             return finished  # its ledger already ends: nothing to redo
