@@ -201,8 +201,35 @@ class RunEndRow(_Row):
     data_cursor: int = Field(ge=0)
 
 
+AttemptOutcome = Literal["crashed", "cancelled", "interrupted"]
+
+
+class AttemptEndRow(_Row):
+    """An attempt ended by a signal, not by the run's own code: a crash (SIGTERM, eviction),
+    a cancel from the Prefect UI or API, or Ctrl-C. Prefect retries none of them.
+
+    `teardown` is `deferred`: the trainer job and deployment are kept, so running the same
+    config again resumes from `next_step` (the last resumable checkpoint's; 0: none yet); the
+    teardown policy is applied when a later attempt completes the run. Readers that resume
+    or report skip this row: it records no progress, only why the attempt stopped.
+    """
+
+    kind: Literal["attempt_end"] = "attempt_end"
+    outcome: AttemptOutcome
+    teardown: Literal["deferred"] = "deferred"
+    reason: str = Field(min_length=1)
+    next_step: int = Field(ge=0)
+    flow_run_id: str | None = None
+
+
 LedgerRow = Annotated[
-    RunHeader | CheckpointRow | HotloadRow | EvaluationRow | ExtensionRow | RunEndRow,
+    RunHeader
+    | CheckpointRow
+    | HotloadRow
+    | EvaluationRow
+    | ExtensionRow
+    | RunEndRow
+    | AttemptEndRow,
     Field(discriminator="kind"),
 ]
 _ROW: Final[TypeAdapter[LedgerRow]] = TypeAdapter(LedgerRow)

@@ -1,10 +1,12 @@
-"""Secrets never reach a log: a filter on every handler that masks the run's keys.
+"""Secrets never reach a log: every record is masked of the run's keys, whatever handler gets it.
 
-Prefect masks only its own API key, so a flow installs `RedactSecrets` on the
-handlers that ship records anywhere (Prefect's `api` and `console` handlers, the root logger's,
-pytest's or W&B's if present) for as long as it runs. Handlers, not loggers: a logger's filter
-misses records propagated from child loggers. The message, its arguments and the formatted
-exception are all masked; the filter never drops a record.
+Prefect masks only its own API key. While a run holds secrets, two layers mask them: a log
+record factory masks each record as it is created, so handlers added later during the run (W&B's,
+a library's) see only masked records; and `RedactSecrets` sits on every handler that exists when
+the run starts (every logger's, not a fixed list), for records built without the factory
+(`logging.makeLogRecord`). Handlers, not loggers: a logger's filter misses records propagated
+from child loggers. The message, its arguments and the formatted exception are all masked; no
+record is dropped.
 """
 
 from __future__ import annotations
@@ -12,15 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from typing import Final
+from contextlib import contextmanager, suppress
+from typing import Any, Final
 
 __all__ = ["REDACTED", "RedactSecrets", "redact_secrets"]
 
 REDACTED: Final = "***"
-# Where records leave the process: the root logger, Prefect's run loggers (api handler) and
-# Prefect's own logger (console handler).
-_LOGGER_NAMES: Final = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")
 _MIN_SECRET_CHARS: Final = 8  # shorter strings would mask ordinary words
 
 
@@ -72,21 +71,50 @@ class RedactSecrets(logging.Filter):
 
 
 _FILTER: Final = RedactSecrets()
+_factory_guard = threading.Lock()
+_factory_installed = False
 
 
 def _handlers() -> list[logging.Handler]:
+    """Every handler of every logger that exists now, the root logger's included."""
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [
+        logger
+        for logger in list(logging.Logger.manager.loggerDict.values())
+        if isinstance(logger, logging.Logger)
+    ]
     handlers: list[logging.Handler] = []
-    for name in _LOGGER_NAMES:
-        for handler in logging.getLogger(name).handlers:
+    for logger in loggers:
+        for handler in list(logger.handlers):
             if handler not in handlers:
                 handlers.append(handler)
     return handlers
 
 
+def _install_record_factory() -> None:
+    """Wrap the log record factory once, so every record is masked when it is created."""
+    global _factory_installed
+    with _factory_guard:
+        if _factory_installed:
+            return
+        make_record = logging.getLogRecordFactory()
+
+        def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = make_record(*args, **kwargs)
+            # A malformed message fails later in its handler, as it would unmasked.
+            with suppress(Exception):
+                _FILTER.filter(record)
+            return record
+
+        logging.setLogRecordFactory(masked_record)
+        _factory_installed = True
+
+
 @contextmanager
 def redact_secrets(secrets: Iterable[str]) -> Iterator[RedactSecrets]:
-    """Mask `secrets` on every shipping handler for the duration of the block."""
+    """Mask `secrets` in every log record for the duration of the block."""
     added = _FILTER.add(secrets)
+    _install_record_factory()
     for handler in _handlers():
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)

@@ -15,7 +15,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import PlatformConfig, RLConfig, SFTConfig
-from flows.embedded import EMBEDDED_WAITS, embedded_endpoint
+from flows.embedded import EMBEDDED_WAITS, embedded_lease
 from flows.lifecycle import RunResult
 from flows.rl import configured_rl_flow
 from flows.sft import configured_sft_flow
@@ -85,10 +85,12 @@ def rl_demo_configs(
 @flow(name="rl-demo", flow_run_name="rl-demo-{config.name}", persist_result=False)
 def rl_demo_flow(config: RLDemoConfig) -> RLDemoResult:
     """SFT on `addition`, then RL from its last checkpoint; both on one embedded platform."""
-    endpoint = embedded_endpoint(Path(config.runs_dir, config.name, "platform").absolute())
-    platform = PlatformConfig(base_url=endpoint.base_url, api_key=endpoint.api_key)
-    sft, _ = rl_demo_configs(config, platform)
-    sft_result = configured_sft_flow(sft)(sft)
-    start = f"{sft_result.trainer_job_id}:{sft_result.last_checkpoint}"
-    _, rl = rl_demo_configs(config, platform, start)
-    return RLDemoResult(sft=sft_result, rl=configured_rl_flow(rl)(rl))
+    # The demo holds the platform for its whole life: each child run's lease ends with that
+    # run, and the RL run needs the SFT run's job on the same platform.
+    with embedded_lease(Path(config.runs_dir, config.name, "platform").absolute()) as endpoint:
+        platform = PlatformConfig(base_url=endpoint.base_url, api_key=endpoint.api_key)
+        sft, _ = rl_demo_configs(config, platform)
+        sft_result = configured_sft_flow(sft)(sft)
+        start = f"{sft_result.trainer_job_id}:{sft_result.last_checkpoint}"
+        _, rl = rl_demo_configs(config, platform, start)
+        return RLDemoResult(sft=sft_result, rl=configured_rl_flow(rl)(rl))
