@@ -21,7 +21,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -438,6 +438,7 @@ def serve(
     account_id: str = "local",
     models_dir: str | Path | None = None,
     api_key_source: str = "given by the caller",
+    preempt_at_steps: Sequence[int] = (),
 ) -> None:
     """Run the platform in the foreground until interrupted (`fireloop backend`).
 
@@ -459,6 +460,12 @@ def serve(
         timings=PlatformTimings(),
         models_dir=resolve_models_dir(models_dir),
     )
+    if preempt_at_steps:
+        # A fault drill: a job reaching one of these optimizer step counts is preempted.
+        state.faults.schedule_preemption(preempt_at_steps)
+        logger.warning(
+            "fault drill: preempting jobs at optimizer steps %s", sorted(preempt_at_steps)
+        )
     config = _server_config(create_app(state), foreground=True, host=host, port=port)
     logger.info("local platform data directory: %s", state.data_dir)
     logger.info("base model cache (read-only to the platform): %s", state.models_dir)

