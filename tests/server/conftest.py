@@ -29,6 +29,9 @@ import pytest
 from tests.server.support import LoopbackPostgres, PrefectServer
 
 timings = logging.getLogger("tests.server.timings")
+# The scheduler looks for new or changed deployments every 5 s by default; a cron deployment
+# created by a test gets its runs within a second instead.
+SCHEDULER_ENV = {"PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def platform_key() -> str:
 @pytest.fixture(scope="module")
 def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A Prefect server on SQLite in its own PREFECT_HOME, as on a laptop."""
-    server = PrefectServer.start(tmp_path_factory.mktemp("prefect-sqlite"))
+    server = PrefectServer.start(tmp_path_factory.mktemp("prefect-sqlite"), extra_env=SCHEDULER_ENV)
     timings.info("prefect server on SQLite answered after %.1f s", server.start_s)
     try:
         yield server
@@ -55,7 +58,9 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefec
     postgres = LoopbackPostgres.start(tmp_path_factory.mktemp("postgres"))
     timings.info("PostgreSQL up after %.1f s", postgres.start_s)
     try:
-        server = PrefectServer.start(tmp_path_factory.mktemp("prefect-pg"), postgres.url)
+        server = PrefectServer.start(
+            tmp_path_factory.mktemp("prefect-pg"), postgres.url, extra_env=SCHEDULER_ENV
+        )
         timings.info("prefect server on PostgreSQL answered after %.1f s", server.start_s)
         try:
             yield server
