@@ -21,17 +21,19 @@ from uuid import UUID
 import pytest
 
 from flows.sft import sft_flow
+from tests.server.runs import (
+    artifacts,
+    deploy,
+    logs,
+    state_history,
+    trigger,
+    wait_for_terminal,
+)
 from tests.server.support import (
     PlatformProcess,
     PrefectServer,
     Subprocess,
-    artifacts,
-    deploy,
-    logs,
     start_worker,
-    state_history,
-    trigger,
-    wait_for_terminal,
 )
 
 timings = logging.getLogger("tests.server.timings")

@@ -24,17 +24,19 @@ from uuid import UUID
 import pytest
 
 from flows.sft import sft_flow
+from tests.server.runs import (
+    deploy,
+    deployment_runs,
+    ledger_rows,
+    state_history,
+    trigger,
+    wait_for_terminal,
+)
 from tests.server.support import (
     PlatformProcess,
     PrefectServer,
     Subprocess,
-    deploy,
-    deployment_runs,
-    ledger_rows,
     start_worker,
-    state_history,
-    trigger,
-    wait_for_terminal,
 )
 
 timings = logging.getLogger("tests.server.timings")
