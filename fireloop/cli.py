@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from fireloop.recipes import RECIPES, Recipe, recipe_names
+from fireloop.serve_cli import deployments_app, serve
 
 app = typer.Typer(
     help="Workflow-orchestrated LLM training pipelines.",
@@ -112,6 +113,8 @@ def backend(
 
 run_app = typer.Typer(help="Run a recipe flow.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+app.command()(serve)
+app.add_typer(deployments_app, name="deployments")
 
 
 def _fields_help(recipe: Recipe) -> type[typer.core.TyperCommand]:
