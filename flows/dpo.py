@@ -147,7 +147,7 @@ class DPOStep(RecipeStep[DPOBatch]):
 @flow(
     name="dpo",
     flow_run_name="dpo-{config.run_name}",
-    retries=2,  # preemption recovery; `run_dpo` applies the config's `flow_retries`
+    retries=2,  # preemption recovery; each attempt writes the config's onto its flow run
     retry_delay_seconds=30,
     persist_result=False,  # the ledger is the durable record, not Prefect results
 )
@@ -211,7 +211,8 @@ def _evaluate(
 
 
 def configured_dpo_flow(config: DPOConfig) -> Flow[[DPOConfig], RunResult]:
-    """`dpo_flow` with the config's flow retries and retry delay."""
+    """`dpo_flow` with the config's flow retries and retry delay from its first moment
+    (the flow writes them onto its run itself once training starts, for deployments)."""
     return dpo_flow.with_options(
         retries=config.flow_retries, retry_delay_seconds=config.retry_delay_s
     )

@@ -73,7 +73,7 @@ class ORPOStep(RecipeStep[PairBatch]):
 @flow(
     name="orpo",
     flow_run_name="orpo-{config.run_name}",
-    retries=2,  # preemption recovery; `run_orpo` applies the config's `flow_retries`
+    retries=2,  # preemption recovery; each attempt writes the config's onto its flow run
     retry_delay_seconds=30,
     persist_result=False,  # the ledger is the durable record, not Prefect results
 )
@@ -111,7 +111,8 @@ def _evaluate(attempt: Attempt, pairs: PairBatch, point: int) -> dict[str, float
 
 
 def configured_orpo_flow(config: ORPOConfig) -> Flow[[ORPOConfig], RunResult]:
-    """`orpo_flow` with the config's flow retries and retry delay."""
+    """`orpo_flow` with the config's flow retries and retry delay from its first moment
+    (the flow writes them onto its run itself once training starts, for deployments)."""
     return orpo_flow.with_options(
         retries=config.flow_retries, retry_delay_seconds=config.retry_delay_s
     )

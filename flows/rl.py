@@ -267,7 +267,7 @@ def _minibatches(n: int, parts: int) -> list[tuple[int, int]]:
 @flow(
     name="rl",
     flow_run_name="rl-{config.run_name}",
-    retries=2,  # preemption recovery; `run_rl` applies the config's `flow_retries`
+    retries=2,  # preemption recovery; each attempt writes the config's onto its flow run
     retry_delay_seconds=30,
     persist_result=False,  # the ledger is the durable record, not Prefect results
 )
@@ -338,7 +338,8 @@ def _evaluate(attempt: Attempt, data: RLData, rendered: RenderedRL, point: int) 
 
 
 def configured_rl_flow(config: RLConfig) -> Flow[[RLConfig], RunResult]:
-    """`rl_flow` with the config's flow retries and retry delay."""
+    """`rl_flow` with the config's flow retries and retry delay from its first moment
+    (the flow writes them onto its run itself once training starts, for deployments)."""
     return rl_flow.with_options(
         retries=config.flow_retries, retry_delay_seconds=config.retry_delay_s
     )

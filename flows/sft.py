@@ -86,7 +86,7 @@ class SFTStep(RecipeStep[SFTBatch]):
 @flow(
     name="sft",
     flow_run_name="sft-{config.run_name}",
-    retries=2,  # preemption recovery; `run_sft` applies the config's `flow_retries`
+    retries=2,  # preemption recovery; each attempt writes the config's onto its flow run
     retry_delay_seconds=30,
     persist_result=False,  # the ledger is the durable record, not Prefect results
 )
@@ -130,7 +130,8 @@ def _evaluate(attempt: Attempt, rendered: RenderedSFT, point: int) -> dict[str, 
 
 
 def configured_sft_flow(config: SFTConfig) -> Flow[[SFTConfig], RunResult]:
-    """`sft_flow` with the config's flow retries and retry delay."""
+    """`sft_flow` with the config's flow retries and retry delay from its first moment
+    (the flow writes them onto its run itself once training starts, for deployments)."""
     return sft_flow.with_options(
         retries=config.flow_retries, retry_delay_seconds=config.retry_delay_s
     )
