@@ -145,7 +145,17 @@ class PlatformConfig(_Part):
 
     base_url: str = Field(description="Control-plane URL, e.g. https://api.fireworks.ai")
     api_key: SecretStr | None = Field(
-        default=None, description="API key; empty: the FIREWORKS_API_KEY environment variable"
+        default=None,
+        description=(
+            "API key for direct runs only (a deployment's parameters are stored and shown in "
+            "the UI: use api_key_secret or FIREWORKS_API_KEY there); empty: api_key_secret, "
+            "else the FIREWORKS_API_KEY environment variable"
+        ),
+    )
+    api_key_secret: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a Prefect Secret block holding the API key, loaded at run start",
     )
     inference_url: str | None = Field(default=None, description="Default: base_url")
     hotload_api_url: str | None = Field(default=None, description="Default: base_url")

@@ -39,6 +39,7 @@ __all__ = [
     "acquire_embedded",
     "embedded_endpoint",
     "embedded_lease",
+    "embedded_platform",
     "live_embedded_platforms",
     "local_model_facts",
     "release_embedded",
@@ -147,6 +148,13 @@ def embedded_lease(data_dir: Path, waits: Waits | None = None) -> Iterator[Platf
 def embedded_endpoint(data_dir: Path, waits: Waits | None = None) -> PlatformEndpoint:
     """The embedded platform of `data_dir`, held until the process exits (scripts, benches)."""
     return acquire_embedded(data_dir, _PROCESS_OWNER, waits)
+
+
+def embedded_platform(data_dir: Path) -> LocalPlatform | None:
+    """The running embedded platform of `data_dir`, if any (to inject faults into, in tests)."""
+    with _lock:
+        leased = _platforms.get(data_dir.resolve())
+    return leased.platform if leased is not None else None
 
 
 def live_embedded_platforms() -> dict[str, str]:

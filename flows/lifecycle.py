@@ -5,7 +5,10 @@ run), resolves the platform (the embedded backend when the config names none) an
 it answers, masks the key in every log handler, opens the ledger (a ledger of another run fails
 here, before any compute) and the monitors, and tears down per policy in `finally` once the run
 is over: completed, or failed for good (a failure no retry can fix, or the last attempt; an
-earlier failure is followed by the flow retry, which needs the trainer and the lock). The
+earlier failure is followed by the flow retry, which needs the trainer and the lock). A crash
+or cancel (a signal: Prefect retries neither) defers the teardown and says so in the ledger,
+so running the same config again resumes. When the run is over it gives back the lock and its
+lease on the embedded platform. The
 `RunContext` methods append a ledger row only after what it records is durable: a save read
 back from the control plane, a hotload the deployment was seen serving, computed evaluation
 metrics: a resume trusts every row it reads.
@@ -28,8 +31,9 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict
 
+from flows.attempt_end import record_attempt_end
 from flows.config import RUN_ONLY_FIELDS, RecipeConfig, training_identity_hash
-from flows.embedded import embedded_endpoint
+from flows.embedded import acquire_embedded, release_embedded
 from flows.failures import flow_retry_helps
 from flows.ledger import (
     CheckpointRow,
@@ -45,9 +49,8 @@ from flows.notices import notice
 from flows.redaction import redact_secrets
 from flows.run_lock import hold_run_dir, release_run_dir
 from flows.scheduling import flow_run_retries
+from flows.secrets import platform_api_key
 from flows.wandb_run import WandbRun, wandb_api_key, wandb_run_id
-from sdk import ConfigError
-from sdk.settings import API_KEY_ENV, FireworksSettings
 from tasks.checkpoints import confirm_checkpoint
 from tasks.platform import PlatformEndpoint, Waits
 from tasks.teardown import TeardownPlan, teardown
@@ -66,8 +69,9 @@ __all__ = [
 ]
 
 # What became of a trainer job or deployment after the run: the teardown policy's doing, or
-# `stops_with_process` (the embedded platform is gone when this process exits; its data
-# directory keeps the checkpoints), or `not_owned` (handed in by id: never touched).
+# `stops_with_process` (the embedded platform stops when its last run ends, at the latest when
+# this process exits; its data directory keeps the checkpoints), or `not_owned` (handed in by
+# id: never touched).
 ResourceFate = Literal["kept", "scaled_to_zero", "deleted", "stops_with_process", "not_owned"]
 
 
@@ -137,14 +141,13 @@ def embedded_data_dir(config: RecipeConfig) -> Path:
     return (Path(path, "platform") if local else Path(".fireloop", "platform")).absolute()
 
 
-def resolve_endpoint(config: RecipeConfig) -> PlatformEndpoint:
-    """The configured platform (key: explicit, else `FIREWORKS_API_KEY`), else the embedded one."""
+def resolve_endpoint(config: RecipeConfig, owner: str) -> PlatformEndpoint:
+    """The configured platform (its key: see `platform_api_key`), else a lease for the flow
+    run `owner` on the embedded one (given back by `open_run` when the run is over)."""
     platform = config.platform
     if platform is None:
-        return embedded_endpoint(embedded_data_dir(config), config.waits)
-    key = platform.api_key or FireworksSettings.from_env().api_key
-    if key is None:
-        raise ConfigError(f"platform.api_key: set it or {API_KEY_ENV} (or leave platform empty)")
+        return acquire_embedded(embedded_data_dir(config), owner, config.waits)
+    key = platform_api_key(platform)
     return PlatformEndpoint(
         base_url=platform.base_url,
         api_key=key,
@@ -384,25 +387,30 @@ def _teardown(endpoint: PlatformEndpoint, plan: TeardownPlan) -> None:
 def open_run(config: RecipeConfig, *, dataset_fingerprint: str) -> Iterator[RunContext]:
     """The frame of one attempt (see the module docstring); yields the `RunContext`."""
     run_dir = config.resolved_run_dir
-    hold_run_dir(run_dir, _flow_run_owner())  # before the ledger and the embedded platform
-    over = True  # whether this attempt ends the run (then the lock goes back)
+    owner = _flow_run_owner()
+    hold_run_dir(run_dir, owner)  # before the ledger and the embedded platform
+    # Whether this attempt ends the run: then the lock and the embedded platform's lease go
+    # back. A crash or cancel ends it too (Prefect retries neither); a pending retry keeps both.
+    over = True
     try:
-        with _attempt(config, dataset_fingerprint) as run:
+        with _attempt(config, dataset_fingerprint, owner) as run:
             yield run
     except Exception as exc:
         over = not flow_retry_helps(exc) or _last_attempt()
         raise
     finally:
         if over:
+            release_embedded(owner)
             release_run_dir(run_dir)
 
 
 @contextmanager
-def _attempt(config: RecipeConfig, dataset_fingerprint: str) -> Iterator[RunContext]:
-    """Platform, ledger and monitors of one attempt; teardown once the run is over."""
-    endpoint = resolve_endpoint(config)
+def _attempt(config: RecipeConfig, dataset_fingerprint: str, owner: str) -> Iterator[RunContext]:
+    """Platform, ledger and monitors of one attempt; teardown once the run is over (deferred,
+    and said so in the ledger, when a signal ends the attempt)."""
+    endpoint = resolve_endpoint(config, owner)
     secrets = [endpoint.api_key.get_secret_value(), wandb_api_key() or ""]
-    with redact_secrets(secrets):
+    with redact_secrets(secrets) as redactor:
         run_dir = config.resolved_run_dir
         platform = config.platform
         user_job = platform.trainer_job_id if platform else None
@@ -443,6 +451,12 @@ def _attempt(config: RecipeConfig, dataset_fingerprint: str) -> Iterator[RunCont
             outcome = "completed"
         except Exception as exc:
             outcome = "failed" if flow_retry_helps(exc) else "failed for good"
+            raise
+        except GeneratorExit:
+            raise
+        except BaseException as exc:  # SIGTERM, a cancel, Ctrl-C: no retry follows
+            # First, while the grace period lasts: the row saying why, and what was kept.
+            record_attempt_end(ledger, exc, redactor.redact)
             raise
         finally:
             monitor.close(failed=outcome != "completed")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import SFTConfig, WandbConfig
-from flows.embedded import embedded_endpoint
+from flows.embedded import embedded_lease
 from flows.ledger import CheckpointRow, EvaluationRow, HotloadRow, RunEndRow, read_ledger
 from flows.monitoring import Progress, progress_listener
 from flows.sft import configured_sft_flow, run_sft
@@ -37,7 +37,8 @@ def test_sft_learns_the_reversal_task_and_serves_it(tmp_path: Path) -> None:
         wandb=WandbConfig(project="fireloop-tests"),
     )
     seen: list[Progress] = []
-    with progress_listener(seen.append):
+    # The platform is held across the run, so the key searched for below is the one it used.
+    with embedded_lease(run_dir / "platform") as held, progress_listener(seen.append):
         state = configured_sft_flow(config)(config, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -99,7 +100,7 @@ def test_sft_learns_the_reversal_task_and_serves_it(tmp_path: Path) -> None:
     wandb_text = files_text(wandb_dirs[0])
     assert "train/ce_loss" in wandb_text and "max_steps" in wandb_text
 
-    key = embedded_endpoint(run_dir / "platform").api_key.get_secret_value()
+    key = held.api_key.get_secret_value()
     for where, text in {
         "logs": record.logs,
         "artifacts": str(record.artifacts),
