@@ -8,13 +8,15 @@ artifacts, logs) through a client of that server alone, never the session's defa
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from uuid import UUID
 
-from tests.server.support import PrefectServer, Subprocess
+from tests.server.support import REPO_ROOT, PrefectServer, Subprocess, child_env
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 TERMINAL_STATES: Final = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+DEPLOY_TIMEOUT_S: Final = 180.0  # imports every entrypoint's flow module
 
 
 def deploy(
@@ -124,3 +127,23 @@ def ledger_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run's ledger file, as written."""
     lines = (run_dir / "ledger.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def deploy_project(server: PrefectServer, home: Path) -> str:
+    """`prefect --no-prompt deploy --all` of the repository's prefect.yaml, run from the
+    repository root as its comments say, against `server`; what it printed."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = child_env({"PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(home)})
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEPLOY_TIMEOUT_S,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(f"prefect deploy --all exited with {result.returncode}:\n{output}")
+    return output

@@ -1,35 +1,43 @@
-"""A preempted SFT run under a real Prefect server on PostgreSQL and a process worker.
+"""A preempted SFT run and the project's prefect.yaml under a real Prefect server on PostgreSQL.
 
-One run proves several things through the server's API: the deployment is picked up by the
-worker; the trainer is preempted mid-run by a standalone `fireloop backend` fault drill; the
-flow run's state history shows the failed attempt and the successful retry (run_count 2); and
-its artifacts (progress, the segment metrics table, the ledger report with the verified hotload
-identities) are readable back. It takes about a minute: PostgreSQL and the server start (~10 s),
-the worker starts (~5 s), the flow-run process imports torch and Prefect (~10 s), and two
-attempts train eight tiny steps with two hotloads.
+One run proves several things through the server's API: the deployment is picked up by a
+process worker; the trainer is preempted mid-run by a standalone `fireloop backend` fault drill;
+the flow run's state history shows the failed attempt and the successful retry (run_count 2);
+and its artifacts (progress, the segment metrics table, the ledger report with the verified
+hotload identities) are readable back. Beside it, `prefect --no-prompt deploy --all` registers
+the repository's prefect.yaml as written, and a run of its nightly SFT trains to the end on the
+same worker. About 75 s: PostgreSQL and the server start (~15 s), the worker starts (~5 s),
+`prefect deploy` imports every flow (~10 s), each flow-run process imports torch and Prefect
+(~10 s), and the runs overlap on two cores.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
+import yaml
 
 from flows.sft import sft_flow
 from tests.server.runs import (
     artifacts,
     deploy,
+    deploy_project,
+    ledger_rows,
     logs,
     state_history,
     trigger,
     wait_for_terminal,
 )
 from tests.server.support import (
+    REPO_ROOT,
     PlatformProcess,
     PrefectServer,
     Subprocess,
@@ -38,7 +46,7 @@ from tests.server.support import (
 
 timings = logging.getLogger("tests.server.timings")
 
-POOL = "fireloop-pg"
+POOL = "fireloop"  # the pool prefect.yaml names, so one worker runs both kinds of deployment
 PREEMPT_AT_STEP = 6  # after the step-4 checkpoint and hotload: the retry resumes from step 4
 RUN_TIMEOUT_S = 300.0
 
@@ -72,14 +80,25 @@ def worker(
         worker.stop()
 
 
+@dataclass(frozen=True)
+class Runs:
+    """The module's two flow runs, both ended, and where their files are."""
+
+    preempted: UUID
+    preempted_dir: Path
+    nightly: UUID
+    nightly_dir: Path
+
+
 @pytest.fixture(scope="module")
-def preempted_run(
+def runs(
     postgres_server: PrefectServer,
     platform: PlatformProcess,
     worker: Subprocess,
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[UUID, Path]:
-    """Deploy SFT against the drilled platform, trigger it, wait for it to end."""
+) -> Runs:
+    """Deploy SFT against the drilled platform and the project's prefect.yaml; trigger the
+    preempted run and the nightly SFT (into a run directory of the test's), wait for both."""
     work = tmp_path_factory.mktemp("work")
     config: dict[str, Any] = {
         "run_name": "pg-preempted",
@@ -93,20 +112,34 @@ def preempted_run(
         "retry_delay_s": 0,
         "platform": {"base_url": platform.base_url},  # the key comes from the worker's env
     }
-    deployment_id = deploy(
-        postgres_server, sft_flow, "pg-preempted", POOL, work, {"config": config}
-    )
-    flow_run_id = trigger(postgres_server, deployment_id)
-    flow_run = wait_for_terminal(postgres_server, flow_run_id, RUN_TIMEOUT_S, worker)
-    assert flow_run.state is not None
-    assert flow_run.state.is_completed(), worker.log_tail()
-    return flow_run_id, work / "runs" / "pg-preempted"
+    started = time.monotonic()
+    preempted = deploy(postgres_server, sft_flow, "pg-preempted", POOL, work, {"config": config})
+    preempted_id = trigger(postgres_server, preempted)
+    deploying = time.monotonic()
+    deploy_project(postgres_server, tmp_path_factory.mktemp("deploy-home"))
+    timings.info("postgres: prefect deploy --all took %.1f s", time.monotonic() - deploying)
+    nightly_config = {**_project_deployment("sft-nightly")["parameters"]["config"]}
+    nightly_dir = work / "nightly"
+    nightly_config["run_dir"] = str(nightly_dir)
+    with postgres_server.client() as client:
+        nightly = client.read_deployment_by_name("sft/sft-nightly")
+    nightly_id = trigger(postgres_server, nightly.id, {"config": nightly_config})
+    for flow_run_id in (preempted_id, nightly_id):
+        wait_for_terminal(postgres_server, flow_run_id, RUN_TIMEOUT_S, worker)
+    timings.info("postgres: both runs ended %.1f s after deploying", time.monotonic() - started)
+    return Runs(preempted_id, work / "runs" / "pg-preempted", nightly_id, nightly_dir)
+
+
+def _project_deployment(name: str) -> dict[str, Any]:
+    project = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+    found: dict[str, Any] = next(d for d in project["deployments"] if d["name"] == name)
+    return found
 
 
 def test_preempted_run_retries_and_completes_in_the_server_history(
-    postgres_server: PrefectServer, preempted_run: tuple[UUID, Path]
+    postgres_server: PrefectServer, runs: Runs
 ) -> None:
-    flow_run_id, _ = preempted_run
+    flow_run_id = runs.preempted
     with postgres_server.client() as client:
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.run_count == 2
@@ -126,10 +159,8 @@ def test_preempted_run_retries_and_completes_in_the_server_history(
     assert any("resumed from step-4" in message for message in messages), messages[-20:]
 
 
-def test_artifacts_are_readable_through_the_api(
-    postgres_server: PrefectServer, preempted_run: tuple[UUID, Path]
-) -> None:
-    flow_run_id, run_dir = preempted_run
+def test_artifacts_are_readable_through_the_api(postgres_server: PrefectServer, runs: Runs) -> None:
+    flow_run_id, run_dir = runs.preempted, runs.preempted_dir
     by_key: dict[str, list[Any]] = {}
     for artifact in artifacts(postgres_server, flow_run_id):
         if artifact.key is not None:
@@ -142,18 +173,48 @@ def test_artifacts_are_readable_through_the_api(
 
     # The segment table's latest version has a row per segment of the run, ending at step 7.
     tables = sorted(by_key["sft-pg-preempted-segments"], key=lambda a: a.created)
-    rows = json.loads(tables[-1].data)
-    assert rows[-1]["steps"] == "4-7" and rows[-1]["checkpoint"] == "step-8", rows
+    segments = json.loads(tables[-1].data)
+    assert segments[-1]["steps"] == "4-7" and segments[-1]["checkpoint"] == "step-8", segments
 
     # The ledger report names the verified hotloads the ledger file recorded, and the
     # checkpoints whose snapshots they are.
-    ledger_rows = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
-    hotloads = [row for row in ledger_rows if row["kind"] == "hotload"]
+    rows = ledger_rows(run_dir)
+    hotloads = [row for row in rows if row["kind"] == "hotload"]
     assert [row["step"] for row in hotloads] == [4, 8]  # the step-4 hotload is not repeated
     assert all(row["verified"] for row in hotloads)
     reports = sorted(by_key["sft-pg-preempted-ledger"], key=lambda a: a.created)
     report = reports[-1].data
     for row in hotloads:
         assert f"| {row['step']} | {row['identity']} | {row['checkpoint_type']} | True |" in report
-    checkpoints = {row["name"]: row for row in ledger_rows if row["kind"] == "checkpoint"}
+    checkpoints = {row["name"]: row for row in rows if row["kind"] == "checkpoint"}
     assert checkpoints["step-8"]["snapshot_identity"] == hotloads[-1]["identity"]
+
+
+def test_the_projects_prefect_yaml_deploys_and_its_nightly_sft_runs(
+    postgres_server: PrefectServer, runs: Runs
+) -> None:
+    """`prefect deploy --all` registered every deployment of prefect.yaml as written there, and
+    a run of the nightly SFT, named from its start time by the template, trained to the end."""
+    project = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+    with postgres_server.client() as client:
+        deployed = {deployment.name: deployment for deployment in client.read_deployments()}
+        nightly_run = client.read_flow_run(runs.nightly)
+    for declared in project["deployments"]:
+        deployment = deployed[declared["name"]]
+        assert deployment.work_pool_name == declared["work_pool"]["name"]
+        crons = [getattr(s.schedule, "cron", None) for s in deployment.schedules]
+        assert crons == [s["cron"] for s in declared.get("schedules") or []], declared["name"]
+        limit = declared.get("concurrency_limit")
+        if limit is not None:
+            assert deployment.global_concurrency_limit is not None
+            assert deployment.global_concurrency_limit.limit == limit["limit"]
+    assert nightly_run.state is not None and nightly_run.state.is_completed()
+    start = nightly_run.expected_start_time
+    assert start is not None
+    assert nightly_run.name == f"sft-sft-nightly-{start:%Y%m%d-%H%M}"
+    rows = ledger_rows(runs.nightly_dir)
+    assert rows[-1]["kind"] == "run_end"
+    assert (
+        rows[-1]["next_step"]
+        == _project_deployment("sft-nightly")["parameters"]["config"]["max_steps"]
+    )
