@@ -4,8 +4,9 @@ Per-step metrics go to `run_dir/metrics.jsonl` (rewound on resume, so a replayed
 once) and to W&B; Prefect gets a progress artifact per attempt (written at most every
 `progress_interval_s`), a table artifact with one row per segment, and a markdown artifact of
 the ledger at each cadence point: Prefect records every artifact write, so per-step data never
-goes there. A caller in this process (the CLI) can watch every step through
-`progress_listener`.
+goes there. The curves picture (`flows/curves.py`) is redrawn at cadence points, at most every
+`curves_interval_s` and always at the end, into `run_dir/curves.png` and one artifact key. A
+caller in this process (the CLI) can watch every step through `progress_listener`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows.ledger import CheckpointRow, EvaluationRow, HotloadRow, Ledger
+from flows.curves import (
+    CurveData,
+    CurvesReport,
+    curve_panels,
+    curves_markdown,
+    draw_curves,
+    write_png,
+)
+from flows.ledger import CheckpointRow, EvaluationRow, HotloadRow, Ledger, RunEndRow
 from flows.ledger_storage import storage_for
 from flows.wandb_run import WandbRun
 from tasks.training import SegmentResult, StepRecord
@@ -75,7 +84,11 @@ class MetricsLog:
     """`run_dir/metrics.jsonl`: one JSON object per step, in step order."""
 
     def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
         self._storage = storage_for(f"{run_dir}/{METRICS_FILENAME}")
+
+    def read(self) -> bytes:
+        return self._storage.read() or b""
 
     def rewind(self, next_step: int) -> None:
         """Drop the rows of steps ≥ `next_step`: they are about to be replayed."""
@@ -124,13 +137,16 @@ class RunMonitor:
     headline_metric: str
     wandb: WandbRun | None = None
     progress_interval_s: float = 5.0
+    curves_interval_s: float = 30.0  # the curves picture is redrawn at most this often
     _progress_id: Any = field(default=None, init=False)
     _last_progress: float = field(default=0.0, init=False)
     _segment_rows: list[dict[str, Any]] = field(default_factory=list, init=False)
     _listener: ProgressCallback | None = field(default=None, init=False)
+    _curves: CurvesReport = field(init=False)
 
     def __post_init__(self) -> None:
         self._listener = _listener.get()  # captured in the flow's context, called from tasks
+        self._curves = CurvesReport(CurveData(self.headline_metric), self.curves_interval_s)
 
     def key(self, kind: str) -> str:
         return artifact_key(self.recipe, self.run_name, kind)
@@ -138,6 +154,7 @@ class RunMonitor:
     def start(self, next_step: int) -> None:
         """A progress artifact for this attempt, at the resumed step."""
         self.metrics_log.rewind(next_step)
+        self._curves.data.load_metrics_jsonl(self.metrics_log.read())  # earlier attempts' steps
         self._progress_id = create_progress_artifact(
             progress=self._percent(next_step),
             key=self.key("progress"),
@@ -165,6 +182,8 @@ class RunMonitor:
     def record_segment(self, result: SegmentResult) -> None:
         """Per segment: metrics.jsonl, W&B, and a row of the segment table artifact."""
         self.metrics_log.append(result.steps)
+        for record in result.steps:
+            self._curves.data.add_step(record.step, record.metrics)
         if self.wandb is not None:
             for record in result.steps:
                 self.wandb.log(record.step, record.metrics)
@@ -201,6 +220,37 @@ class RunMonitor:
             ledger_markdown(ledger, deployment_id),
             key=self.key("ledger"),
             description=f"{self.recipe} {self.run_name}: run ledger",
+        )
+        evaluations = [(r.step, r.metrics) for r in ledger.rows if isinstance(r, EvaluationRow)]
+        self._curves.data.set_evaluations(evaluations)
+        if self._curves.due(final=isinstance(ledger.rows[-1], RunEndRow)):
+            self._draw_curves()
+
+    def _draw_curves(self) -> None:
+        """`curves.png` in the run directory and a new version of the curves artifact.
+        A picture that cannot be drawn or written is logged and skipped: it must not stop
+        the training it depicts."""
+        started = time.perf_counter()
+        title = f"{self.recipe} {self.run_name}"
+        try:
+            png = draw_curves(curve_panels(self._curves.data), title)
+            path = write_png(self.metrics_log.run_dir, png)
+            note = f"Up to step {self._curves.data.last_step}; also in `{path}`."
+            create_markdown_artifact(
+                curves_markdown(png, title, note),
+                key=self.key("curves"),
+                description=f"{title}: loss, learning rate, evaluations",
+            )
+        except Exception:  # a picture must never fail the run it shows
+            logger.warning("could not draw the curves of %s", title, exc_info=True)
+            return
+        finally:
+            self._curves.drawn()
+        logger.debug(
+            "curves of %s: %d bytes in %.0f ms",
+            title,
+            len(png),
+            1000 * (time.perf_counter() - started),
         )
 
     def close(self, *, failed: bool) -> None:
