@@ -125,17 +125,38 @@ class Subprocess:
         )
 
     def stop(self) -> None:
-        """SIGTERM the group, SIGKILL after a grace period; idempotent."""
+        """SIGTERM the group, SIGKILL after a grace period; idempotent. Descendants in sessions
+        of their own (a worker starts each flow run in a new session) are killed too, so a
+        test that fails mid-run leaves no flow run training on."""
+        descendants = _descendants(self.process.pid)
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=STOP_GRACE_S)
-        # Children that outlived their leader (a flow-run process under a worker) go too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in descendants | _descendants(self.process.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=STOP_GRACE_S)
+
+
+def _descendants(root: int) -> set[int]:
+    """The live descendants of process `root`, from /proc (empty where there is none)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name (2nd field) may hold spaces: the ppid follows its ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
