@@ -40,6 +40,9 @@ from tests.server.support import (
 )
 
 timings = logging.getLogger("tests.server.timings")
+# The first test also waits for the module's servers and runs: on a loaded 2-core machine that
+# took up to 2.5 minutes, so the suite's 300 s per test leaves too little headroom.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 POOL = "fireloop-sqlite"
 RUN_TIMEOUT_S = 300.0
