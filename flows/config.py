@@ -69,6 +69,7 @@ __all__ = [
     "RecoveryPart",
     "RunPart",
     "SFTConfig",
+    "TaskRunnerConfig",
     "WandbConfig",
     "training_identity_hash",
     "unique_run_name",
@@ -102,6 +103,7 @@ RUN_ONLY_FIELDS: Final = frozenset(
         "sample_timeout_s",
         "inference_kl_fail",
         "write_trajectories",
+        "task_runner",
     }
 )
 _RUN_NAME = RUN_NAME_PATTERN
@@ -321,6 +323,31 @@ class CadencePart(_Part):
     )
 
 
+class TaskRunnerConfig(_Part):
+    """Where reward and evaluation scoring fans out: a few Prefect task runs per step, one per
+    shard of the step's rows, on a thread pool (the default) or on Dask."""
+
+    kind: Literal["thread", "dask"] = Field(
+        default="thread", description="thread: this process; dask: worker processes or machines"
+    )
+    address: str | None = Field(
+        default=None,
+        description="Dask scheduler, e.g. tcp://scheduler:8786; empty: a temporary LocalCluster",
+    )
+    workers: Count = Field(
+        default=4,
+        gt=0,
+        le=1024,
+        description="Shards per step; also the threads, or the LocalCluster's worker processes",
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> Self:
+        if self.address is not None and self.kind != "dask":
+            raise ValueError("task_runner.address names a Dask scheduler: set kind to dask")
+        return self
+
+
 class PlatformPart(_Part):
     """Where the run trains and reports, and what is left of its resources afterwards."""
 
@@ -331,6 +358,9 @@ class PlatformPart(_Part):
     teardown: TeardownPolicy = Field(default="keep", description="After the run completes")
     waits: Waits | None = Field(
         default=None, description="Empty: SDK defaults (short polls on the embedded backend)"
+    )
+    task_runner: TaskRunnerConfig = Field(
+        default=TaskRunnerConfig(), description="Where reward and eval scoring fans out"
     )
 
     @field_validator("waits")

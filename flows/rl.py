@@ -40,6 +40,7 @@ from algorithms.rl_rollouts import StepRollouts, training_batch
 from algorithms.rollout_metrics import rollout_metrics
 from flows.config import RLConfig
 from flows.failures import final_unless_retry_helps
+from flows.fanout import FanOut
 from flows.lifecycle import RunResult
 from flows.monitoring import ProgressCallback, progress_listener
 from flows.recipe_loop import Attempt, RecipePlan, run_recipe
@@ -280,7 +281,9 @@ def rl_flow(config: RLConfig) -> RunResult:
         def prepare(attempt: Attempt) -> RecipePlan:
             session = attempt.session
             rendered = render_rl_data(data, session.renderer, config)
-            scorer = RowScorer(data.train, data.reward, session.renderer)
+            fanout = FanOut(config.task_runner)  # reward and eval scoring; stops with the session
+            session.on_close(fanout.close)
+            scorer = RowScorer(data.train, data.reward, session.renderer, fanout)
             source = rollout_source(attempt, data, rendered, scorer)
             reference = None
             if config.kl_beta > 0:
@@ -296,12 +299,14 @@ def rl_flow(config: RLConfig) -> RunResult:
                     lambda ids: str(tokenizer.decode(ids, skip_special_tokens=False)),
                 )
             step = RLStep(config, rendered.train, log, source, reference, writer)
-            return RecipePlan(step, lambda point: _evaluate(attempt, data, rendered, point))
+            return RecipePlan(step, lambda point: _evaluate(attempt, data, rendered, fanout, point))
 
         return run_recipe(config, dataset_fingerprint=data.fingerprint, prepare=prepare)
 
 
-def _evaluate(attempt: Attempt, data: RLData, rendered: RenderedRL, point: int) -> dict[str, float]:
+def _evaluate(
+    attempt: Attempt, data: RLData, rendered: RenderedRL, fanout: FanOut, point: int
+) -> dict[str, float]:
     """Mean reward, accuracy and pass@k of the held-out prompts, sampled from the deployment
     serving the weights after `point` steps (the same seeds at every point)."""
     if data.eval is None or not rendered.eval or attempt.session.sampler is None:
@@ -321,8 +326,8 @@ def _evaluate(attempt: Attempt, data: RLData, rendered: RenderedRL, point: int) 
         config.eval_temperature,
         config.sample_timeout_s,
     )
-    scorer = RowScorer(data.eval, data.reward, attempt.session.renderer)
-    scored = [scorer.score(row, config) for row in sampled]
+    scorer = RowScorer(data.eval, data.reward, attempt.session.renderer, fanout)
+    scored = scorer.score_all(sampled, config, step=point, purpose="eval")
     steps = StepRollouts(step=point, rows=scored, cursor_after=0, epoch=0)
     ks = sorted({1, group})
     metrics = rollout_metrics(steps.metric_groups(), sample_fails=steps.sample_fails, pass_k=ks)

@@ -4,22 +4,22 @@
 when the tokenizer is known before provisioning, renders every prompt: a bad row, a prompt too
 long for the context or a reward that does not import fails the run before compute is spent.
 `render_rl_data` renders every prompt and checks it leaves room for the completion in the
-model's context. `RowScorer` turns a row's sampled completions into a scored group: parsed at
-the first stop token, rewarded, advantages computed; a reward that raises fails the step with
-the row's file and line.
+model's context. `RowScorer` turns sampled rows into scored groups: parsed at the first stop
+token, rewarded, advantages computed, fanned out in shards on the config's task runner; a
+reward that raises fails the step with the row's file and line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import fsspec
 
 from algorithms.chat import ChatRenderer
-from algorithms.rewards import Reward, call_reward, load_reward
+from algorithms.rewards import Reward, load_reward
 from algorithms.rl_data import (
     RL_TASKS,
     PromptDataset,
@@ -27,10 +27,12 @@ from algorithms.rl_data import (
     render_prompts,
     sample_seed,
 )
-from algorithms.rl_rollouts import Rollout, RowRollouts, StepRollouts, score_group
+from algorithms.rl_rollouts import RowRollouts, StepRollouts
 from flows.config import RLConfig
+from flows.fanout import FanOut
 from flows.sft_data import context_length_of, known_tokenizer
 from tasks.rollouts import RowRequest, SampledRow
+from tasks.scoring import RowToScore, score_row, score_rows
 
 __all__ = [
     "RLData",
@@ -143,36 +145,55 @@ def eval_request(prompts: list[list[int]], row: int, seed: int, group_size: int)
 
 
 class RowScorer:
-    """Scores a sampled row: each completion parsed and rewarded, then the group's advantages."""
+    """Scores sampled rows: each completion parsed here (the tokenizer stays with the flow),
+    then rewarded with the group's advantages computed, in shards on the fan-out's task runner
+    when there is one."""
 
-    def __init__(self, data: PromptDataset, reward: Reward, renderer: ChatRenderer) -> None:
-        self.data, self.reward, self.renderer = data, reward, renderer
+    def __init__(
+        self,
+        data: PromptDataset,
+        reward: Reward,
+        renderer: ChatRenderer,
+        fanout: FanOut | None = None,
+    ) -> None:
+        self.data, self.reward, self.renderer, self.fanout = data, reward, renderer, fanout
 
     def score(self, sampled: SampledRow, config: RLConfig) -> RowRollouts:
-        row = sampled.request.row
-        if sampled.failure is not None:
-            return RowRollouts(row=row, failure=sampled.failure)
-        where = f"{self.data.source}:{self.data.line_numbers[row]}"
-        rollouts = [
-            Rollout(
-                tokens=completion.completion_tokens,
-                logprobs=list(completion.inference_logprobs or []),
-                finish_reason=completion.finish_reason,
-                snapshot=completion.snapshot_identity,
-                reward=call_reward(
-                    self.reward,
-                    self.renderer.parse_response(completion.completion_tokens),
-                    self.data.rows[row],
-                    where=where,
-                ),
-            )
-            for completion in sampled.completions
-        ]
-        return score_group(
-            row,
-            rollouts,
+        """One row scored in this thread."""
+        return score_row(
+            self._parsed(sampled),
+            self.reward,
+            config.advantage_norm,
+            config.filter_constant_reward_groups,
+        )
+
+    def score_all(
+        self, sampled: Sequence[SampledRow], config: RLConfig, *, step: int, purpose: str
+    ) -> list[RowRollouts]:
+        """Every row scored, in order: task runs on the fan-out (`purpose` and `step` name
+        them), or in this thread without one."""
+        if self.fanout is None:
+            return [self.score(row, config) for row in sampled]
+        return self.fanout.map(
+            score_rows,
+            [self._parsed(row) for row in sampled],
+            reward=self.reward,
             advantage_norm=config.advantage_norm,
             filter_constant=config.filter_constant_reward_groups,
+            purpose=purpose,
+            step=step,
+        )
+
+    def _parsed(self, sampled: SampledRow) -> RowToScore:
+        row = sampled.request.row
+        return RowToScore(
+            sampled=sampled,
+            responses=[
+                self.renderer.parse_response(completion.completion_tokens)
+                for completion in sampled.completions
+            ],
+            prompt_row=self.data.rows[row],
+            where=f"{self.data.source}:{self.data.line_numbers[row]}",
         )
 
 

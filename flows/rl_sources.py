@@ -110,7 +110,7 @@ class WindowSampler(_Sampling):
         )
         if all(row.failure is not None for row in sampled):
             raise RuntimeError(f"step {step}: every row failed to sample: {sampled[0].failure}")
-        scored = iter([self.scorer.score(row, config) for row in sampled])
+        scored = iter(self.scorer.score_all(sampled, config, step=step, purpose="train"))
         n_rows = len(self.data.train.rows)
         return [
             StepRollouts(
@@ -219,7 +219,7 @@ class AsyncSampler(_Sampling):
         return [
             StepRollouts(
                 step=step,
-                rows=[self.scorer.score(row, config) for row in sampled],
+                rows=self.scorer.score_all(sampled, config, step=step, purpose="train"),
                 cursor_after=cursor + len(sampled),
                 epoch=cursor // n_rows,
             )
