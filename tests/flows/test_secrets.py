@@ -8,10 +8,16 @@ case: `--set platform.api_key=…`, a config file, or the `FIREWORKS_API_KEY` en
 variable; the standalone backend the run trains on (a remote platform to the flow) gets the
 same key by `fireloop backend --api-key …`, and its output is searched too. Before the fix,
 W&B's run file held the `--set` key (it records the command line).
+
+The tests after it check, without a run, where a key may come from (a Secret block the config
+names, the environment; never Prefect's mask of a stored parameter) and that every log handler
+masks it, those of loggers no list names and those attached while a run is under way.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import secrets
 import socket
@@ -24,6 +30,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from pydantic import SecretStr
+
+from flows.config import PlatformConfig
+from flows.redaction import redact_secrets
+from flows.secrets import MASKED_PARAMETER, platform_api_key
+from sdk import ConfigError
 
 CLI = [sys.executable, "-m", "fireloop.cli"]
 RUN_TIMEOUT_S = 240
@@ -159,3 +171,72 @@ def test_a_key_given_through_each_door_is_written_nowhere(
     assert list((root / "prefect").rglob("*.db")), "no Prefect database under PREFECT_HOME"
     assert _leaks(root, {door: key}) == []
     assert key not in backend_output.read_text(errors="replace")
+
+
+# --- Where the key comes from, and every log handler masking it (no CLI, no run) -----------
+
+
+def test_a_key_in_a_secret_block_named_by_the_config_is_loaded(
+    prefect_server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+
+    key = _key("secret-block")
+    Secret(value=key).save("fireloop-test-key", overwrite=True)
+    monkeypatch.setenv("FIREWORKS_API_KEY", _key("environment"))  # the named block wins
+    platform = PlatformConfig(base_url="http://127.0.0.1:9", api_key_secret="fireloop-test-key")
+    assert platform_api_key(platform).get_secret_value() == key
+    assert key not in repr(platform) and key not in platform.model_dump_json()
+
+
+def test_a_missing_secret_block_names_the_field(prefect_server: None) -> None:
+    platform = PlatformConfig(base_url="http://127.0.0.1:9", api_key_secret="no-such-block")
+    with pytest.raises(ConfigError, match=r"platform\.api_key_secret: no Prefect Secret block"):
+        platform_api_key(platform)
+
+
+def test_no_key_anywhere_names_both_right_places(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)
+    with pytest.raises(ConfigError) as raised:
+        platform_api_key(PlatformConfig(base_url="http://127.0.0.1:9"))
+    assert "FIREWORKS_API_KEY" in str(raised.value) and "api_key_secret" in str(raised.value)
+
+
+def test_prefects_mask_of_a_stored_key_is_refused_as_a_key() -> None:
+    # What a deployment built in Python with a SecretStr parameter hands its runs.
+    platform = PlatformConfig(base_url="http://127.0.0.1:9", api_key=SecretStr(MASKED_PARAMETER))
+    with pytest.raises(ConfigError, match="Prefect's mask, not a key"):
+        platform_api_key(platform)
+
+
+def test_a_key_given_directly_works_outside_deployments() -> None:
+    key = _key("direct")
+    platform = PlatformConfig(base_url="http://127.0.0.1:9", api_key=SecretStr(key))
+    assert platform_api_key(platform).get_secret_value() == key
+
+
+def test_every_handler_masks_the_key_even_one_added_during_the_run() -> None:
+    key = _key("handler")
+    early, late = io.StringIO(), io.StringIO()
+    # A library's logger that no fixed list names, with a handler before the run starts...
+    library = logging.getLogger(f"some.library.{secrets.token_hex(4)}")
+    library.addHandler(logging.StreamHandler(early))
+    library.propagate = False
+    added_later = logging.getLogger(f"wandb.like.{secrets.token_hex(4)}")
+    added_later.propagate = False
+    try:
+        with redact_secrets([key]):
+            library.warning("key is %s", key)
+            # ...and one that attaches its handler mid-run, as W&B does.
+            added_later.addHandler(logging.StreamHandler(late))
+            added_later.warning("key is %s", key)
+            try:
+                raise RuntimeError(f"refused {key}")
+            except RuntimeError:
+                added_later.exception("failed")
+    finally:
+        library.handlers.clear()
+        added_later.handlers.clear()
+    for output in (early.getvalue(), late.getvalue()):
+        assert "key is ***" in output and key not in output
+    assert "refused ***" in late.getvalue()
