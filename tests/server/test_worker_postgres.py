@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -25,6 +26,7 @@ from uuid import UUID
 import pytest
 import yaml
 
+from flows.scheduling import render_run_name
 from flows.sft import sft_flow
 from tests.server.runs import (
     artifacts,
@@ -214,7 +216,9 @@ def test_the_projects_prefect_yaml_deploys_and_its_nightly_sft_runs(
     assert nightly_run.state is not None and nightly_run.state.is_completed()
     start = nightly_run.expected_start_time
     assert start is not None
-    assert nightly_run.name == f"sft-sft-nightly-{start:%Y%m%d-%H%M}"
+    template = _project_deployment("sft-nightly")["parameters"]["config"]["run_name_template"]
+    expected = render_run_name(template, recipe="sft", scheduled=start.astimezone(UTC))
+    assert nightly_run.name == f"sft-{expected}"
     rows = ledger_rows(runs.nightly_dir)
     assert rows[-1]["kind"] == "run_end"
     assert (
