@@ -268,7 +268,7 @@ def curves_markdown(png: bytes, title: str, note: str) -> str:
     """A markdown document with the PNG inline as a `data:` URI (the Prefect UI's markdown
     renderer lets `data:image/` through for images, and nothing else needs hosting)."""
     encoded = base64.b64encode(png).decode("ascii")
-    return f"# {title}\n\n{note}\n\n![curves](data:image/png;base64,{encoded})\n"
+    return f"# Curves: {title}\n\n{note}\n\n![curves](data:image/png;base64,{encoded})\n"
 
 
 def write_png(run_dir: str, png: bytes) -> str:

@@ -235,7 +235,8 @@ class RunMonitor:
         try:
             png = draw_curves(curve_panels(self._curves.data), title)
             path = write_png(self.metrics_log.run_dir, png)
-            note = f"Up to step {self._curves.data.last_step}; also in `{path}`."
+            last = self._curves.data.last_step
+            note = f"After {0 if last is None else last + 1} steps; the same picture: `{path}`."
             create_markdown_artifact(
                 curves_markdown(png, title, note),
                 key=self.key("curves"),

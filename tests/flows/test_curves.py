@@ -174,7 +174,7 @@ def test_the_png_and_its_markdown_carry_the_same_picture(tmp_path: Path) -> None
     width, height = png_size(png)
     assert (width, height) == (576, 232)  # two panels side by side at 80 dpi
     assert 5_000 < len(png) < 150_000
-    markdown = curves_markdown(png, "sft demo", "Up to step 29.")
+    markdown = curves_markdown(png, "sft demo", "After 30 steps.")
     uri = markdown.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
     assert base64.b64decode(uri) == png
 
@@ -249,7 +249,7 @@ def test_the_monitor_writes_one_artifact_key_in_versions(tmp_path: Path) -> None
         )
     assert len(versions) == 3
     latest = max(versions, key=lambda a: a.created or 0)
-    assert "Up to step 3" in str(latest.data)
+    assert "After 4 steps" in str(latest.data)
     png = (tmp_path / "versions" / "curves.png").read_bytes()
     assert base64.b64encode(png).decode() in str(latest.data)
 
