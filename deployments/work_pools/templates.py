@@ -5,8 +5,10 @@ The overrides: the image defaults to the one the repository's Dockerfile builds;
 gets DO_NOT_TRACK=1; on Kubernetes the Job's `backoffLimit` is fixed at 0 (not a variable), so
 Kubernetes never starts a crashed run's pod a second time beside Prefect's own retry and the
 ledger's resume, and the platform key reaches the pod from a Kubernetes Secret as
-FIREWORKS_API_KEY, never as a flow parameter. Regenerate after upgrading a worker package:
-`python -m deployments.work_pools.templates --write` (a test fails while the files differ).
+FIREWORKS_API_KEY, never as a flow parameter; the runs directory (ledgers, checkpoints) is a
+volume, a PersistentVolumeClaim or a named Docker volume, so a resumed run finds its ledger.
+Regenerate after upgrading a worker package: `python -m deployments.work_pools.templates
+--write` (a test fails while the files differ).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ __all__ = [
     "API_KEY_SECRET",
     "FLOW_RUN_ENV",
     "IMAGE",
+    "RUNS_DIR",
+    "RUNS_VOLUME",
     "TEMPLATE_FILES",
+    "WORKDIR",
     "PoolType",
     "render",
     "template",
@@ -31,6 +36,11 @@ __all__ = [
 PoolType = Literal["docker", "kubernetes"]
 
 IMAGE: Final = "fireloop:latest"
+# Where the image keeps the project (the Dockerfile's WORKDIR) and the runs' ledgers and
+# checkpoints: a volume, so a retried or resumed run finds its ledger in a fresh container.
+WORKDIR: Final = "/opt/fireloop"
+RUNS_DIR: Final = f"{WORKDIR}/runs"
+RUNS_VOLUME: Final = "fireloop-runs"
 FLOW_RUN_ENV: Final = {"DO_NOT_TRACK": "1"}
 # The Kubernetes Secret (key `api-key`) the flow-run pods read FIREWORKS_API_KEY from.
 API_KEY_SECRET: Final = "fireloop-fireworks"
@@ -55,6 +65,8 @@ def template(pool_type: PoolType) -> dict[str, Any]:
     variables["env"]["default"] = dict(FLOW_RUN_ENV)
     if pool_type == "kubernetes":
         _kubernetes_overrides(base)
+    else:
+        variables["volumes"]["default"] = [f"{RUNS_VOLUME}:{RUNS_DIR}"]
     return base
 
 
@@ -69,9 +81,18 @@ def _kubernetes_overrides(base: dict[str, Any]) -> None:
         "type": "string",
         "default": API_KEY_SECRET,
     }
+    variables["runs_claim"] = {
+        "title": "Runs volume claim",
+        "description": f"PersistentVolumeClaim mounted at {RUNS_DIR} (ledgers, checkpoints)",
+        "type": "string",
+        "default": RUNS_VOLUME,
+    }
     manifest = base["job_configuration"]["job_manifest"]
     manifest["spec"]["backoffLimit"] = 0
-    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    pod = manifest["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "runs", "persistentVolumeClaim": {"claimName": "{{ runs_claim }}"}}]
+    container = pod["containers"][0]
+    container["volumeMounts"] = [{"name": "runs", "mountPath": RUNS_DIR}]
     # A list here (instead of the `{{ env }}` placeholder) keeps the Secret reference; the
     # worker puts the pool's and Prefect's variables in front of it.
     container["env"] = [

@@ -23,6 +23,8 @@ from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 from deployments.work_pools.templates import (
     API_KEY_SECRET,
     IMAGE,
+    RUNS_DIR,
+    RUNS_VOLUME,
     TEMPLATE_FILES,
     PoolType,
     main,
@@ -99,7 +101,11 @@ def test_the_kubernetes_job_never_runs_a_crashed_flow_twice_and_reads_the_key_fr
     # With no Job retries, a pod evicted mid-run hands the run back to Prefect to reschedule.
     assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"]["value"] == "reschedule"
     assert "PREFECT__FLOW_RUN_ID" in env
-    assert manifest["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    claim = {"name": "runs", "persistentVolumeClaim": {"claimName": RUNS_VOLUME}}
+    assert pod["volumes"] == [claim]
+    assert container["volumeMounts"] == [{"name": "runs", "mountPath": RUNS_DIR}]
 
 
 def test_a_deployment_can_name_another_secret_and_add_env() -> None:
@@ -125,4 +131,5 @@ def test_the_docker_container_gets_the_image_and_env() -> None:
     assert configuration.image == IMAGE
     assert configuration.env["DO_NOT_TRACK"] == "1" and configuration.env["FIRELOOP_X"] == "1"
     assert "PREFECT__FLOW_RUN_ID" in configuration.env
+    assert configuration.volumes == [f"{RUNS_VOLUME}:{RUNS_DIR}"]
     assert "FIREWORKS_API_KEY" not in json.dumps(_committed("docker"))
