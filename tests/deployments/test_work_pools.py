@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tomllib
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ from deployments.work_pools.templates import (
     RUNS_DIR,
     RUNS_VOLUME,
     TEMPLATE_FILES,
+    WORKDIR,
     PoolType,
     main,
     render,
@@ -133,3 +135,34 @@ def test_the_docker_container_gets_the_image_and_env() -> None:
     assert "PREFECT__FLOW_RUN_ID" in configuration.env
     assert configuration.volumes == [f"{RUNS_VOLUME}:{RUNS_DIR}"]
     assert "FIREWORKS_API_KEY" not in json.dumps(_committed("docker"))
+
+
+ROOT = TEMPLATE_FILES["docker"].parents[2]
+
+
+def _dockerfile() -> list[str]:
+    return (ROOT / "Dockerfile").read_text().splitlines()
+
+
+def test_the_image_holds_what_the_flows_import() -> None:
+    """No daemon here to build it: check what can be read. Every package pyproject.toml
+    installs is copied (and not ignored), the scale-out pins are pyproject's, and the paths
+    are the templates' (the working directory and the runs volume)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    lines = _dockerfile()
+    assert lines[[line.startswith("FROM") for line in lines].index(True)] == "FROM python:3.11-slim"
+    copied = {word for line in lines if line.startswith("COPY ") for word in line.split()[1:-1]}
+    assert packages <= copied, packages - copied
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not (packages | {"pyproject.toml", "README.md", "prefect.yaml"}) & ignored
+    assert f"WORKDIR {WORKDIR}" in lines and f'VOLUME ["{RUNS_DIR}"]' in lines
+    dev_pins = {
+        pin
+        for pin in pyproject["project"]["optional-dependencies"]["dev"]
+        if "dask" in pin or "distributed" in pin
+    }
+    installs = " ".join(line for line in lines if line.startswith("RUN pip install"))
+    assert dev_pins and all(pin in installs for pin in dev_pins), dev_pins
