@@ -108,15 +108,24 @@ def render(pool_type: PoolType) -> str:
     return json.dumps(template(pool_type), indent=2, sort_keys=True) + "\n"
 
 
+def _renderings() -> dict[Path, str]:
+    from deployments.work_pools.deploy_files import DEPLOY_FILES, render_deploy_file
+
+    files = {path: render(pool_type) for pool_type, path in TEMPLATE_FILES.items()}
+    return files | {path: render_deploy_file(t) for t, path in DEPLOY_FILES.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--write", action="store_true", help="rewrite the JSON files")
+    """Check (or with `--write`, rewrite) the templates and the container pools' deploy files."""
+    parser = argparse.ArgumentParser(description="fireloop's container work-pool files")
+    parser.add_argument("--write", action="store_true", help="rewrite the files")
     args = parser.parse_args(argv)
-    stale = [p for t, p in TEMPLATE_FILES.items() if not p.exists() or p.read_text() != render(t)]
+    files = _renderings()
     if args.write:
-        for pool_type, path in TEMPLATE_FILES.items():
-            path.write_text(render(pool_type))
+        for path, text in files.items():
+            path.write_text(text)
         return 0
+    stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
     for path in stale:
         sys.stderr.write(f"{path} differs from its rendering: run with --write\n")
     return 1 if stale else 0

@@ -16,11 +16,14 @@ import uuid
 from typing import Any
 
 import pytest
+import yaml
+from prefect.cli.deploy._models import PrefectYamlModel
 from prefect.client.schemas.objects import FlowRun
 from prefect.server.schemas.actions import WorkPoolCreate
 from prefect_docker.worker import DockerWorkerJobConfiguration
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
+from deployments.work_pools.deploy_files import DEPLOY_FILES, POOL_NAMES, render_deploy_file
 from deployments.work_pools.templates import (
     API_KEY_SECRET,
     IMAGE,
@@ -166,3 +169,21 @@ def test_the_image_holds_what_the_flows_import() -> None:
     }
     installs = " ".join(line for line in lines if line.startswith("RUN pip install"))
     assert dev_pins and all(pin in installs for pin in dev_pins), dev_pins
+
+
+@pytest.mark.parametrize("pool_type", ["docker", "kubernetes"])
+def test_the_container_deploy_files_put_every_deployment_on_the_pool(pool_type: PoolType) -> None:
+    """What `prefect deploy --all --prefect-file ...` reads: prefect.yaml's deployments, each on
+    the container pool, entering the image's working directory before loading the flow."""
+    raw = yaml.safe_load(DEPLOY_FILES[pool_type].read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    process = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert [d.name for d in model.deployments] == [d["name"] for d in process["deployments"]]
+    for ours, theirs in zip(raw["deployments"], process["deployments"], strict=True):
+        assert ours["work_pool"] == {"name": POOL_NAMES[pool_type], "job_variables": {}}
+        assert {**ours, "work_pool": None} == {**theirs, "work_pool": None}
+    step = {"prefect.deployments.steps.set_working_directory": {"directory": WORKDIR}}
+    assert raw["pull"] == [step]
+    assert f"--base-job-template deployments/work_pools/{pool_type}.json" in render_deploy_file(
+        pool_type
+    )
