@@ -60,7 +60,15 @@ PANEL_SPECS: tuple[_PanelSpec, ...] = (
         tuple(
             f"{prefix}/{name}"
             for prefix in ("train", "eval")
-            for name in ("ce_loss", "dpo_loss", "orpo_loss", "loss", "mean_loss", "sft_loss")
+            for name in (
+                "ce_loss",
+                "dpo_loss",
+                "orpo_loss",
+                "loss",
+                "mean_loss",
+                "sft_loss",
+                "or_loss",
+            )
         ),
     ),
     _PanelSpec(
@@ -80,12 +88,18 @@ PANEL_SPECS: tuple[_PanelSpec, ...] = (
         "accuracy",
         ("train/accuracy", "rollout/accuracy", "eval/accuracy", "eval/exact_match", "eval/pass@*"),
     ),
-    _PanelSpec("margin", ("train/margin", "eval/margin", "train/log_odds_ratio")),
+    _PanelSpec(
+        "margin", ("train/margin", "eval/margin", "train/log_odds_ratio", "eval/log_odds_ratio")
+    ),
+    _PanelSpec(
+        "log-prob per token",
+        tuple(f"{p}/{side}_avg_lp" for p in ("train", "eval") for side in ("chosen", "rejected")),
+    ),
     _PanelSpec("learning rate", ("train/lr",), smooth=False),
 )
 # Evaluation counters and values another panel already shows (perplexity is exp(loss)).
 NOT_DRAWN: frozenset[str] = frozenset(
-    {"eval/tokens", "eval/ppl", "eval/sample_fails", "eval/batch_pairs", "eval/log_odds_ratio"}
+    {"eval/tokens", "eval/ppl", "eval/sample_fails", "eval/batch_pairs"}
 )
 
 

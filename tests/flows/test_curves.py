@@ -107,6 +107,57 @@ def test_an_rl_run_gets_reward_first_kl_and_its_other_evaluations() -> None:
     assert titles["KL"] == ("train/ref_kl", "train/inference_kld")
 
 
+DPO_KEYS = ("dpo_loss", "loss", "margin", "accuracy", "chosen_reward", "rejected_reward")
+ORPO_KEYS = ("orpo_loss", "loss", "sft_loss", "or_loss", "log_odds_ratio", "accuracy")
+ORPO_KEYS += ("chosen_avg_lp", "rejected_avg_lp")
+
+
+def train_then_eval(*names: str) -> tuple[str, ...]:
+    return (*(f"train/{name}" for name in names), *(f"eval/{name}" for name in names))
+
+
+@pytest.mark.parametrize(
+    ("headline", "names", "panels"),
+    [
+        (
+            "train/dpo_loss",
+            DPO_KEYS,
+            {
+                "loss": train_then_eval("dpo_loss"),
+                "reward": train_then_eval("chosen_reward", "rejected_reward"),
+                "accuracy": train_then_eval("accuracy"),
+                "margin": train_then_eval("margin"),
+                "learning rate": ("train/lr",),
+            },
+        ),
+        (
+            "train/orpo_loss",
+            ORPO_KEYS,
+            {
+                "loss": train_then_eval("orpo_loss", "sft_loss", "or_loss"),
+                "accuracy": train_then_eval("accuracy"),
+                "margin": train_then_eval("log_odds_ratio"),
+                "log-prob per token": train_then_eval("chosen_avg_lp", "rejected_avg_lp"),
+                "learning rate": ("train/lr",),
+            },
+        ),
+    ],
+)
+def test_preference_runs_get_their_losses_accuracies_and_margins(
+    headline: str, names: tuple[str, ...], panels: dict[str, tuple[str, ...]]
+) -> None:
+    """The keys of algorithms/preference_losses.py; evaluation reports the same under eval/."""
+    data = CurveData(headline)
+    for step in range(3):
+        # distinct values per key, as a real run's, so no curve is taken for another's twin
+        values = {name: step + i / 10 for i, name in enumerate(names) if name != "loss"}
+        values["loss"] = values[headline.removeprefix("train/")]
+        data.add_step(step, {f"train/{k}": v for k, v in values.items()} | {"train/lr": 0.1})
+    evaluation = {f"eval/{k}": v + 1 for k, v in values.items()} | {"eval/batch_pairs": 8.0}
+    data.set_evaluations([(3, evaluation)])
+    assert {p.title: p.keys for p in curve_panels(data)} == panels
+
+
 def test_a_headline_no_panel_names_gets_the_first_panel() -> None:
     data = CurveData("train/custom_objective")
     data.add_step(0, {"train/custom_objective": 1.0, "train/lr": 0.1, "other/thing": 2.0})
