@@ -305,6 +305,22 @@ def test_the_monitor_writes_one_artifact_key_in_versions(tmp_path: Path) -> None
     assert base64.b64encode(png).decode() in str(latest.data)
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_a_resumed_attempt_draws_the_steps_it_keeps(tmp_path: Path) -> None:
+    """The steps earlier attempts wrote are drawn again; the ones about to be replayed are not."""
+    run_dir = str(tmp_path)
+    log = MetricsLog(run_dir)
+    log.append(
+        [
+            StepRecord(step=s, epoch=0, data_cursor=s + 1, row_indices=[s], metrics=loss(s))
+            for s in range(4)
+        ]
+    )
+    monitor = RunMonitor("sft", "resumed", 4, MetricsLog(run_dir), "train/ce_loss")
+    flow(name="curves-resume")(monitor.start)(2)  # the last checkpoint said: next step 2
+    assert monitor._curves.data.train["train/ce_loss"] == [(0, 2.0), (1, 1.9)]
+
+
 def loss(step: int) -> dict[str, float]:
     return {"train/ce_loss": 2.0 - 0.1 * step, "train/loss": 2.0 - 0.1 * step, "train/lr": 0.1}
 
