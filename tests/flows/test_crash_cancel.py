@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +26,13 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import TerminationSignal
 from prefect.settings import PREFECT_API_URL
 
 from backend import LocalPlatform
+from flows.attempt_end import attempt_outcome, record_attempt_end
 from flows.config import PlatformConfig, SFTConfig
-from flows.ledger import AttemptEndRow, CheckpointRow, RunEndRow, read_ledger
+from flows.ledger import AttemptEndRow, CheckpointRow, Ledger, RunEndRow, RunHeader, read_ledger
 from flows.monitoring import Progress
 from flows.run_lock import LOCK_FILENAME
 from flows.sft import run_sft
@@ -171,3 +174,36 @@ def test_a_run_killed_mid_segment_resumes_when_started_again(
     assert [m["step"] for m in actual] == list(range(STEPS))
     assert [m["train/ce_loss"] for m in actual] == [m["train/ce_loss"] for m in expected]
     assert [m["row_indices"] for m in actual] == [m["row_indices"] for m in expected]
+
+
+def _ledger(run_dir: Path) -> Ledger:
+    header = RunHeader(
+        run_id="r",
+        recipe="sft",
+        config_hash="sha256:0",
+        base_model="fireloop/tiny",
+        tokenizer_model="fireloop/tiny",
+        lora_rank=8,
+        dataset_fingerprint="d",
+    )
+    return Ledger.open(run_dir, header)
+
+
+def test_the_attempt_end_row_names_the_signal_and_masks_secrets(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    assert attempt_outcome(TerminationSignal(signal.SIGTERM)) == "crashed"  # no cancel intent
+    assert attempt_outcome(KeyboardInterrupt()) == "interrupted"
+    record_attempt_end(ledger, SystemExit("exit with fw-secret-123456"), lambda t: t[:10] + "***")
+    (end,) = [row for row in read_ledger(tmp_path) if isinstance(row, AttemptEndRow)]
+    assert (end.outcome, end.teardown, end.next_step) == ("crashed", "deferred", 0)
+    assert end.reason == "SystemExit***"
+
+
+def test_a_failed_attempt_end_append_never_replaces_the_signal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = _ledger(tmp_path / "gone")
+    shutil.rmtree(tmp_path / "gone")  # the disk under the ledger went away
+    record_attempt_end(ledger, KeyboardInterrupt(), str)  # logs, does not raise
+    assert "could not record the end of this attempt" in caplog.text
+    assert not (tmp_path / "gone").exists()
