@@ -130,6 +130,7 @@ def _flow_run_state(flow_run_id: str) -> StateType | None:
     return state.type if state else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_run_killed_mid_segment_resumes_when_started_again(
     platform: LocalPlatform, reference: Path, tmp_path: Path, signum: signal.Signals

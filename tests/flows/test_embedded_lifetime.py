@@ -221,6 +221,7 @@ def _wait_for_deployment(server: subprocess.Popen[bytes]) -> str:
     raise AssertionError("the serve process never registered its deployment")
 
 
+@pytest.mark.slow
 def test_a_serve_process_runs_each_flow_run_in_its_own_process(tmp_path: Path) -> None:
     env = os.environ | {
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),

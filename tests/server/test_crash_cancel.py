@@ -35,6 +35,9 @@ from tests.server.runs import deploy, ledger_rows, trigger, wait_for_terminal
 from tests.server.support import PlatformProcess, PrefectServer, Subprocess, start_worker
 
 timings = logging.getLogger("tests.server.timings")
+# The test waits for the module's servers and four flow processes: on a loaded 2-core machine
+# that can pass the suite's 300 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 POOL = "fireloop-crash"
 RUN_TIMEOUT_S = 300.0

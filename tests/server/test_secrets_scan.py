@@ -27,6 +27,10 @@ from flows.sft import sft_flow
 from tests.server.runs import artifacts, deploy, logs, trigger, wait_for_terminal
 from tests.server.support import PlatformProcess, PrefectServer, Subprocess, start_worker
 
+# The test waits for the module's servers and three flow processes: on a loaded 2-core machine
+# that can pass the suite's 300 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 POOL = "fireloop-secrets"
 RUN_TIMEOUT_S = 300.0
 BLOCK = "fireloop-test-platform-key"
