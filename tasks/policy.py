@@ -42,7 +42,9 @@ def is_transient(exc: BaseException) -> bool:
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: True only when the failure is transient (`is_transient`)."""
     try:
-        state.result()
+        # `_sync=True`: in an async task's context `result()` would hand back an un-awaited
+        # coroutine, so an async task would never be retried and Python would warn.
+        state.result(_sync=True)
     except Exception as exc:  # the task's own exception, re-raised by `result()`
         return is_transient(exc)
     return False

@@ -7,6 +7,7 @@ that repeat idempotent calls retry, through the one `retry_transient` condition.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import pickle
 import pkgutil
@@ -92,6 +93,17 @@ def test_retry_transient_follows_the_retryable_flag(exc: BaseException, retry: b
 
 def test_retry_transient_never_retries_a_success() -> None:
     assert retry_transient(None, None, Completed(data=1)) is False
+
+
+def test_retry_transient_classifies_inside_an_async_task() -> None:
+    """Prefect calls the condition from an async task's event loop too; there `result()`
+    would return a coroutine unless told to run synchronously (then nothing was retried)."""
+
+    async def condition(exc: BaseException) -> bool:
+        return retry_transient(None, None, _failed(exc))
+
+    assert asyncio.run(condition(APIConnectionError("reset"))) is True
+    assert asyncio.run(condition(ValueError("bad input"))) is False
 
 
 def _sdk_lost() -> SdkTrainerLostError:
