@@ -26,7 +26,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server.support import LoopbackPostgres, PrefectServer
+from tests.server.support import (
+    LoopbackPostgres,
+    PlatformProcess,
+    PrefectServer,
+    Subprocess,
+    running_platform,
+    running_worker,
+)
 
 timings = logging.getLogger("tests.server.timings")
 # The scheduler looks for new or changed deployments every 5 s by default; a cron deployment
@@ -68,3 +75,27 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefec
             server.stop()
     finally:
         postgres.stop()
+
+
+@pytest.fixture(scope="module")
+def platform(
+    tmp_path_factory: pytest.TempPathFactory, platform_key: str
+) -> Iterator[PlatformProcess]:
+    """A standalone `fireloop backend` without faults, for the module's runs."""
+    with running_platform(tmp_path_factory.mktemp("platform") / "data", platform_key) as platform:
+        yield platform
+
+
+@pytest.fixture(scope="module")
+def worker(
+    request: pytest.FixtureRequest,
+    sqlite_server: PrefectServer,
+    platform_key: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Subprocess]:
+    """A process worker on the SQLite server, polling the module's `POOL`, with the platform
+    key in its environment (a module on another server defines its own `worker`)."""
+    env = {"FIREWORKS_API_KEY": platform_key}
+    log_dir = tmp_path_factory.mktemp("worker")
+    with running_worker(sqlite_server, request.module.POOL, log_dir, env) as worker:
+        yield worker

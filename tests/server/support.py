@@ -408,6 +408,18 @@ def start_worker(
     return worker
 
 
+@contextmanager
+def running_worker(
+    server: PrefectServer, pool: str, log_dir: Path, extra_env: Mapping[str, str] | None = None
+) -> Iterator[Subprocess]:
+    """`start_worker` for the block; the worker and its flow processes are stopped after it."""
+    worker = start_worker(server, pool, log_dir, extra_env)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
 def wait_for_worker(server: PrefectServer, pool: str, worker: Subprocess, timeout_s: float) -> None:
     """Until the pool lists a worker (it has sent its first heartbeat)."""
     deadline = time.monotonic() + timeout_s
@@ -465,3 +477,15 @@ class PlatformProcess:
 
     def stop(self) -> None:
         self.child.stop()
+
+
+@contextmanager
+def running_platform(
+    data_dir: Path, api_key: str, preempt_at_steps: Sequence[int] = ()
+) -> Iterator[PlatformProcess]:
+    """`PlatformProcess.start` for the block, stopped after it."""
+    platform = PlatformProcess.start(data_dir, api_key, preempt_at_steps)
+    try:
+        yield platform
+    finally:
+        platform.stop()

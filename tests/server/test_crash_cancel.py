@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -32,7 +31,11 @@ from prefect.states import Cancelling
 from flows.sft import sft_flow
 from tests.flows.support import jsonl
 from tests.server.runs import deploy, ledger_rows, trigger, wait_for_terminal
-from tests.server.support import PlatformProcess, PrefectServer, Subprocess, start_worker
+from tests.server.support import (
+    PlatformProcess,
+    PrefectServer,
+    Subprocess,
+)
 
 timings = logging.getLogger("tests.server.timings")
 # The test waits for the module's servers and four flow processes: on a loaded 2-core machine
@@ -53,30 +56,6 @@ RUN: dict[str, Any] = {
     "retry_delay_s": 0,
     "teardown": "delete",  # applied once the run completes, never on a crash or cancel
 }
-
-
-@pytest.fixture(scope="module")
-def platform(
-    tmp_path_factory: pytest.TempPathFactory, platform_key: str
-) -> Iterator[PlatformProcess]:
-    platform = PlatformProcess.start(tmp_path_factory.mktemp("platform") / "data", platform_key)
-    try:
-        yield platform
-    finally:
-        platform.stop()
-
-
-@pytest.fixture(scope="module")
-def worker(
-    sqlite_server: PrefectServer, platform_key: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Subprocess]:
-    worker = start_worker(
-        sqlite_server, POOL, tmp_path_factory.mktemp("worker"), {"FIREWORKS_API_KEY": platform_key}
-    )
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 def _flow_process(worker: Subprocess, flow_run_id: UUID) -> int:

@@ -17,7 +17,6 @@ server migrates SQLite (~20 s) and each flow process imports torch and Prefect (
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,11 @@ import pytest
 
 from flows.sft import sft_flow
 from tests.server.runs import artifacts, deploy, logs, trigger, wait_for_terminal
-from tests.server.support import PlatformProcess, PrefectServer, Subprocess, start_worker
+from tests.server.support import (
+    PlatformProcess,
+    PrefectServer,
+    Subprocess,
+)
 
 # The test waits for the module's servers and three flow processes: on a loaded 2-core machine
 # that can pass the suite's 300 s per test.
@@ -43,30 +46,6 @@ RUN: dict[str, Any] = {
     "flow_retries": 0,
     "wandb": {"project": "leak-test", "mode": "offline"},
 }
-
-
-@pytest.fixture(scope="module")
-def platform(
-    tmp_path_factory: pytest.TempPathFactory, platform_key: str
-) -> Iterator[PlatformProcess]:
-    platform = PlatformProcess.start(tmp_path_factory.mktemp("platform") / "data", platform_key)
-    try:
-        yield platform
-    finally:
-        platform.stop()
-
-
-@pytest.fixture(scope="module")
-def worker(
-    sqlite_server: PrefectServer, platform_key: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Subprocess]:
-    worker = start_worker(
-        sqlite_server, POOL, tmp_path_factory.mktemp("worker"), {"FIREWORKS_API_KEY": platform_key}
-    )
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 def _leaks(root: Path, key: str) -> list[str]:

@@ -43,7 +43,8 @@ from tests.server.support import (
     PlatformProcess,
     PrefectServer,
     Subprocess,
-    start_worker,
+    running_platform,
+    running_worker,
 )
 
 timings = logging.getLogger("tests.server.timings")
@@ -60,29 +61,23 @@ RUN_TIMEOUT_S = 300.0
 def platform(
     tmp_path_factory: pytest.TempPathFactory, platform_key: str
 ) -> Iterator[PlatformProcess]:
-    platform = PlatformProcess.start(
+    with running_platform(
         tmp_path_factory.mktemp("platform") / "data", platform_key, [PREEMPT_AT_STEP]
-    )
-    try:
+    ) as platform:
         yield platform
-    finally:
-        platform.stop()
 
 
 @pytest.fixture(scope="module")
 def worker(
     postgres_server: PrefectServer, platform_key: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Subprocess]:
-    worker = start_worker(
+    with running_worker(
         postgres_server,
         POOL,
         tmp_path_factory.mktemp("worker"),
         {"FIREWORKS_API_KEY": platform_key},
-    )
-    try:
+    ) as worker:
         yield worker
-    finally:
-        worker.stop()
 
 
 @dataclass(frozen=True)

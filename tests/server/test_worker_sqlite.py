@@ -36,7 +36,7 @@ from tests.server.support import (
     PlatformProcess,
     PrefectServer,
     Subprocess,
-    start_worker,
+    running_platform,
 )
 
 timings = logging.getLogger("tests.server.timings")
@@ -64,30 +64,14 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def worker(
-    sqlite_server: PrefectServer, platform_key: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Subprocess]:
-    worker = start_worker(
-        sqlite_server, POOL, tmp_path_factory.mktemp("worker"), {"FIREWORKS_API_KEY": platform_key}
-    )
-    try:
-        yield worker
-    finally:
-        worker.stop()
-
-
-@pytest.fixture(scope="module")
 def drilled_platform(
     tmp_path_factory: pytest.TempPathFactory, platform_key: str
 ) -> Iterator[PlatformProcess]:
     """A standalone platform that preempts the first job reaching its third optimizer step."""
-    platform = PlatformProcess.start(
+    with running_platform(
         tmp_path_factory.mktemp("platform") / "data", platform_key, [3]
-    )
-    try:
+    ) as platform:
         yield platform
-    finally:
-        platform.stop()
 
 
 @dataclass(frozen=True)
