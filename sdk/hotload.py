@@ -3,8 +3,10 @@
 `Hotloader` is the logic behind `DeploymentManager.hotload*`: the load request with the
 `reset_prompt_cache` drop-and-remember rule, the status read, the wire-compatible `wait`
 (replica 0 only, like the published SDK) and fireloop's stricter `verify` that every replica
-serves the snapshot. Sampling before `verify` succeeds would evaluate stale weights. The wire
-facts: docs/platform-contract.md, 'Hotload'.
+serves the snapshot. Sampling before `verify` succeeds would evaluate stale weights. Both
+waits look again after 50 ms and back off to their poll interval, which caps the pauses: a load
+takes well under a second locally, and one pause of the whole default (5 s) would be most of a
+sync. The wire facts: docs/platform-contract.md, 'Hotload'.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from sdk._http import HttpClient, response_json
-from sdk._polling import Clock, Deadline, Done, Pending, Sleep, check_interval, poll_until
+from sdk._polling import (
+    Clock,
+    Deadline,
+    Done,
+    Pending,
+    Sleep,
+    backoff_intervals,
+    check_interval,
+    poll_until,
+)
 from sdk.errors import (
     APIConnectionError,
     APIStatusError,
@@ -176,10 +187,12 @@ class Hotloader:
         """The published SDK's wait: True once replica 0 is ready and serves
         `expected_identity`; False on an `error` stage for that identity or at the deadline,
         with the reason in `last_error_message`. Transient read failures are logged and outlived.
+        The pauses between reads back off from 50 ms to `poll_interval`.
         """
         check_interval("timeout_seconds", timeout_seconds, allow_zero=True)
         check_interval("poll_interval", poll_interval)
         deadline = Deadline(timeout_seconds, self.clock)
+        pauses = backoff_intervals(poll_interval)
         status: HotloadStatus | None = None
         while True:
             try:
@@ -204,7 +217,7 @@ class Hotloader:
                     return False
             if deadline.expired:
                 break
-            self.sleep(min(poll_interval, deadline.remaining))
+            self.sleep(min(next(pauses), deadline.remaining))
         self.last_error_message = (
             f"hotload of {expected_identity!r} onto {deployment_id} not confirmed after "
             f"{deadline.elapsed:.1f}s: {_describe(status)}"
@@ -221,7 +234,8 @@ class Hotloader:
         timeout_s: float,
         poll_interval_s: float,
     ) -> HotloadStatus:
-        """Wait until *every* replica, not only replica 0, is ready and serves `expected_identity`.
+        """Wait until *every* replica, not only replica 0, is ready and serves `expected_identity`
+        (pauses backing off from 50 ms to `poll_interval_s`).
 
         A replica whose load of this identity failed → `HotloadError` at once; one still
         serving something else at the deadline → `StaleDeploymentError` naming both identities.
@@ -259,6 +273,7 @@ class Hotloader:
                 poll_interval_s=poll_interval_s,
                 sleep=self.sleep,
                 clock=self.clock,
+                backoff=True,
             )
         except WaitTimeoutError:
             index, served = lagging
@@ -281,7 +296,8 @@ class Hotloader:
         self, deployment_id: str, base_model: str, *, timeout_s: float, poll_interval_s: float
     ) -> HotloadStatus:
         """Wait until the status lists at least one replica: a hotload sent before that can
-        crash a serving container. `WaitTimeoutError` at the deadline."""
+        crash a serving container. Pauses back off to `poll_interval_s`; `WaitTimeoutError` at
+        the deadline."""
 
         def check() -> Done[HotloadStatus] | Pending:
             try:
@@ -297,6 +313,7 @@ class Hotloader:
             poll_interval_s=poll_interval_s,
             sleep=self.sleep,
             clock=self.clock,
+            backoff=True,
         )
 
 

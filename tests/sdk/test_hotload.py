@@ -147,8 +147,32 @@ def test_wait_succeeds_once_replica_zero_is_ready_with_the_identity(
     serving.load_ticks = 3
     assert manager.hotload_and_wait(DEP, BASE_MODEL, "s1", poll_interval=5)
     assert len(serving.status_gets) == 3  # downloading, loading, then served
-    assert clock.sleeps == [5, 5]
+    # The pauses start at 50 ms: a load that takes a fraction of a second costs no more.
+    assert clock.sleeps == [0.05, 0.1]
     assert manager.last_hotload_error_message is None
+
+
+def test_wait_with_the_default_interval_backs_off_to_it_and_keeps_the_deadline(
+    manager: DeploymentManager, serving: FakeServing, clock: FakeClock
+) -> None:
+    serving.serve("s0")
+    serving.replicas[0].stuck = True
+    manager.hotload(DEP, BASE_MODEL, "s1")
+    assert not manager.wait_for_hotload(DEP, BASE_MODEL, "s1", timeout_seconds=12)
+    doubling = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
+    # Doubling up to the published default (5 s), which caps the pauses; the last one is cut
+    # short by the deadline, where the final look happens.
+    assert clock.sleeps == pytest.approx([*doubling, 5, 12 - sum(doubling) - 5])
+    assert len(serving.status_gets) == len(clock.sleeps) + 1
+    assert sum(clock.sleeps) == pytest.approx(12)
+
+
+def test_a_poll_interval_below_the_first_pause_is_used_from_the_start(
+    manager: DeploymentManager, serving: FakeServing, clock: FakeClock
+) -> None:
+    serving.load_ticks = 4
+    assert manager.hotload_and_wait(DEP, BASE_MODEL, "s1", poll_interval=0.02)
+    assert clock.sleeps == [0.02, 0.02, 0.02]
 
 
 def test_a_status_without_a_replicas_list_is_a_schema_error(
@@ -246,6 +270,20 @@ def test_verification_waits_for_a_lagging_replica(
     status = manager.verify_hotload(DEP, BASE_MODEL, "s1", timeout_s=30, poll_interval_s=1)
     assert status.replicas is not None
     assert [r.current_snapshot_identity for r in status.replicas] == ["s1", "s1"]
+    assert clock.sleeps == [0.05, 0.05, 0.1]  # each wait backs off from 50 ms again
+
+
+def test_verification_pauses_are_capped_by_its_interval_and_deadline(
+    manager: DeploymentManager, serving: FakeServing, clock: FakeClock
+) -> None:
+    serving.add_replica()
+    serving.serve("s0")
+    serving.replicas[1].stuck = True
+    assert manager.hotload_and_wait(DEP, BASE_MODEL, "s1")
+    clock.sleeps.clear()
+    with pytest.raises(StaleDeploymentError):
+        manager.verify_hotload(DEP, BASE_MODEL, "s1", timeout_s=3, poll_interval_s=1)
+    assert clock.sleeps == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1, 3 - 2.55])
 
 
 def test_a_replica_that_never_catches_up_is_a_stale_deployment(
@@ -279,7 +317,7 @@ def test_wait_for_hotload_ready_waits_for_replicas(
 ) -> None:
     serving.hidden_polls = 3
     manager.wait_for_hotload_ready(DEP, BASE_MODEL, timeout_s=60, poll_interval_s=2)
-    assert clock.sleeps == [2, 2, 2]
+    assert clock.sleeps == [0.05, 0.1, 0.2]
     serving.hidden_polls = 100
     with pytest.raises(WaitTimeoutError, match="list replicas"):
         manager.wait_for_hotload_ready(DEP, BASE_MODEL, timeout_s=4, poll_interval_s=2)

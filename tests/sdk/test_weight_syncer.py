@@ -384,3 +384,18 @@ def test_configuration_errors(manager: DeploymentManager, serving: FakeServing) 
         make_syncer(manager, FakePolicyClient(serving, lora_rank=8), lora_rank=16)
     with pytest.raises(ConfigError, match="checkpoint_type"):
         make_syncer(manager, FakePolicyClient(serving), first_checkpoint_type="full")
+
+
+def test_a_sync_with_the_default_settings_pauses_briefly_while_the_load_runs(
+    manager: DeploymentManager, policy: FakePolicyClient, serving: FakeServing, clock: FakeClock
+) -> None:
+    # As a user builds it: the published 5 s hotload poll interval, the 1 s verify interval.
+    syncer = WeightSyncer(policy, manager, DEP, base_model=BASE_MODEL)
+    serving.add_replica(lag=4)
+    started = clock()
+    result = syncer.sync("a")
+    assert result.identity == "a-c0ffee00"
+    # Replica 0 serves after one pause, the lagging replica a few reads later: a few short
+    # pauses, not one of the whole 5 s interval.
+    assert clock.sleeps == [0.05, 0.05, 0.1, 0.2]
+    assert clock() - started == pytest.approx(0.4)
