@@ -2,17 +2,22 @@
 
 Per model and mode, a trainer job (`TrainerJobManager.create_and_wait`) and a deployment linked
 to it (`hotLoadTrainerJob`) run on an in-process `LocalPlatform`. Each round trains one step
-before every sync and calls `WeightSyncer.save_and_hotload`: full-parameter rounds send a `base`
-and then `--deltas` XOR deltas, LoRA rounds only adapters (always `base`); the next round starts
-a new chain. The table gives median and max of the syncer's `last_timing` per kind: save,
-hotload request → every replica verified, and save → verified in all (with the syncer's
-deployment check at the start of a chain; no warmup). The parity column is the largest gap
-between the deployment's echoed logprobs and the trainer's `forward` after the last sync: a
-fast hotload must still serve the trainer's weights. Measures only; asserts nothing.
+before every sync and calls `WeightSyncer.sync`: full-parameter rounds send a `base` and then
+`--deltas` XOR deltas, LoRA rounds only adapters (always `base`); the next round starts a new
+chain. The table gives median and max of the syncer's `SyncTiming` per kind: save, load (the
+request until replica 0 serves it), verify (until every replica does), warmup, and save →
+verified in all (with the syncer's deployment check at the start of a chain). `full` and `lora`
+use short poll intervals and no warmup; `defaults` is a full-parameter chain through a
+`WeightSyncer` built with its default settings, as a user calls it (5 s poll cap, warmup on).
+The parity column is the largest gap between the deployment's echoed logprobs and the
+trainer's `forward` after the last sync: a fast hotload must still serve the trainer's
+weights. `--profile DIR` writes a py-spy profile (all threads: trainer, hotload loader, HTTP
+server; speedscope JSON, open it at speedscope.app) of each model and mode, or a cProfile of the
+calling thread where py-spy is not installed. Measures only; asserts nothing.
 
-    .venv/bin/python bench/hotload_latency.py                       # tiny, full + LoRA
+    .venv/bin/python bench/hotload_latency.py                       # tiny: full, LoRA, defaults
     .venv/bin/python bench/hotload_latency.py --models tiny,smollm2-135m --modes full
-    .venv/bin/python bench/hotload_latency.py --models smollm2-135m --models-dir /tmp/models
+    .venv/bin/python bench/hotload_latency.py --models smollm2-135m --profile /tmp/hotload-prof
 
 Base models come from the shared model cache (`--models-dir`, else `$FIRELOOP_MODEL_CACHE`, else
 `~/.cache/fireloop/models`; the SmolLM2 conversion takes ~20 s, once), and each run's platform
@@ -23,11 +28,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import cProfile
 import json
 import os
+import pstats
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +73,13 @@ PARITY_TOKENS = 16  # the prompt echoed for the parity check
 
 @dataclass(frozen=True)
 class Sync:
-    """One `save_and_hotload`: its checkpoint kind and the syncer's timing, in seconds."""
+    """One `WeightSyncer.sync`: its checkpoint kind and the syncer's timing, in seconds."""
 
     kind: str
     save_s: float
-    hotload_s: float
+    load_s: float
+    verify_s: float
+    warmup_s: float
     total_s: float
 
 
@@ -81,7 +96,9 @@ class Run:
 class HotloadLoop:
     """A trainer job, a deployment attached to it, and the syncer between them."""
 
-    def __init__(self, platform: LocalPlatform, model: str, lora_rank: int, poll_s: float) -> None:
+    def __init__(
+        self, platform: LocalPlatform, model: str, lora_rank: int, poll_s: float, *, defaults: bool
+    ) -> None:
         self._trainers = TrainerJobManager(api_key=platform.api_key, base_url=platform.base_url)
         self._deployments = DeploymentManager(api_key=platform.api_key, base_url=platform.base_url)
         base_model = f"fireloop/{model}"
@@ -97,16 +114,21 @@ class HotloadLoop:
         self.client = self._service.create_training_client(base_model, lora_rank=lora_rank, seed=0)
         self.deployment_id = f"hotload-{self._endpoint.job_id.rsplit('-', 1)[-1]}"
         self._deploy(base_model, self._endpoint, poll_s)
-        self.syncer = WeightSyncer(
-            self.client,
-            self._deployments,
-            self.deployment_id,
-            base_model=base_model,
-            trainer_job_name=self._endpoint.job_name,
-            warmup_after_hotload=False,  # the goal is save → verified; warmup is a separate call
-            hotload_poll_interval_s=poll_s,
-            verify_poll_interval_s=poll_s,
-        )
+        if defaults:  # as a user builds it: every wait and the warmup at their defaults
+            self.syncer = WeightSyncer(
+                self.client, self._deployments, self.deployment_id, base_model=base_model
+            )
+        else:
+            self.syncer = WeightSyncer(
+                self.client,
+                self._deployments,
+                self.deployment_id,
+                base_model=base_model,
+                trainer_job_name=self._endpoint.job_name,
+                warmup_after_hotload=False,  # the goal is save → verified; warmup is its own call
+                hotload_poll_interval_s=poll_s,
+                verify_poll_interval_s=poll_s,
+            )
         self.sampler: DeploymentSampler = self._deployments.create_sampler(self.deployment_id)
 
     def _deploy(self, base_model: str, endpoint: TrainerServiceEndpoint, poll_s: float) -> None:
@@ -124,13 +146,14 @@ class HotloadLoop:
         self.client.optim_step(ADAM).result(timeout=600)
 
     def sync(self, name: str, checkpoint_type: str) -> Sync:
-        self.syncer.save_and_hotload(name, checkpoint_type=checkpoint_type)
-        timing = self.syncer.last_timing
+        timing = self.syncer.sync(name, checkpoint_type=checkpoint_type).timing
         return Sync(
             kind="adapter" if self.syncer.lora_rank else checkpoint_type,
-            save_s=timing["save_time_s"],
-            hotload_s=timing["hotload_time_s"],
-            total_s=timing["total_time_s"],
+            save_s=timing.save_s,
+            load_s=timing.hotload_s,
+            verify_s=timing.verify_s,
+            warmup_s=timing.warmup_s,
+            total_s=timing.total_s,
         )
 
     def close(self) -> None:
@@ -181,7 +204,8 @@ def parity_gap(loop: HotloadLoop, prompt: list[int]) -> float:
 def measure(
     platform: LocalPlatform, model: str, mode: str, rounds: int, deltas: int, poll_s: float
 ) -> Run:
-    loop = HotloadLoop(platform, model, LORA_RANK if mode == "lora" else 0, poll_s)
+    lora_rank = LORA_RANK if mode == "lora" else 0
+    loop = HotloadLoop(platform, model, lora_rank, poll_s, defaults=mode == "defaults")
     config = json.loads((ensure_model_dir(model, platform.models_dir) / "config.json").read_text())
     datums = make_datums(vocab_size=int(config["vocab_size"]))
     syncs: list[Sync] = []
@@ -190,12 +214,13 @@ def measure(
             loop.syncer.reset_delta_chain()  # every round starts with a full load
             for sync_index in range(deltas + 1):
                 loop.train_step(datums)
-                kind = "delta" if sync_index and mode == "full" else "base"
+                kind = "delta" if sync_index and mode != "lora" else "base"
                 syncs.append(loop.sync(f"r{round_index}-s{sync_index}", kind))
                 done = syncs[-1]
                 print(
                     f"  {model} {mode} {done.kind}: save {done.save_s:.2f} s, "
-                    f"hotload {done.hotload_s:.2f} s, total {done.total_s:.2f} s",
+                    f"load {done.load_s:.2f} s, verify {done.verify_s:.2f} s, "
+                    f"warmup {done.warmup_s:.2f} s, total {done.total_s:.2f} s",
                     flush=True,
                 )
         prompt = list(datums[0].model_input.to_ints()[:PARITY_TOKENS])
@@ -207,9 +232,20 @@ def measure(
 
 def print_table(runs: list[Run]) -> None:
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    header = ["model", "mode", "kind", "n", "save s", "hotload→verified s", "total s", "parity"]
+    header = [
+        "model",
+        "mode",
+        "kind",
+        "n",
+        "save s",
+        "load s",
+        "verify s",
+        "warmup s",
+        "save → verified s",
+        "parity",
+    ]
     print("| " + " | ".join(header) + " |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         for kind in ("base", "delta", "adapter"):
             syncs = [s for s in run.syncs if s.kind == kind]
@@ -217,30 +253,87 @@ def print_table(runs: list[Run]) -> None:
                 continue
             cells = [
                 _median_max([s.save_s for s in syncs]),
-                _median_max([s.hotload_s for s in syncs]),
-                _median_max([s.total_s for s in syncs]),
+                _median_max([s.load_s for s in syncs]),
+                _median_max([s.verify_s for s in syncs]),
+                _median_max([s.warmup_s for s in syncs]),
+                _median_max([s.total_s - s.warmup_s for s in syncs]),
             ]
             print(
                 f"| {run.model} | {run.mode} | {kind} | {len(syncs)} | "
                 + " | ".join(cells)
                 + f" | {run.parity_gap:.1e} |"
             )
-    print("\ncells: median / max; parity: max |served - trainer| logprob after the last sync")
+    print(
+        "\ncells: median / max; save → verified excludes the warmup; "
+        "parity: max |served - trainer| logprob after the last sync"
+    )
 
 
 def _median_max(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} / {max(values):.2f}"
 
 
+@contextlib.contextmanager
+def profiled(directory: Path | None, name: str) -> Iterator[None]:
+    """Profile the block into `directory`: py-spy (every thread of this process, native frames
+    off) when it is installed, else cProfile of this thread (the trainer and the loader run on
+    others, so that one shows the client side only)."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    py_spy = shutil.which("py-spy") or _venv_tool("py-spy")
+    if py_spy is None:
+        with _cprofiled(directory / f"{name}.prof"):
+            yield
+        return
+    out = directory / f"{name}.speedscope.json"
+    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads"]
+    command += ["--format", "speedscope", "--output", str(out)]
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # let it attach before the timed work starts
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+        _, stderr = recorder.communicate(timeout=120)
+        if not out.exists():
+            print(f"py-spy wrote no profile: {stderr.decode(errors='replace')[-500:]}")
+        else:
+            print(f"profile: {out}")
+
+
+@contextlib.contextmanager
+def _cprofiled(path: Path) -> Iterator[None]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
+        with path.with_suffix(".txt").open("w") as summary:
+            pstats.Stats(profiler, stream=summary).sort_stats("cumulative").print_stats(40)
+        print(f"profile: {path} (+ .txt summary)")
+
+
+def _venv_tool(name: str) -> str | None:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny", help="comma-separated: tiny,smollm2-135m")
-    parser.add_argument("--modes", default="full,lora", help="comma-separated: full,lora")
+    parser.add_argument(
+        "--modes", default="full,lora,defaults", help="comma-separated: full,lora,defaults"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="chains per model and mode")
     parser.add_argument("--deltas", type=int, default=3, help="delta syncs after each base")
     parser.add_argument("--poll-s", type=float, default=0.02, help="hotload status poll interval")
     parser.add_argument("--models-dir", type=Path, default=None, help="model cache")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--profile", type=Path, default=None, help="write profiles into DIR")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models_dir = resolve_models_dir(args.models_dir)
@@ -259,9 +352,10 @@ def main() -> None:
             for model in args.models.split(","):
                 for mode in args.modes.split(","):
                     started = time.perf_counter()
-                    runs.append(
-                        measure(platform, model, mode, args.rounds, args.deltas, args.poll_s)
-                    )
+                    with profiled(args.profile, f"hotload-{model}-{mode}"):
+                        runs.append(
+                            measure(platform, model, mode, args.rounds, args.deltas, args.poll_s)
+                        )
                     print(f"done {model} {mode} in {time.perf_counter() - started:.0f} s")
     print_table(runs)
 
