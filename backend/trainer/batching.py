@@ -1,3 +1,4 @@
+# ruff: noqa: N815  (shape-suffixed tensor names: tokens_BT, the house style)
 """Micro-batches for forward passes: group datums by length, right-pad, gather target logprobs.
 
 Datums are sorted by length (longest first) and packed greedily under a padded-token budget,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -34,10 +36,19 @@ def pack(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
     return groups
 
 
-def target_logprobs(
-    model: torch.nn.Module, datums: Sequence[Datum], device: torch.device
-) -> list[torch.Tensor]:
-    """fp32 log p(target_t | tokens_≤t) per datum, each (N,), differentiable if grad is on."""
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Datums right-padded to the longest: token ids, targets, and the attention mask to pass
+    (None when nothing is padded, so the model takes its plain causal path)."""
+
+    tokens_BT: torch.Tensor
+    targets_BT: torch.Tensor
+    attention_mask: torch.Tensor | None
+    lengths: list[int]
+
+
+def pad(datums: Sequence[Datum], device: torch.device) -> PaddedBatch:
+    """`datums` as one right-padded batch on `device`."""
     lengths = [d.num_tokens for d in datums]
     T = max(lengths)
     tokens_BT = torch.zeros(len(datums), T, dtype=torch.int64)
@@ -48,18 +59,19 @@ def target_logprobs(
         tokens_BT[b, :n] = torch.tensor(datum.tokens, dtype=torch.int64)
         targets_BT[b, :n] = datum.loss_fn_inputs["target_tokens"]
         mask_BT[b, :n] = 1
-    # Without padding, let the model take its plain causal path.
     attention_mask = None if min(lengths) == T else mask_BT.to(device)
-    with _autocast(device):
-        logits_BTV = model(input_ids=tokens_BT.to(device), attention_mask=attention_mask).logits
+    return PaddedBatch(tokens_BT.to(device), targets_BT.to(device), attention_mask, lengths)
+
+
+def target_logprobs(
+    model: torch.nn.Module,
+    batch: PaddedBatch,
+    autocast: AbstractContextManager[object] | None = None,
+) -> torch.Tensor:
+    """fp32 log p(target_t | tokens_≤t), (B, T) (padding positions hold junk), differentiable
+    if grad is on; one full log-softmax over BxTxV. `autocast` wraps the model's forward."""
+    with autocast or nullcontext():
+        logits_BTV = model(input_ids=batch.tokens_BT, attention_mask=batch.attention_mask).logits
     # Always fp32: bf16 logprobs are too coarse for importance ratios.
     logprobs_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
-    target_lp_BT = logprobs_BTV.gather(-1, targets_BT.to(device).unsqueeze(-1)).squeeze(-1)
-    return [target_lp_BT[b, :n] for b, n in enumerate(lengths)]
-
-
-def _autocast(device: torch.device) -> AbstractContextManager[object]:
-    # fp32 master weights; bf16 matmuls on GPU, plain fp32 on CPU (bf16 is slow there).
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return logprobs_BTV.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)

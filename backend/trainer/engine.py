@@ -20,11 +20,23 @@ from typing import Any, cast
 import torch
 
 from backend.trainer import export, modeling, state
-from backend.trainer.batching import pack, target_logprobs
+from backend.trainer.batching import pack, pad, target_logprobs
 from backend.trainer.datum import Datum, validate_datums
+from backend.trainer.engine_paths import (
+    EnginePlan,
+    batched_losses,
+    chunked_target_logprobs,
+    resolve_engine,
+)
 from backend.trainer.errors import ServerError, UserError
 from backend.trainer.losses import LossFn, LossOutput, get_loss
-from backend.trainer.settings import AdamSettings, CheckpointType, GradNormalization, LoraSettings
+from backend.trainer.settings import (
+    AdamSettings,
+    CheckpointType,
+    EngineSettings,
+    GradNormalization,
+    LoraSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +69,7 @@ class TrainableModel:
         device: str | torch.device = "cpu",
         context_length: int | None = None,
         max_batch_tokens: int | None = None,
+        engine: EngineSettings | None = None,
     ) -> None:
         """Load `model_dir` (an HF causal LM) as fp32 weights on `device`.
 
@@ -64,6 +77,7 @@ class TrainableModel:
         `lora=None` trains every parameter, `base_only` freezes them (forward only).
         `context_length` defaults to the config's `max_position_embeddings`;
         `max_batch_tokens` (padded tokens per micro-batch) to a budget set by the vocabulary.
+        `engine` picks the compute path (default: `auto`, the reference fp32 path on CPU).
         """
         if base_only and lora is not None:
             raise UserError("lora_config must be absent for a base_only model")
@@ -74,12 +88,17 @@ class TrainableModel:
         self._device = torch.device(device)
         hf_model = modeling.load_hf_model(model_dir, self._device)
         self._hf_model = hf_model
+        self._plan = resolve_engine(
+            engine or EngineSettings(), self._device, str(hf_model.config.model_type)
+        )
         self.vocab_size = int(hf_model.config.vocab_size)
         self.context_length = context_length or int(hf_model.config.max_position_embeddings)
         self._max_batch_tokens = max_batch_tokens or min(
             _MAX_BATCH_TOKENS, max(self.context_length, _MAX_BATCH_LOGITS // self.vocab_size)
         )
         self._model = modeling.attach_lora(hf_model, lora) if lora else hf_model
+        if self._plan.compile:
+            modeling.compile_decoder(hf_model)
         if base_only:
             self._model.requires_grad_(False)
         # No dropout anywhere: both custom-loss phases must see identical logprobs.
@@ -92,18 +111,24 @@ class TrainableModel:
         self._sequences = 0
         self._last_export: tuple[Path, export.Tensors] | None = None
         logger.info(
-            "loaded %s from %s on %s: %s, %d trainable parameters",
+            "loaded %s from %s on %s: %s, %d trainable parameters; engine: %s",
             base_model,
             model_dir,
             self._device,
             "base only" if base_only else f"LoRA rank {lora.rank}" if lora else "full-parameter",
             self.num_trainable_params,
+            self._plan.describe(),
         )
 
     @property
     def step(self) -> int:
         """Optimizer steps applied to these weights (restored by `load_state`)."""
         return self._step
+
+    @property
+    def engine_plan(self) -> EnginePlan:
+        """The compute path this model runs (its settings resolved for its device)."""
+        return self._plan
 
     @property
     def is_lora(self) -> bool:
@@ -133,6 +158,14 @@ class TrainableModel:
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """CPU copies of the trainable parameters by name (LoRA: the adapter only)."""
         return {name: p.detach().to("cpu", copy=True) for name, p in self._trainable}
+
+    def accumulated_gradients(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the gradients accumulated since the last step, by parameter name."""
+        return {
+            name: p.grad.detach().to("cpu", copy=True)
+            for name, p in self._trainable
+            if p.grad is not None
+        }
 
     def forward(
         self, datums: Sequence[Datum], loss_fn: str, loss_fn_config: Mapping[str, Any] | None
@@ -241,12 +274,14 @@ class TrainableModel:
             for name, p in self._trainable:
                 p.copy_(saved.weights[name])
         self._optimizer = optimizer = self._require_optimizer("load_state", fresh=True)
+        fused = self._plan.optimizer == "fused"
         if saved.optimizer is not None:
             for name, p in self._trainable:
                 if name in saved.optimizer:
-                    # `step` stays a CPU scalar as AdamW keeps it; moments follow the param.
+                    # Moments follow the param; `step` stays a CPU scalar as the single-tensor
+                    # and foreach kernels keep it, the fused kernel wants it on the device.
                     optimizer.state[p] = {
-                        key: value if key == "step" else value.to(p.device)
+                        key: value if key == "step" and not fused else value.to(p.device)
                         for key, value in saved.optimizer[name].items()
                     }
         self._step = saved.meta.step
@@ -352,12 +387,31 @@ class TrainableModel:
         self, datums: Sequence[Datum], loss: LossFn[Any], config: Any
     ) -> list[tuple[torch.Tensor, LossOutput]]:
         """Per datum of one micro-batch: its target logprobs and loss (graph kept for backward)."""
-        logprobs = target_logprobs(self._model, datums, self._device)
+        lp_BT = self._target_logprobs(datums)
+        if self._plan.batched_losses:
+            return batched_losses(loss, config, lp_BT, datums, self._device)
+        logprobs = [lp_BT[b, : d.num_tokens] for b, d in enumerate(datums)]
         results = []
         for lp_N, datum in zip(logprobs, datums, strict=True):
             inputs = {k: v.to(self._device) for k, v in datum.loss_fn_inputs.items()}
             results.append((lp_N, loss(lp_N, inputs, config)))
         return results
+
+    def _target_logprobs(self, datums: Sequence[Datum]) -> torch.Tensor:
+        """(B, T) fp32 target logprobs of right-padded `datums`, by this plan's path."""
+        batch = pad(datums, self._device)
+        if not self._plan.logprob_chunk:
+            return target_logprobs(self._model, batch, self._plan.autocast(self._device))
+        decoder, head = modeling.decoder_and_head(self._hf_model)
+        return chunked_target_logprobs(
+            decoder,
+            head,
+            batch.tokens_BT,
+            batch.targets_BT,
+            batch.attention_mask,
+            chunk=self._plan.logprob_chunk,
+            autocast=partial(self._plan.autocast, self._device),
+        )
 
     def _delta_against(self, previous: Path, tensors: export.Tensors) -> export.Tensors:
         """`tensors` XOR snapshot `previous`'s: computed over the last export's own copy when it
@@ -371,8 +425,8 @@ class TrainableModel:
     def _new_optimizer(self) -> torch.optim.AdamW | None:
         if self._base_only:
             return None
-        # Hyper-parameters are set from each optim_step request; lr here is a placeholder.
-        return torch.optim.AdamW([p for _, p in self._trainable], lr=0.0)
+        # Hyper-parameters are set from each optim_step request.
+        return self._plan.new_adamw([p for _, p in self._trainable])
 
     def _require_optimizer(self, operation: str, *, fresh: bool = False) -> torch.optim.AdamW:
         optimizer = self._new_optimizer() if fresh else self._optimizer

@@ -1,9 +1,11 @@
 # ruff: noqa: N815  (shape-suffixed tensor names: lp_N, loss_N, the house style)
-"""The built-in tinker losses as small pure functions of one datum.
+"""The built-in tinker losses as small pure functions of one datum or of a padded batch.
 
 Each takes `lp_N` (fp32 target logprobs of the current weights, with grad), the datum's loss
 inputs and a typed config, and returns the per-token loss (it sums to the datum's loss: sums,
-never means, so gradients accumulate across chunks and calls) plus per-datum metrics. The
+never means, so gradients accumulate across chunks and calls) plus per-datum metrics. Every
+step is elementwise or reduces the last dimension only, so the same functions take (B, T)
+right-padded batches and return (B, T) losses and (B,) metrics, row b equal to datum b's. The
 registry `LOSSES` adds what the protocol needs around them: config parsing with the table's
 defaults, required inputs, and the loss-token mask used for normalisation.
 
@@ -141,7 +143,9 @@ def gspo(lp_N: torch.Tensor, inputs: LossInputs, config: GspoConfig = GspoConfig
     log_ratio_N = lp_N.detach() - inputs["logprobs"]
     mean_log_ratio = _masked_mean(log_ratio_N, seq_mask_N, 0.0)
     cap = config.seq_ratio_log_cap
-    seq_ratio_N = torch.exp(mean_log_ratio.clamp(-cap, cap) + lp_N - lp_N.detach())
+    # unsqueeze: one ratio per row broadcast over its tokens (also for a single datum).
+    seq_log_ratio = mean_log_ratio.clamp(-cap, cap).unsqueeze(-1)
+    seq_ratio_N = torch.exp(seq_log_ratio + lp_N - lp_N.detach())
     loss_N, clipped_N = _clipped_surrogate(seq_ratio_N, advantages_N, low, high)
     return _ratio_output(_weights(lp_N, inputs) * loss_N, seq_ratio_N, clipped_N, inputs)
 
@@ -200,10 +204,11 @@ def _rl_mask(inputs: LossInputs) -> torch.Tensor:
 
 
 def _masked_mean(values_N: torch.Tensor, mask_N: torch.Tensor, empty: float) -> torch.Tensor:
-    count = mask_N.sum()
-    if int(count) == 0:
-        return torch.tensor(empty, dtype=values_N.dtype, device=values_N.device)
-    return (values_N.detach() * mask_N).sum() / count
+    """Mean of `values` where `mask` over the last dimension, `empty` for a row with none."""
+    count = mask_N.sum(-1)
+    total = (values_N.detach() * mask_N).sum(-1)
+    # No host sync on the count: a GPU step never waits here.
+    return torch.where(count > 0, total / count.clamp(min=1), empty)
 
 
 def _ratio_output(

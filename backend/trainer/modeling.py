@@ -134,3 +134,23 @@ def read_adapter(
         if tensor.shape != trainable[name].shape:
             raise UserError(f"adapter {directory}: {name} has shape {list(tensor.shape)}")
     return weights
+
+
+def decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (returns `last_hidden_state`) and the output head of `model`; after
+    `attach_lora` both already carry the adapter layers, which peft injects in place."""
+    head = cast(Callable[[], torch.nn.Module | None], model.get_output_embeddings)()
+    if head is None:
+        raise UserError(f"model type {model.config.model_type!r} has no output head to chunk")
+    return _decoder(model), head
+
+
+def compile_decoder(model: PreTrainedModel) -> None:
+    """torch.compile the decoder stack in place (same parameters, same state_dict keys);
+    dynamic shapes, since every request brings its own batch and sequence lengths."""
+    _decoder(model).compile(dynamic=True)
+
+
+def _decoder(model: PreTrainedModel) -> torch.nn.Module:
+    get_decoder = cast(Callable[[], torch.nn.Module], model.get_decoder)
+    return get_decoder()

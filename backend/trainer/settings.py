@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 GradNormalization = Literal["num_loss_tokens", "num_sequences", "none"]
 CheckpointType = Literal["base", "delta", "merged_base"]
@@ -57,3 +57,50 @@ class AdamSettings(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0, le=MAX_WEIGHT_DECAY)
     # 0 disables clipping.
     grad_clip_norm: float = Field(default=0.0, ge=0)
+
+
+AutocastSetting = Literal["auto", "off", "bf16"]
+OptimizerSetting = Literal["auto", "fused", "foreach", "single_tensor"]
+# Sequence positions per log-softmax chunk on CUDA when `logprob_chunk` is `auto`: with
+# Qwen3's 151k vocabulary, 8 sequences x 256 positions is a 1.2 GB fp32 chunk, not 10 GB.
+AUTO_CUDA_LOGPROB_CHUNK = 256
+
+
+class EngineSettings(BaseModel):
+    """How the trainer computes a step (the same math, other kernels); `auto` picks per device.
+
+    `auto` keeps the reference path on CPU (fp32, single-tensor AdamW, one full log-softmax,
+    one loss call per datum: what CPU tests and recovery comparisons pin bit for bit) and
+    selects the fast path on CUDA: bf16 autocast over fp32 master weights, fused AdamW, the
+    log-softmax in chunks of `AUTO_CUDA_LOGPROB_CHUNK` positions, losses for the whole batch.
+    `compile` (torch.compile of the decoder) is off unless asked, and CUDA only.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Autocast of the forward pass; parameters, gradients and AdamW state stay fp32 either way.
+    autocast: AutocastSetting = "auto"
+    # AdamW kernel: `fused` (one kernel for all parameters), `foreach` or `single_tensor`.
+    optimizer: OptimizerSetting = "auto"
+    compile: bool = False
+    # Sequence positions per chunk of the vocabulary log-softmax; 0 = one full BxTxV pass.
+    logprob_chunk: int | Literal["auto"] = "auto"
+    # One loss call over the padded micro-batch instead of one per datum.
+    batched_losses: bool | Literal["auto"] = "auto"
+
+    @field_validator("logprob_chunk")
+    @classmethod
+    def _chunk_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"logprob_chunk must be >= 0 (0 = no chunking), got {value}")
+        return value
+
+    @classmethod
+    def fast(cls, *, autocast: AutocastSetting = "bf16", logprob_chunk: int = 64) -> EngineSettings:
+        """Every fast-path option explicitly on (except compile), on any device."""
+        return cls(
+            autocast=autocast,
+            optimizer="fused",
+            logprob_chunk=logprob_chunk,
+            batched_losses=True,
+        )
