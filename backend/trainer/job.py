@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from backend.trainer.checkpoints import CheckpointStore
 from backend.trainer.errors import UserError
 from backend.trainer.sequencer import ModelSequencer
+from backend.trainer.settings import EngineSettings
 
 if TYPE_CHECKING:
     from backend.trainer.engine import TrainableModel
@@ -71,6 +72,7 @@ class JobContext:
     model_owner: Callable[[str], str | None]  # model id → job id, for tinker://<model>/… paths
     # (session id, sampling session seq id, snapshot path) → a new sampling session's id
     register_sampler: Callable[[str, int, str], str]
+    engine: EngineSettings = field(default_factory=EngineSettings)  # the compute path
 
 
 @dataclass

@@ -84,6 +84,7 @@ def load_model(
             base_only=request.base_only,
             device=resolve_device(ctx.device),
             context_length=ctx.context_length,
+            engine=ctx.engine,
         )
     except BaseException as exc:
         entry.failure = str(exc)

@@ -29,6 +29,7 @@ from backend.trainer.futures import FutureRecord, FutureStore
 from backend.trainer.job import JobContext, ModelEntry, TrainerHost, check_lora_capacity
 from backend.trainer.samplers import SamplerInfo, SamplerSessions
 from backend.trainer.sequencer import ModelSequencer, Operation
+from backend.trainer.settings import EngineSettings
 from backend.trainer.wire import (
     CreateModelRequest,
     CreateSamplingSessionRequest,
@@ -88,6 +89,8 @@ class TrainerSettings(BaseModel):
     max_models: int = Field(default=8, gt=0)
     # `auto`: CUDA when available, else CPU.
     device: str = "auto"
+    # The compute path of every model these trainers load (`auto`: per device).
+    engine: EngineSettings = EngineSettings()
 
 
 def _operations() -> ModuleType:
@@ -116,6 +119,7 @@ class JobTrainer:
             context_length=config.max_context_length
             or resolve_model(config.base_model).context_length,
             device=settings.device,
+            engine=settings.engine,
             host=host,
             checkpoints=store,
             model_owner=self._model_owner,
