@@ -1,9 +1,10 @@
 """Atomic checkpoint directories: build under a temporary name, mark complete, then rename.
 
 A reader trusts a directory only if its `COMPLETE` marker lists every file with the right size
-and SHA-256; the marker is written (and fsynced) last and the rename is atomic on one file
-system, so a crash at any point leaves either the old state or a complete new one, never a
-half-written checkpoint that could be loaded.
+and SHA-256 (a writer that hashed a file while writing it declares that digest with
+`record_digest`, so the file is not read back); the marker is written (and fsynced) last and
+the rename is atomic on one file system, so a crash at any point leaves either the old state or
+a complete new one, never a half-written checkpoint that could be loaded.
 Overwriting swaps the two directories in one step (`exchange_directories`), so some complete
 version is listed at every instant; `recover_directories` cleans what crashed saves left behind.
 A full disk is reported as `DiskFullError`, never as a lost trainer.
@@ -20,8 +21,9 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,12 +50,23 @@ _AT_FDCWD = -100
 
 Swapped = Callable[[], None]
 
+# Digests declared with `record_digest`, per temporary directory of a save in progress (file
+# name → hex). Saves run on several threads (trainers, promotion), hence the lock.
+_declared: dict[Path, dict[str, str]] = {}
+_declared_lock = threading.Lock()
+
 
 @contextmanager
 def atomic_directory(
-    final_dir: Path, *, overwrite: bool = False, on_swapped: Swapped | None = None
+    final_dir: Path,
+    *,
+    overwrite: bool = False,
+    on_swapped: Swapped | None = None,
 ) -> Iterator[Path]:
     """Yield an empty temporary directory; on a clean exit make it `final_dir`, complete.
+
+    The marker lists the digests of files written in the block that were declared with
+    `record_digest`, and hashes every other file.
 
     An existing `final_dir` is a `UserError` unless `overwrite`, in which case it is replaced
     only after the new directory is complete. On an exception the temporary directory is removed.
@@ -64,11 +77,13 @@ def atomic_directory(
     if final_dir.exists() and not overwrite:
         raise UserError(f"checkpoint {final_dir.name!r} already exists at {final_dir}")
     tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    declared: dict[str, str] = {}
     try:
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.mkdir()
-        yield tmp_dir
-        write_marker(tmp_dir)
+        with _declared_digests(tmp_dir, declared):
+            yield tmp_dir
+        write_marker(tmp_dir, declared)
         _replace(tmp_dir, final_dir, on_swapped)
     except BaseException as exc:
         # Judged before the partial files are removed: they are what filled the disk.
@@ -80,6 +95,27 @@ def atomic_directory(
                 f"{final_dir.parent}: free disk space there, then save again"
             ) from exc
         raise
+
+
+def record_digest(path: Path, digest: str) -> None:
+    """Declare `digest` the SHA-256 of the file its writer just wrote at `path`, computed over
+    the very bytes written. Inside an `atomic_directory` block the marker lists it instead of
+    reading the file back; anywhere else it is ignored. Readers still check every file."""
+    with _declared_lock:
+        for directory, declared in _declared.items():
+            if path.parent == directory:
+                declared[path.name] = digest
+
+
+@contextmanager
+def _declared_digests(directory: Path, declared: dict[str, str]) -> Iterator[None]:
+    with _declared_lock:
+        _declared[directory] = declared
+    try:
+        yield
+    finally:
+        with _declared_lock:
+            del _declared[directory]
 
 
 def _disk_full(exc: BaseException, directory: Path) -> bool:
@@ -101,16 +137,31 @@ def _disk_full(exc: BaseException, directory: Path) -> bool:
     return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
 
 
-def write_marker(directory: Path) -> None:
-    """fsync every file, then write the marker listing their sizes and SHA-256 digests."""
+def write_marker(directory: Path, known: Mapping[str, str] | None = None) -> None:
+    """fsync every file, then write the marker listing their sizes and SHA-256 digests.
+
+    `known`: digests the writer computed over the very bytes it wrote (relative path → hex),
+    taken as they are instead of reading those files back; every other file is hashed here.
+    """
+    known = known or {}
     paths = _files(directory)
+    names = [path.relative_to(directory).as_posix() for path in paths]
+    if unknown := sorted(known.keys() - set(names)):
+        raise ValueError(f"digests given for files not in {directory}: {unknown[:3]}")
     with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="marker-sha256") as pool:
-        digests = pool.map(_sha256, paths)  # computed while this thread waits for the disk
+        # Computed while this thread waits for the disk.
+        digests = [
+            known[name] if name in known else pool.submit(_sha256, path)
+            for name, path in zip(names, paths, strict=True)
+        ]
         for path in paths:
             _fsync_file(path)
         files: dict[str, dict[str, Any]] = {
-            path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": digest}
-            for path, digest in zip(paths, digests, strict=True)
+            name: {
+                "size": path.stat().st_size,
+                "sha256": digest if isinstance(digest, str) else digest.result(),
+            }
+            for name, path, digest in zip(names, paths, digests, strict=True)
         }
     marker = directory / MARKER_NAME
     marker.write_text(json.dumps({"format": _MARKER_FORMAT, "files": files}, indent=1))

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from backend.trainer.atomic import MARKER_NAME, atomic_directory, verify_complete
 from backend.trainer.errors import UserError
+from backend.trainer.safetensors_writer import save_hashed
 
 SNAPSHOT_META = "snapshot.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -53,14 +54,16 @@ def write_snapshot(
 
 
 def write_full_weights(tmp_dir: Path, weights: Tensors, config_json: str, model_dir: Path) -> None:
-    """An HF model directory: weights, the given config and the base model's tokenizer files."""
-    save_file(weights, tmp_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    """An HF model directory: weights, the given config and the base model's tokenizer files.
+    The weights are hashed as they are written (the marker does not read them back)."""
+    save_hashed(weights, tmp_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     write_model_files(tmp_dir, config_json, model_dir)
 
 
 def write_delta_weights(tmp_dir: Path, weights: Tensors, config_json: str, model_dir: Path) -> None:
-    """A delta directory: the XOR tensors plus the files needed to materialise a full model."""
-    save_file(weights, tmp_dir / DELTA_FILE)
+    """A delta directory: the XOR tensors plus the files needed to materialise a full model
+    (hashed as they are written, like full weights)."""
+    save_hashed(weights, tmp_dir / DELTA_FILE)
     write_model_files(tmp_dir, config_json, model_dir)
 
 
