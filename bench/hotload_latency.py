@@ -12,7 +12,8 @@ use short poll intervals and no warmup; `defaults` is a full-parameter chain thr
 The parity column is the largest gap between the deployment's echoed logprobs and the
 trainer's `forward` after the last sync: a fast hotload must still serve the trainer's
 weights. `--profile DIR` writes a py-spy profile (all threads: trainer, hotload loader, HTTP
-server; speedscope JSON, open it at speedscope.app) of each model and mode, or a cProfile of the
+server; waits included, since latency is the point; speedscope JSON, which speedscope.app
+opens) of each model and mode, or a cProfile of the
 calling thread where py-spy is not installed. Measures only; asserts nothing.
 
     .venv/bin/python bench/hotload_latency.py                       # tiny: full, LoRA, defaults
@@ -288,7 +289,7 @@ def profiled(directory: Path | None, name: str) -> Iterator[None]:
             yield
         return
     out = directory / f"{name}.speedscope.json"
-    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads"]
+    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads", "--idle"]
     command += ["--format", "speedscope", "--output", str(out)]
     recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # let it attach before the timed work starts
