@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -103,7 +104,7 @@ def with_prefect(console: Console, body: Callable[[PrefectApi], int]) -> int:
     set_offline_defaults()
     with sigterm_raises():
         try:
-            with prefect_api() as api:
+            with prefect_api() as api, flow_heartbeats(watched=api.server is None):
                 return body(api)
         except PrefectServerError as exc:
             print_error(console, f"error: {exc} (or set PREFECT_API_URL to a running server)")
@@ -114,6 +115,21 @@ def with_prefect(console: Console, body: Callable[[PrefectApi], int]) -> int:
                 raise
             console.print(Text(f"\ninterrupted before the run started (exit {code})"))
             return code
+
+
+@contextmanager
+def flow_heartbeats(*, watched: bool) -> Iterator[None]:
+    """Flow-run heartbeats only where a Prefect server outlives this process (`watched`: the
+    user's PREFECT_API_URL), at Prefect's frequency: there an automation can mark a run whose
+    process died as crashed. The temporary server stops with the CLI, so nothing could ever
+    read them, and a sync flow would pay up to a second joining their thread at its end."""
+    if watched:
+        yield
+        return
+    from prefect.settings import temporary_settings  # once PREFECT_API_URL is in place
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
 
 
 def _run(request: RunRequest, api: PrefectApi, console: Console) -> int:
