@@ -51,7 +51,6 @@ from flows.run_lock import hold_run_dir, release_run_dir
 from flows.scheduling import flow_run_retries
 from flows.secrets import platform_api_key
 from flows.wandb_run import WandbRun, wandb_api_key, wandb_run_id
-from tasks.checkpoints import confirm_checkpoint
 from tasks.platform import PlatformEndpoint, Waits
 from tasks.teardown import TeardownPlan, teardown
 from tasks.training import SegmentResult
@@ -205,12 +204,10 @@ class RunContext:
         return name
 
     def record_checkpoint(self, result: SegmentResult, snapshot: str | None) -> CheckpointRow:
-        """Read the save back from the control plane (a trainer may rename a save), then append
-        its ledger row."""
-        assert result.saved_name is not None
-        name = confirm_checkpoint(
-            self.endpoint, self.job_id, result.saved_name, sorted(self.taken_names)
-        )
+        """Append the ledger row of the segment's save, under the name the segment task read
+        back from the control plane (a trainer may rename a save)."""
+        assert result.saved_name is not None and result.confirmed_name is not None
+        name = result.confirmed_name
         self.taken_names.add(name)
         last = result.steps[-1]
         row = self.ledger.append_checkpoint(
@@ -225,7 +222,6 @@ class RunContext:
             wandb_run_id=self.wandb_id,
             inputs_position=last.inputs_position,
         )
-        self.monitor.report_ledger(self.ledger, self.deployment_id)
         notice(f"checkpoint {name} saved at step {row.next_step}")
         return row
 
@@ -252,8 +248,11 @@ class RunContext:
         self.ledger.append(EvaluationRow(step=point, metrics=dict(metrics)))
         self.final_metrics.update(metrics)
         self.monitor.log_eval(point, metrics)
-        self.monitor.report_ledger(self.ledger, self.deployment_id)
         notice(f"evaluation at step {point}: {_shown(metrics)}")
+
+    def report(self) -> None:
+        """Once per cadence point, after its rows: the run's artifacts (`RunMonitor`)."""
+        self.monitor.report_ledger(self.ledger, self.deployment_id)
 
     def complete(self, next_step: int, data_cursor: int) -> RunResult:
         """Append `run_end` (the loop and final save are done) and report."""
@@ -459,7 +458,7 @@ def _attempt(config: RecipeConfig, dataset_fingerprint: str, owner: str) -> Iter
             record_attempt_end(ledger, exc, redactor.redact)
             raise
         finally:
-            monitor.close(failed=outcome != "completed")
+            monitor.close(failed=outcome != "completed", report=outcome != "crashed")
             over = outcome in ("completed", "failed for good")
             if over or (outcome == "failed" and _last_attempt()):
                 plan = TeardownPlan(

@@ -1,12 +1,15 @@
 """What a run shows while it trains: `metrics.jsonl`, Prefect artifacts, W&B, a progress hook.
 
 Per-step metrics go to `run_dir/metrics.jsonl` (rewound on resume, so a replayed step appears
-once) and to W&B; Prefect gets a progress artifact per attempt (written at most every
+once) and to W&B; Prefect gets a progress artifact per attempt (updated in place at most every
 `progress_interval_s`), a table artifact with one row per segment, and a markdown artifact of
-the ledger at each cadence point: Prefect records every artifact write, so per-step data never
-goes there. The curves picture (`flows/curves.py`) is redrawn at cadence points, at most every
-`curves_interval_s` and always at the end, into `run_dir/curves.png` and one artifact key. A
-caller in this process (the CLI) can watch every step through `progress_listener`.
+the ledger. Prefect's server spends real CPU on every artifact write (tens of milliseconds, on
+the machine that may be training), so per-step data never goes there, and the table and the
+ledger report are written together once per cadence point (`report_ledger`), at most every
+`report_interval_s`, and always at the end of the run and of a failed attempt. The curves
+picture (`flows/curves.py`) is redrawn at cadence points, at most every `curves_interval_s`
+and always at the end, into `run_dir/curves.png` and one artifact key. A caller in this process
+(the CLI) can watch every step through `progress_listener`.
 """
 
 from __future__ import annotations
@@ -137,10 +140,15 @@ class RunMonitor:
     headline_metric: str
     wandb: WandbRun | None = None
     progress_interval_s: float = 5.0
+    report_interval_s: float = 10.0  # the segment table and ledger report, at most this often
     curves_interval_s: float = 30.0  # the curves picture is redrawn at most this often
     _progress_id: Any = field(default=None, init=False)
     _last_progress: float = field(default=0.0, init=False)
     _segment_rows: list[dict[str, Any]] = field(default_factory=list, init=False)
+    # What the artifacts show already (segment rows, ledger rows) and when they were written.
+    _reported: tuple[int, int] = field(default=(0, 0), init=False)
+    _last_report: float = field(default=-math.inf, init=False)
+    _pending: tuple[Ledger, str | None] | None = field(default=None, init=False)
     _listener: ProgressCallback | None = field(default=None, init=False)
     _curves: CurvesReport = field(init=False)
 
@@ -180,7 +188,8 @@ class RunMonitor:
             self._last_progress = now
 
     def record_segment(self, result: SegmentResult) -> None:
-        """Per segment: metrics.jsonl, W&B, and a row of the segment table artifact."""
+        """Per segment: metrics.jsonl, W&B, and a row of the segment table (written to its
+        artifact by the next `report_ledger`)."""
         self.metrics_log.append(result.steps)
         for record in result.steps:
             self._curves.data.add_step(record.step, record.metrics)
@@ -201,13 +210,8 @@ class RunMonitor:
                 f"last_{name}": round(values[-1], 5),
                 "lr": last.metrics["train/lr"],
                 "data_cursor": last.data_cursor,
-                "checkpoint": result.saved_name or "",
+                "checkpoint": result.confirmed_name or result.saved_name or "",
             }
-        )
-        create_table_artifact(
-            self._segment_rows,
-            key=self.key("segments"),
-            description=f"{self.recipe} {self.run_name}: metrics per segment",
         )
 
     def log_eval(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -215,16 +219,37 @@ class RunMonitor:
             self.wandb.log(step, metrics)
 
     def report_ledger(self, ledger: Ledger, deployment_id: str | None) -> None:
-        """The ledger as a markdown artifact: checkpoints, hotloaded snapshots, evaluations."""
-        create_markdown_artifact(
-            ledger_markdown(ledger, deployment_id),
-            key=self.key("ledger"),
-            description=f"{self.recipe} {self.run_name}: run ledger",
-        )
+        """At a cadence point: the segment table and the ledger as a markdown artifact
+        (checkpoints, hotloaded snapshots, evaluations) when they changed and
+        `report_interval_s` has passed, or the run has ended; the curves when due."""
+        final = bool(ledger.rows) and isinstance(ledger.rows[-1], RunEndRow)
+        self._pending = (ledger, deployment_id)
+        if final or time.monotonic() - self._last_report >= self.report_interval_s:
+            self._write_reports()
         evaluations = [(r.step, r.metrics) for r in ledger.rows if isinstance(r, EvaluationRow)]
         self._curves.data.set_evaluations(evaluations)
-        if self._curves.due(final=isinstance(ledger.rows[-1], RunEndRow)):
+        if self._curves.due(final=final):
             self._draw_curves()
+
+    def _write_reports(self) -> None:
+        """The segment table and the ledger report, each only if it changed since written."""
+        if self._pending is None:
+            return
+        ledger, deployment_id = self._pending
+        segments, rows = len(self._segment_rows), len(ledger.rows)
+        if segments != self._reported[0]:
+            create_table_artifact(
+                self._segment_rows,
+                key=self.key("segments"),
+                description=f"{self.recipe} {self.run_name}: metrics per segment",
+            )
+        if rows != self._reported[1]:
+            create_markdown_artifact(
+                ledger_markdown(ledger, deployment_id),
+                key=self.key("ledger"),
+                description=f"{self.recipe} {self.run_name}: run ledger",
+            )
+        self._reported, self._last_report = (segments, rows), time.monotonic()
 
     def _draw_curves(self) -> None:
         """`curves.png` in the run directory and a new version of the curves artifact.
@@ -254,7 +279,14 @@ class RunMonitor:
             1000 * (time.perf_counter() - started),
         )
 
-    def close(self, *, failed: bool) -> None:
+    def close(self, *, failed: bool, report: bool = True) -> None:
+        """End the observers; first write what the artifacts do not show yet (`report`:
+        False when a signal ends the attempt and there is no time for it)."""
+        if report:
+            try:
+                self._write_reports()
+            except Exception:  # a report must not replace the attempt's own outcome
+                logger.warning("could not write the reports of %s", self.run_name, exc_info=True)
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None

@@ -6,7 +6,8 @@ train one step on them) and its evaluation. Everything else is the same for ever
 
     open the run → (already finished? report it) → provision the trainer and deployment →
     connect → prepare → resume from the ledger → per segment: train the segment's steps (one
-    task, the save at its end) → hotload by cadence → record the checkpoint → evaluate → run_end
+    task, the save and its read-back at its end) → hotload by cadence → record the checkpoint →
+    evaluate → report (artifacts, once per point) → run_end
 
 A lost trainer fails the attempt and the flow retry runs all of it again: a fresh session and
 syncer (so a `base` hotload comes first), the ledger's last checkpoint, the same data cursor.
@@ -23,6 +24,7 @@ from flows.config import RecipeConfig
 from flows.lifecycle import RunContext, RunResult, open_run
 from flows.scheduling import apply_retry_policy
 from flows.session import ResumePoint, TrainerSession, provision, resume
+from tasks.evaluation import evaluate_point
 from tasks.provision import TrainerSpec
 from tasks.training import RecipeStep, Segment, train_segment
 from tasks.weight_sync import HotloadResult, save_and_hotload
@@ -119,6 +121,7 @@ def _train(attempt: Attempt, plan: RecipePlan, point: ResumePoint) -> RunResult:
     run.monitor.start(point.next_step)
     if cadence.eval_at(point.next_step) and not run.evaluated(point.next_step):
         _evaluate(run, plan, point.next_step)  # the "before" metrics
+        run.report()
     cursor = point.data_cursor
     for start, end in cadence.segments(point.next_step):
         saves = cadence.checkpoint_at(end)  # a resumable save ends this segment
@@ -128,9 +131,10 @@ def _train(attempt: Attempt, plan: RecipePlan, point: ResumePoint) -> RunResult:
             end=end,
             data_cursor=cursor,
             checkpoint_name=run.checkpoint_name(end) if saves else None,
+            known_checkpoints=tuple(sorted(run.taken_names)) if saves else (),
         )
         result = train_segment(
-            attempt.session.client, segment, plan.step, run.waits, run.monitor.on_step
+            attempt.session.client, segment, plan.step, run.endpoint, run.monitor.on_step
         )
         run.monitor.record_segment(result)
         run.final_metrics.update(result.steps[-1].metrics)
@@ -143,12 +147,14 @@ def _train(attempt: Attempt, plan: RecipePlan, point: ResumePoint) -> RunResult:
             run.record_checkpoint(result, snapshot)
         if eval_due:
             _evaluate(run, plan, end)
+        if end < config.max_steps:
+            run.report()  # the last point's report is the run's final one (`complete`)
     return run.complete(config.max_steps, cursor)
 
 
 def _evaluate(run: RunContext, plan: RecipePlan, point: int) -> None:
     if plan.evaluate is None:
         return
-    metrics = plan.evaluate(point)
+    metrics = evaluate_point(plan.evaluate, point)  # one task run for the whole evaluation
     if metrics:
         run.record_evaluation(point, metrics)

@@ -1,13 +1,16 @@
 """Checkpoint bookkeeping against the control plane: what a job holds, and what a save became.
 
-Both are read-only (checkpoint listings), so both retry. `confirm_checkpoint` is the read-back a
-save needs: a trainer may store a save under another name than requested, and
-the ledger must record the name that really exists before anyone resumes from it.
+Both are read-only (checkpoint listings). `list_resumable_checkpoints` is a task that retries.
+`confirmed_checkpoint_name` is the read-back a save needs: a trainer may store a save under
+another name than requested, and the ledger must record the name that really exists before
+anyone resumes from it. It is a plain function, called by the segment task right after its save
+(one task run per cadence point fewer; the SDK still retries its transient HTTP failures).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -16,7 +19,7 @@ from sdk import CheckpointInfo, WaitTimeoutError
 from tasks.platform import PlatformEndpoint
 from tasks.policy import SHORT_TIMEOUT_S, TASK_RETRIES, TASK_RETRY_DELAYS, retry_transient
 
-__all__ = ["confirm_checkpoint", "list_resumable_checkpoints"]
+__all__ = ["confirmed_checkpoint_name", "list_resumable_checkpoints"]
 
 
 def _resumable(rows: list[CheckpointInfo]) -> list[CheckpointInfo]:
@@ -38,17 +41,8 @@ def list_resumable_checkpoints(endpoint: PlatformEndpoint, job_id: str) -> list[
         return [row.checkpoint_id for row in _resumable(manager.list_checkpoints(job_id))]
 
 
-@task(
-    name="confirm-checkpoint",
-    task_run_name="confirm checkpoint {requested_name}",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    timeout_seconds=SHORT_TIMEOUT_S,
-)
-def confirm_checkpoint(
-    endpoint: PlatformEndpoint, job_id: str, requested_name: str, known_names: list[str]
+def confirmed_checkpoint_name(
+    endpoint: PlatformEndpoint, job_id: str, requested_name: str, known_names: Sequence[str]
 ) -> str:
     """The server's name of the save requested as `requested_name`, once listed: that name,
     else the newest resumable checkpoint not in `known_names` (a renamed save)."""

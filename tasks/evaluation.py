@@ -1,23 +1,28 @@
-"""Sample-based evaluation: greedy completions of the eval prompts from the deployment.
+"""Evaluation at a cadence point: one task run, and greedy completions from the deployment.
 
-Sampling is idempotent (nothing changes on the server), so the task retries transient
-failures; it runs only after the weights to evaluate were hotloaded *and verified*, so it never
-reads stale weights. Scoring is the flow's business (`algorithms/`): this
-task is the one SDK operation, and returns the completion token ids.
+`evaluate_point` is the task the Prefect UI shows for an evaluation: it runs the recipe's
+evaluation of the weights after a point (a forward pass on the trainer, samples from the
+deployment, a hotload first when needed), whose SDK operations are plain functions inside it,
+so a point costs one task run rather than one per operation (Prefect's server spends tens of
+milliseconds of CPU on each). It is not retried: the forward pass shares the training client's
+ordered session; the SDK retries transient HTTP failures, and a failed evaluation fails the
+attempt, whose retry evaluates again (the ledger has no row for it). `sample_greedy` samples
+only after the weights to evaluate were hotloaded *and verified*, so it never reads stale
+weights; scoring is the flow's business (`algorithms/`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sdk import DeploymentSampler, SampledCompletion
-from tasks.policy import SHORT_TIMEOUT_S, TASK_RETRIES, TASK_RETRY_DELAYS, retry_transient
+from tasks.policy import SHORT_TIMEOUT_S
 
-__all__ = ["greedy_completions", "sample_greedy"]
+__all__ = ["evaluate_point", "greedy_completions", "sample_greedy"]
 
 
 async def greedy_completions(
@@ -36,14 +41,17 @@ async def greedy_completions(
 
 
 @task(
-    name="sample-eval",
-    task_run_name="sample eval at step {step}",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,  # holds the live sampler
-    timeout_seconds=SHORT_TIMEOUT_S,
+    name="evaluate",
+    task_run_name="evaluate step {point}",
+    retries=0,  # a forward pass on the training client's ordered session
+    cache_policy=NO_CACHE,  # holds the live clients
+    timeout_seconds=SHORT_TIMEOUT_S * 3,  # a hotload, a forward pass and sampling
 )
+def evaluate_point(evaluate: Callable[[int], Mapping[str, float]], point: int) -> dict[str, float]:
+    """The metrics of the recipe's `evaluate` at `point` (empty: nothing to report)."""
+    return dict(evaluate(point))
+
+
 def sample_greedy(
     sampler: DeploymentSampler,
     prompts: Sequence[Sequence[int]],
@@ -51,5 +59,6 @@ def sample_greedy(
     max_tokens: int,
     timeout_s: float,
 ) -> list[list[int]]:
-    """One greedy (temperature 0) completion per prompt, in order: its token ids."""
+    """One greedy (temperature 0) completion per prompt, in order: its token ids (`step`:
+    the point evaluated, for the caller's reading)."""
     return asyncio.run(greedy_completions(sampler, prompts, max_tokens, timeout_s))

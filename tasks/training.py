@@ -1,13 +1,15 @@
 """The training segment: a recipe's optimizer steps between two cadence points, then the save.
 
-One task run per segment, never one per step, so the Prefect UI shows a task wherever
-something durable or observable happens. A segment sends ordered trainer operations, so it is
-never retried in place (`retries=0`): a failure mid-segment leaves the outcome of its last step
-unknown, and recovery is the flow retry, which reloads the last resumable checkpoint of the
-ledger and replays the segment. The segment knows nothing of any recipe: a `RecipeStep` says
-what the inputs of the step at a data cursor are and how to train one step on them. Recovery is
-exact when those inputs are a pure function of the cursor (SFT, DPO and ORPO batches) or are
-read back from the run's durable step-inputs log (what a recipe sampled or computed).
+One task run per segment, never one per step, so the Prefect UI shows a task wherever something
+durable or observable happens; the save's read-back from the control plane (the name the ledger
+records) is part of it rather than a task run of its own. A segment sends ordered trainer
+operations, so it is never retried in place (`retries=0`): a failure mid-segment leaves the
+outcome of its last step unknown, and recovery is the flow retry, which reloads the last
+resumable checkpoint of the ledger and replays the segment. The segment knows nothing of any
+recipe: a `RecipeStep` says what the inputs of the step at a data cursor are and how to train
+one step on them. Recovery is exact when those inputs are a pure function of the cursor (SFT,
+DPO and ORPO batches) or are read back from the run's durable step-inputs log (what a recipe
+sampled or computed).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from tinker import types
 
 from algorithms.datums import mean_ce_loss
 from algorithms.optimizer import OptimizerPlan
+from tasks.checkpoints import confirmed_checkpoint_name
 from tasks.errors import trainer_call
-from tasks.platform import Waits
-from tasks.policy import LONG_TIMEOUT_S, SHORT_TIMEOUT_S
+from tasks.platform import PlatformEndpoint, Waits
+from tasks.policy import LONG_TIMEOUT_S
 
 if TYPE_CHECKING:
     from sdk.firetitan_training import FiretitanTrainingClient
@@ -59,13 +62,15 @@ class _Model(BaseModel):
 
 class Segment(_Model):
     """Steps `start`..`end - 1` from data cursor `data_cursor`; then `save_state` under
-    `checkpoint_name` when set."""
+    `checkpoint_name` when set (`known_checkpoints`: the names the job held before, which
+    tell a renamed save apart)."""
 
     job_id: str
     start: int = Field(ge=0)
     end: int = Field(gt=0)
     data_cursor: int = Field(ge=0)
     checkpoint_name: str | None = None
+    known_checkpoints: tuple[str, ...] = ()
 
     @property
     def first(self) -> int:
@@ -89,11 +94,14 @@ class StepRecord(_Model):
 
 
 class SegmentResult(_Model):
-    """What a segment did: its steps and, when it saved, the requested checkpoint name."""
+    """What a segment did: its steps and, when it saved, the requested checkpoint name and
+    the name the control plane lists the save under (`confirmed_name`: what the ledger
+    records; the same unless the trainer renamed it)."""
 
     segment: Segment
     steps: list[StepRecord]
     saved_name: str | None = None
+    confirmed_name: str | None = None
 
     @property
     def data_cursor(self) -> int:
@@ -201,10 +209,12 @@ def train_segment(
     trainer: FiretitanTrainingClient,
     segment: Segment,
     recipe: RecipeStep[Any],
-    waits: Waits,
+    endpoint: PlatformEndpoint,
     on_step: StepCallback | None = None,
 ) -> SegmentResult:
-    """Run the segment's optimizer steps, then save resumable state if the segment says so."""
+    """Run the segment's optimizer steps, then save resumable state if the segment says so
+    and read back from the control plane the name the save is listed under."""
+    waits = endpoint.waits
     records: list[StepRecord] = []
     cursor = segment.data_cursor
     for step in range(segment.start, segment.end):
@@ -223,19 +233,23 @@ def train_segment(
         cursor = inputs.cursor_after
         if on_step is not None:
             on_step(record)
-    if segment.checkpoint_name is not None:
-        with trainer_call(segment.job_id, f"save_state {segment.checkpoint_name}", segment.last):
-            trainer.save_state(segment.checkpoint_name, timeout=waits.save_timeout_s)
-    return SegmentResult(segment=segment, steps=records, saved_name=segment.checkpoint_name)
+    if segment.checkpoint_name is None:
+        return SegmentResult(segment=segment, steps=records)
+    with trainer_call(segment.job_id, f"save_state {segment.checkpoint_name}", segment.last):
+        trainer.save_state(segment.checkpoint_name, timeout=waits.save_timeout_s)
+    # Read-only: a failure here fails the attempt like a lost save, and the replay saves under
+    # a fresh name (the job may hold this one already).
+    confirmed = confirmed_checkpoint_name(
+        endpoint, segment.job_id, segment.checkpoint_name, segment.known_checkpoints
+    )
+    return SegmentResult(
+        segment=segment,
+        steps=records,
+        saved_name=segment.checkpoint_name,
+        confirmed_name=confirmed,
+    )
 
 
-@task(
-    name="evaluate-loss",
-    task_run_name="eval loss at step {step}",
-    retries=0,  # shares the training client's ordered session
-    cache_policy=NO_CACHE,
-    timeout_seconds=SHORT_TIMEOUT_S,
-)
 def evaluate_loss(
     trainer: FiretitanTrainingClient,
     datums: Sequence[types.Datum],
@@ -243,7 +257,8 @@ def evaluate_loss(
     job_id: str,
     waits: Waits,
 ) -> dict[str, float]:
-    """Forward-only cross-entropy on the eval datums (no optimizer state is touched)."""
+    """Forward-only cross-entropy on the eval datums (no optimizer state is touched). A plain
+    function: it runs inside the point's evaluation task (`tasks.evaluation.evaluate_point`)."""
     with trainer_call(job_id, "an evaluation forward", step):
         output = trainer.forward(list(datums), "cross_entropy").result(timeout=waits.step_timeout_s)
     loss = mean_ce_loss(output.metrics["loss:sum"], datums)
@@ -251,13 +266,6 @@ def evaluate_loss(
     return {"eval/loss": loss, "eval/ppl": safe_exp(loss), "eval/tokens": tokens}
 
 
-@task(
-    name="forward-logprobs",
-    task_run_name="forward pass at step {step}",
-    retries=0,  # shares the training client's ordered session
-    cache_policy=NO_CACHE,
-    timeout_seconds=SHORT_TIMEOUT_S,
-)
 def forward_logprobs(
     trainer: FiretitanTrainingClient,
     datums: Sequence[types.Datum],
@@ -266,7 +274,8 @@ def forward_logprobs(
     waits: Waits,
 ) -> list[dict[str, types.TensorData]]:
     """Forward only: each datum's per-target `logprobs` (and the loss's other outputs), for a
-    loss computed on the client; no gradient, no optimizer state touched."""
+    loss computed on the client; no gradient, no optimizer state touched. A plain function: it
+    runs inside the point's evaluation task (`tasks.evaluation.evaluate_point`)."""
     with trainer_call(job_id, "a forward pass", step):
         output = trainer.forward(list(datums), "cross_entropy").result(timeout=waits.step_timeout_s)
     return [dict(outputs) for outputs in output.loss_fn_outputs]

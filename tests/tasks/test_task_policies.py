@@ -35,9 +35,8 @@ from tasks.provision import SUBMITTED_WAITS
 # Tasks that send ordered trainer operations: a repeat could apply a step twice.
 NEVER_RETRIED = {
     "train-segment",
-    "evaluate-loss",
+    "evaluate",
     "save-and-hotload",
-    "forward-logprobs",
     "reference-logprobs",
 }
 
