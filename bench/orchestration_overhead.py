@@ -8,10 +8,14 @@ adds: Prefect task and flow runs, the ledger, artifacts, control-plane read-back
 side is plain SDK calls in the same order (`Cadence` decides the points on both sides), so
 equal losses prove both did the same work. Rounds are interleaved, alternating which side
 goes first, after one warm-up round of each. Prints wall seconds, the ratio flow/bare, and
-the rate of task runs the Prefect server recorded. Measures only; asserts nothing.
+the task runs and artifacts the Prefect server recorded for the flow run (read back through the
+client; also per 100 steps). `--profile DIR` writes a cProfile of each timed flow side (the
+flow's own thread: tasks, artifacts, Prefect's engine; the in-process platform is not in it)
+as `.prof` and a text summary. Measures only; asserts nothing.
 
     .venv/bin/python bench/orchestration_overhead.py                   # 60 steps, 3 rounds
     .venv/bin/python bench/orchestration_overhead.py --steps 100 --rounds 5
+    .venv/bin/python bench/orchestration_overhead.py --steps 100 --rounds 1 --profile /tmp/prof
 
 Prefect: the API in `PREFECT_API_URL`, else Prefect's temporary local server (as for
 `fireloop demo`); its start-up falls in the warm-up round.
@@ -22,7 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
+import io
 import os
+import pstats
 import statistics
 import tempfile
 import time
@@ -42,7 +49,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import psutil  # type: ignore[import-untyped]
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from transformers import AutoTokenizer
@@ -79,6 +91,7 @@ class Outcome:
     final_loss: float
     exact_match: float
     task_runs: int | None = None
+    artifacts: int | None = None  # artifact versions created (progress updates not counted)
     server_cpu_s: float = 0.0  # CPU seconds the temporary Prefect server spent meanwhile
 
 
@@ -109,11 +122,20 @@ def make_config(run_dir: Path, platform: LocalPlatform, steps: int) -> SFTConfig
 # -- the flow side ----------------------------------------------------------------------------
 
 
-def run_flow(config: SFTConfig) -> Outcome:
+def run_flow(config: SFTConfig, profile_to: Path | None = None) -> Outcome:
+    profiler = cProfile.Profile() if profile_to is not None else None
     cpu_before, started = children_cpu_s(), time.perf_counter()
-    state = configured_sft_flow(config)(config, return_state=True)
+    if profiler is not None:
+        profiler.enable()
+    try:
+        state = configured_sft_flow(config)(config, return_state=True)
+    finally:
+        if profiler is not None:
+            profiler.disable()
     wall_s = time.perf_counter() - started
     server_cpu_s = children_cpu_s() - cpu_before
+    if profiler is not None and profile_to is not None:
+        write_profile(profiler, profile_to)
     result = state.result()
     flow_run_id = state.state_details.flow_run_id
     metrics = result.final_metrics
@@ -122,8 +144,21 @@ def run_flow(config: SFTConfig) -> Outcome:
         final_loss=metrics["train/ce_loss"],
         exact_match=metrics.get("eval/exact_match", float("nan")),
         task_runs=count_task_runs(flow_run_id) if flow_run_id else None,
+        artifacts=count_artifacts(flow_run_id) if flow_run_id else None,
         server_cpu_s=server_cpu_s,
     )
+
+
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """`path` (.prof, for snakeviz or pstats) and beside it the top functions as text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.dump_stats(path)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    path.with_suffix(".txt").write_text(text.getvalue())
+    print(f"profile: {path} (summary {path.with_suffix('.txt')})")
 
 
 def count_task_runs(flow_run_id: UUID, settle_s: float = 10.0) -> int:
@@ -137,6 +172,14 @@ def count_task_runs(flow_run_id: UUID, settle_s: float = 10.0) -> int:
             time.sleep(1.0)
             count = len(client.read_task_runs(flow_run_filter=flow_filter, limit=200))
     return count
+
+
+def count_artifacts(flow_run_id: UUID) -> int:
+    """Artifact versions the flow run created (a keyed artifact's every write is a version;
+    in-place progress updates are not)."""
+    artifact_filter = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return len(client.read_artifacts(artifact_filter=artifact_filter, limit=200))
 
 
 # -- the bare side: the same loop on the SDK --------------------------------------------------
@@ -281,21 +324,28 @@ def evaluate_bare(run: BareRun, config: SFTConfig, point: int) -> float:
 
 
 def run_round(
-    index: int, flow_first: bool, root: Path, platform: LocalPlatform, steps: int
+    index: int,
+    flow_first: bool,
+    root: Path,
+    platform: LocalPlatform,
+    steps: int,
+    profile_dir: Path | None = None,
 ) -> tuple[Outcome, Outcome]:
     flow_config = make_config(root / f"flow-{index}", platform, steps)
     bare_config = make_config(root / f"bare-{index}", platform, steps)
+    profile_to = profile_dir / f"flow-round-{index}.prof" if profile_dir is not None else None
     if flow_first:
-        flow = run_flow(flow_config)
+        flow = run_flow(flow_config, profile_to)
         return flow, run_bare(bare_config, platform)
     bare = run_bare(bare_config, platform)
-    return run_flow(flow_config), bare
+    return run_flow(flow_config, profile_to), bare
 
 
-def report(rounds: list[tuple[Outcome, Outcome]]) -> None:
+def report(rounds: list[tuple[Outcome, Outcome]], steps: int) -> None:
     print(
         f"{'round':>5} {'flow s':>8} {'bare s':>8} {'ratio':>7} {'task runs':>9} "
-        f"{'runs/s':>7} {'server cpu s':>13} {'same loss':>9} {'exact (flow/bare)':>18}"
+        f"{'runs/s':>7} {'server cpu s':>13} {'same loss':>9} {'exact (flow/bare)':>18} "
+        f"{'artifacts':>9}"
     )
     for index, (flow, bare) in enumerate(rounds, start=1):
         runs = flow.task_runs if flow.task_runs is not None else 0
@@ -304,8 +354,16 @@ def report(rounds: list[tuple[Outcome, Outcome]]) -> None:
             f"{runs:>9} {runs / flow.wall_s:>7.2f} "
             f"{f'{flow.server_cpu_s:.2f}/{bare.server_cpu_s:.2f}':>13} "
             f"{flow.final_loss == bare.final_loss!s:>9} "
-            f"{flow.exact_match:>8.3f}/{bare.exact_match:<8.3f}"
+            f"{flow.exact_match:>8.3f}/{bare.exact_match:<8.3f} "
+            f"{flow.artifacts if flow.artifacts is not None else 0:>9}"
         )
+    runs = statistics.median(flow.task_runs or 0 for flow, _ in rounds)
+    artifacts = statistics.median(flow.artifacts or 0 for flow, _ in rounds)
+    print(
+        f"per 100 steps: {100 * runs / steps:.1f} task runs, {100 * artifacts / steps:.1f} "
+        f"artifact versions (median of rounds: {runs:g} task runs, {artifacts:g} artifacts "
+        f"in {steps} steps)"
+    )
     flow_s = statistics.median(flow.wall_s for flow, _ in rounds)
     bare_s = statistics.median(bare.wall_s for _, bare in rounds)
     ratios = [flow.wall_s / bare.wall_s for flow, bare in rounds]
@@ -320,17 +378,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after a warm-up)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="steps of the warm-up round (--steps)"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="platform data (model cache)")
     parser.add_argument(
-        "--no-heartbeats",
-        action="store_true",
-        help="flow-run heartbeats off (their thread's join costs a sync flow up to ~1 s)",
+        "--heartbeats",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="flow-run heartbeats (their thread's join costs a sync flow up to ~1 s); auto: as "
+        "`fireloop run` sets them, off with the temporary server, Prefect's default with "
+        "PREFECT_API_URL",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a cProfile of each timed flow side to DIR (.prof and a .txt summary)",
     )
     args = parser.parse_args()
-    heartbeats = {"flows.heartbeat_frequency": None} if args.no_heartbeats else {}
+    watched = bool(os.environ.get("PREFECT_API_URL"))
+    heartbeats = args.heartbeats == "on" or (args.heartbeats == "auto" and watched)
     with (
         tempfile.TemporaryDirectory(prefix="fireloop-overhead-") as tmp,
-        temporary_settings(updates=heartbeats),
+        temporary_settings(updates={} if heartbeats else {"flows.heartbeat_frequency": None}),
     ):
         root = Path(tmp)
         data_dir = args.data_dir or root / "platform"
@@ -338,15 +410,16 @@ def main() -> None:
             print(
                 f"Prefect API: {PREFECT_API_URL.value() or 'temporary local server'}; "
                 f"platform {platform.base_url}; tiny, {args.steps} steps per run; "
-                f"heartbeats {'off' if args.no_heartbeats else 'on'}"
+                f"heartbeats {'on' if heartbeats else 'off'}"
             )
-            warm_flow, warm_bare = run_round(0, True, root, platform, args.steps)
+            warmup_steps = args.warmup_steps or args.steps
+            warm_flow, warm_bare = run_round(0, True, root, platform, warmup_steps)
             print(f"warm-up: flow {warm_flow.wall_s:.2f} s, bare {warm_bare.wall_s:.2f} s")
             rounds = [
-                run_round(i, i % 2 == 0, root, platform, args.steps)
+                run_round(i, i % 2 == 0, root, platform, args.steps, args.profile)
                 for i in range(1, args.rounds + 1)
             ]
-    report(rounds)
+    report(rounds, args.steps)
 
 
 if __name__ == "__main__":
