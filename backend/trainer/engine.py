@@ -93,9 +93,12 @@ class TrainableModel:
         )
         self.vocab_size = int(hf_model.config.vocab_size)
         self.context_length = context_length or int(hf_model.config.max_position_embeddings)
-        self._max_batch_tokens = max_batch_tokens or min(
-            _MAX_BATCH_TOKENS, max(self.context_length, _MAX_BATCH_LOGITS // self.vocab_size)
-        )
+        # Chunked log-probs bound each chunk's logits instead (`max_chunk_logits`), so there
+        # the vocabulary no longer shrinks the micro-batch.
+        vocab_budget = max(self.context_length, _MAX_BATCH_LOGITS // self.vocab_size)
+        if self._plan.logprob_chunk:
+            vocab_budget = _MAX_BATCH_TOKENS
+        self._max_batch_tokens = max_batch_tokens or min(_MAX_BATCH_TOKENS, vocab_budget)
         self._model = modeling.attach_lora(hf_model, lora) if lora else hf_model
         if self._plan.compile:
             modeling.compile_decoder(hf_model)
@@ -410,6 +413,7 @@ class TrainableModel:
             batch.targets_BT,
             batch.attention_mask,
             chunk=self._plan.logprob_chunk,
+            max_chunk_logits=_MAX_BATCH_LOGITS,
             autocast=partial(self._plan.autocast, self._device),
         )
 

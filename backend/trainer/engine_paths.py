@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -106,13 +106,18 @@ def chunked_target_logprobs(
     *,
     chunk: int,
     autocast: Callable[[], AbstractContextManager[object]],
+    max_chunk_logits: int | None = None,
 ) -> torch.Tensor:
     """fp32 target logprobs (B, T) with the vocabulary log-softmax taken `chunk` positions at a
     time: lp = logit[target] - logsumexp(logits). With grad on, each chunk's logits are
     recomputed in backward (activation checkpointing), so at most one BxchunkxV fp32 block is
-    alive at once, forward or backward; gradients are those of the full pass."""
+    alive at once, forward or backward; gradients are those of the full pass. A chunk holds at
+    most `max_chunk_logits` logits (fewer positions for a wide batch), at least one position."""
     with autocast():
         hidden_BTD = decoder(input_ids=tokens_BT, attention_mask=attention_mask).last_hidden_state
+    if max_chunk_logits is not None:
+        B, V = tokens_BT.shape[0], int(cast(torch.Tensor, head.weight).shape[0])
+        chunk = max(1, min(chunk, max_chunk_logits // (B * V)))
     pieces = []
     for start in range(0, hidden_BTD.shape[1], chunk):
         hidden_BCD = hidden_BTD[:, start : start + chunk]

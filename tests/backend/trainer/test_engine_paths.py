@@ -134,12 +134,14 @@ def test_chunked_logprobs_and_gradients_match_the_full_log_softmax(chunk: int) -
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def _largest_saved(run: Any) -> int:
-    """Elements in the largest tensor autograd saves for backward while `run()` builds a graph."""
+def _largest_saved_logits(run: Any, vocab: int) -> int:
+    """Elements of the largest (B, T, V)-like tensor autograd keeps for backward while `run()`
+    builds its graph (the head's (V, D) weight is 2-D and not counted)."""
     sizes = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        sizes.append(t.numel())
+        if t.dim() == 3 and t.shape[-1] == vocab:
+            sizes.append(t.numel())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -151,16 +153,57 @@ def test_chunking_never_keeps_a_batch_by_sequence_by_vocabulary_tensor_for_backw
     decoder, head = _stub(0, vocab=512)
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
     targets = torch.roll(tokens, -1, dims=1)
-    full_logits = 2 * 64 * 512
 
-    full = _largest_saved(lambda: _full_logprobs(decoder, head, tokens, targets))
-    chunked = _largest_saved(
+    full = _largest_saved_logits(lambda: _full_logprobs(decoder, head, tokens, targets), 512)
+    chunked = _largest_saved_logits(
         lambda: chunked_target_logprobs(
             decoder, head, tokens, targets, None, chunk=8, autocast=nullcontext
-        )
+        ),
+        512,
     )
-    assert full >= full_logits  # the probe sees the full path's BxTxV log-softmax
-    assert chunked <= 2 * 8 * 512  # one chunk's logits at most
+    assert full >= 2 * 64 * 512  # the probe sees the full path's BxTxV logits
+    assert chunked <= 2 * 8 * 512  # recomputed in backward: at most one chunk, here none kept
+
+
+class CountingHead(torch.nn.Linear):
+    """A head that records the number of positions of every call."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__(hidden, vocab, bias=False)
+        self.positions: list[int] = []
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.positions.append(hidden.shape[1])
+        return super().forward(hidden)
+
+
+def test_a_wide_batch_takes_fewer_positions_per_chunk_under_the_logits_budget() -> None:
+    decoder, head = StubDecoder(512, 16), CountingHead(16, 512)
+    tokens = torch.randint(0, 512, (4, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        chunked_target_logprobs(
+            decoder,
+            head,
+            tokens,
+            tokens,
+            None,
+            chunk=8,
+            autocast=nullcontext,
+            max_chunk_logits=4 * 3 * 512,  # room for 3 positions of 4 sequences
+        )
+        assert head.positions == [3] * 6 + [2]
+        head.positions.clear()
+        chunked_target_logprobs(  # a budget below one position still makes progress
+            decoder,
+            head,
+            tokens,
+            tokens,
+            None,
+            chunk=8,
+            autocast=nullcontext,
+            max_chunk_logits=100,
+        )
+        assert head.positions == [1] * 20
 
 
 # -- batched losses on synthetic tensors ------------------------------------------------------
