@@ -14,6 +14,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class FutureStore:
         self._ttl_s = ttl_s
         self._clock = clock
         self._records: dict[str, FutureRecord] = {}
+        # (completed_at, request id) in completion order, so a sweep looks only at what expired
+        # instead of walking every result of the last hour on each submission.
+        self._completed: deque[tuple[float, str]] = deque()
         self._lock = threading.Lock()
 
     def new(self, request_type: str) -> FutureRecord:
@@ -115,14 +119,12 @@ class FutureStore:
             return len(self._records)
 
     def _mark_done(self, record: FutureRecord) -> None:
-        record.completed_at = self._clock()
+        with self._lock:  # the clock is read under the lock: the deque stays in time order
+            record.completed_at = self._clock()
+            self._completed.append((record.completed_at, record.request_id))
 
     def _sweep_locked(self) -> None:
         cutoff = self._clock() - self._ttl_s
-        expired = [
-            rid
-            for rid, r in self._records.items()
-            if r.completed_at is not None and r.completed_at < cutoff
-        ]
-        for rid in expired:
-            del self._records[rid]
+        while self._completed and self._completed[0][0] < cutoff:
+            _, request_id = self._completed.popleft()
+            self._records.pop(request_id, None)

@@ -250,7 +250,8 @@ def trainer_router(gateway: TrainerGateway, registry: TrainerRegistry) -> APIRou
         # A 0.38 client reads fwd/bwd and sample results only as protobuf; errors stay JSON.
         if isinstance(outcome, PROTO_RESULTS) and wants_proto(request.headers.get("accept")):
             return Response(content=encode_result(outcome), media_type=PROTO_MEDIA_TYPE)
-        return outcome.wire_json()
+        # Encoded here, not by FastAPI, whose generic encoder walks every float of a result.
+        return Response(content=outcome.wire_json_bytes(), media_type="application/json")
 
     return router
 

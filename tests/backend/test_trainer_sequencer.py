@@ -194,3 +194,21 @@ def test_completed_results_expire_after_ttl() -> None:
     futures.new("Forward")  # a new submission sweeps expired results
     assert futures.get(old.request_id) is None
     assert len(futures) == 1
+
+
+def test_a_sweep_drops_only_the_results_past_their_ttl() -> None:
+    clock = Clock()
+    futures = FutureStore(ttl_s=600, clock=clock)
+    old, young, pending = futures.new("Forward"), futures.new("Forward"), futures.new("Forward")
+    old.future.set_result(Done())
+    clock.now += 300
+    young.future.set_result(Done())
+    clock.now += 301  # old finished 601 s ago, young 301 s ago, pending never
+    futures.new("OptimStep")
+    assert futures.get(old.request_id) is None
+    assert futures.get(young.request_id) is young
+    assert futures.get(pending.request_id) is pending
+    clock.now += 10_000
+    futures.new("OptimStep")
+    assert futures.get(young.request_id) is None
+    assert futures.get(pending.request_id) is pending  # unfinished work never expires

@@ -63,3 +63,26 @@ def test_failures_say_whose_fault_they_are() -> None:
     unexpected = failed_result(RuntimeError("boom"))
     assert unexpected.category == "server"
     assert unexpected.error == "internal error: RuntimeError: boom"
+
+
+def test_encoded_results_are_the_same_json_objects() -> None:
+    # The route sends `wire_json_bytes`; a client must read exactly what `wire_json` describes.
+    tensor = TensorDataWire(data=[1.0, -0.5, 3], dtype="float32", shape=[3])
+    results = [
+        ForwardBackwardOutput(loss_fn_outputs=[{"logprobs": tensor}], metrics={"loss:sum": 2.5}),
+        SampleResult(sequences=[SampledSequenceWire(stop_reason="stop", tokens=[3, 1])]),
+        SampleResult(sequences=[], prompt_logprobs=[None, -1.5], topk_prompt_logprobs=None),
+        SaveForSamplerResult(path="snap-1"),
+        failed_result(UserError("bad datum 3")),
+    ]
+    for result in results:
+        assert json.loads(result.wire_json_bytes()) == result.wire_json()
+
+
+def test_non_finite_floats_are_encoded_as_json_constants_not_null() -> None:
+    # A null would fail the client's float fields; NaN/Infinity parse back as floats.
+    tensor = TensorDataWire(data=[float("-inf"), float("nan")], dtype="float32", shape=[2])
+    output = ForwardBackwardOutput(loss_fn_outputs=[{"logprobs": tensor}], metrics={"x": 1.0})
+    decoded = json.loads(output.wire_json_bytes())
+    low, missing = decoded["loss_fn_outputs"][0]["logprobs"]["data"]
+    assert low == float("-inf") and missing != missing  # NaN is the one float unequal to itself
