@@ -112,6 +112,7 @@ def _config(platform: LocalPlatform, run_dir: Path, **overrides: Any) -> ToyConf
         "checkpoint_every": 3,
         "hotload_every": 0,
         "eval_every": 0,
+        "flow_retries": 4,  # the flow writes its config's retries onto its run: three preemptions
         "retry_delay_s": 0,
         "waits": FAST_WAITS,
         "platform": platform_config(platform),
