@@ -5,21 +5,34 @@ log-softmax, summed cross-entropy, backward, AdamW. The SDK side goes through ev
 pipeline pays for — FiretitanTrainingClient, tinker's JSON wire, the gateway, futures, the
 sequencer and the trainer's worker thread; the plain side is transformers + torch.optim in
 this process. Rounds are interleaved so machine noise hits both alike. Prints a table and the
-ratio SDK/plain (goal ≥ 0.9). Measures only; asserts nothing.
+ratio SDK/plain (goal ≥ 0.9), and the CPU seconds each thread of this process spent per step on
+the SDK side (trainer worker, HTTP server, tinker's client loop), which a loaded machine disturbs
+far less than wall time. `--profile DIR` records the SDK side with py-spy (every thread;
+speedscope JSON, open it at speedscope.app), or cProfile of the calling thread where py-spy is
+missing. Measures only; asserts nothing.
 
     .venv/bin/python bench/trainer_throughput.py                       # tiny, full + LoRA
+    .venv/bin/python bench/trainer_throughput.py --depths 1,2          # steps in flight
     .venv/bin/python bench/trainer_throughput.py --models tiny,smollm2-135m
+    .venv/bin/python bench/trainer_throughput.py --profile /tmp/trainer-prof
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,8 +163,99 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def thread_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) of every thread of this process, by native thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[int, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat.rpartition(")")[2].split()
+        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def thread_role(name: str | None) -> str:
+    """Which part of the SDK path a thread belongs to; `native`: threads Python did not start
+    (torch's intra-op pool, which helps whichever thread computes)."""
+    if name is None:
+        return "native"
+    if name.startswith("trainer-"):
+        return "trainer"
+    if name == "fireloop-platform" or name.startswith("AnyIO"):
+        return "server"
+    if name.startswith("Thread-") and "background_thread" in name:
+        return "client loop"
+    if name == "MainThread":
+        return "caller"
+    return "other"
+
+
+def cpu_by_role(run: Callable[[], float]) -> tuple[float, Counter[str]]:
+    """`run()`, and the CPU seconds each role's threads spent meanwhile (Linux only)."""
+    if not Path("/proc/self/task").is_dir():
+        return run(), Counter()
+    before = thread_cpu_s()
+    value = run()
+    after = thread_cpu_s()
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    spent: Counter[str] = Counter()
+    for tid, seconds in after.items():
+        spent[thread_role(names.get(tid))] += seconds - before.get(tid, 0.0)
+    return value, spent
+
+
+@contextlib.contextmanager
+def profiled(directory: Path | None, name: str) -> Iterator[None]:
+    """Profile the block into `directory`: py-spy of every thread of this process when it is
+    installed (the SDK path spans the caller, tinker's loop, the server and the trainer), else
+    cProfile of the calling thread only."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    py_spy = shutil.which("py-spy") or _venv_tool("py-spy")
+    if py_spy is None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            path = directory / f"{name}.prof"
+            profiler.dump_stats(path)
+            print(f"profile: {path} (cProfile of the calling thread; install py-spy for all)")
+        return
+    out = directory / f"{name}.speedscope.json"
+    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "250", "--threads"]
+    command += ["--format", "speedscope", "--output", str(out)]
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # let it attach before the profiled work starts
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+        _, stderr = recorder.communicate(timeout=120)
+        if out.exists():
+            print(f"profile: {out}")
+        else:
+            print(f"py-spy wrote no profile: {stderr.decode(errors='replace')[-500:]}")
+
+
+def _venv_tool(name: str) -> str | None:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else None
+
+
 def measure(
-    model: str, lora_rank: int, depth: int, data_dir: Path, platform: LocalPlatform
+    model: str,
+    lora_rank: int,
+    depth: int,
+    data_dir: Path,
+    platform: LocalPlatform,
+    profile_dir: Path | None = None,
 ) -> dict[str, float]:
     shape = SHAPES[model]
     model_dir = ensure_model_dir(model, data_dir)
@@ -162,19 +266,30 @@ def measure(
     first_sdk, first_plain = sdk.run(1, 1)[0], plain_step()  # warm-up, and a same-math check
     sdk_s: list[float] = []
     plain_s: list[float] = []
+    sdk_cpu: Counter[str] = Counter()
     for _ in range(shape.rounds):
-        sdk_s.append(timed(lambda: sdk.run(shape.steps, depth)))
+        elapsed, spent = cpu_by_role(lambda: timed(lambda: sdk.run(shape.steps, depth)))
+        sdk_s.append(elapsed)
+        sdk_cpu += spent
         plain_s.append(timed(lambda: [plain_step() for _ in range(shape.steps)]))
+    _, plain_cpu = cpu_by_role(lambda: timed(lambda: [plain_step() for _ in range(shape.steps)]))
+    mode = f"lora{lora_rank}" if lora_rank else "full"
+    with profiled(profile_dir, f"trainer-{model}-{mode}-depth{depth}"):
+        sdk.run(shape.steps, depth)
     sdk.close()
     tokens = shape.batch * shape.seq_len * shape.steps
     sdk_tps = tokens / statistics.median(sdk_s)
     plain_tps = tokens / statistics.median(plain_s)
+    sdk_steps = shape.steps * shape.rounds
+    per_step_ms = {f"cpu_{role}": 1000 * sec / sdk_steps for role, sec in sdk_cpu.items()}
     return {
         "sdk_tps": sdk_tps,
         "plain_tps": plain_tps,
         "ratio": sdk_tps / plain_tps,
         "first_loss_sdk": first_sdk,
         "first_loss_plain": first_plain,
+        "cpu_plain": 1000 * sum(plain_cpu.values()) / shape.steps,
+        **per_step_ms,
     }
 
 
@@ -184,6 +299,9 @@ def main() -> None:
     parser.add_argument("--modes", default="full,lora", help="comma-separated: full,lora")
     parser.add_argument("--depths", default="1", help="steps in flight on the SDK side: 1,2")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write a profile of each SDK run into DIR"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[tuple[str, str, int, dict[str, float]]] = []
@@ -195,10 +313,10 @@ def main() -> None:
                 for mode in args.modes.split(","):
                     for depth in [int(d) for d in args.depths.split(",")]:
                         rank = LORA_RANK if mode == "lora" else 0
-                        result = measure(model, rank, depth, data_dir, platform)
+                        result = measure(model, rank, depth, data_dir, platform, args.profile)
                         rows.append((model, mode, depth, result))
                         print(f"done {model} {mode} depth {depth}: {result['ratio']:.3f}")
-    print(f"\ntorch {torch.__version__}, {args.threads} threads, device cpu")
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, device cpu, {_load()}")
     header = ["model", "mode", "depth", "batch × len", "SDK tokens/s", "plain tokens/s", "ratio"]
     print("| " + " | ".join([*header, "1st loss SDK / plain"]) + " |")
     print("|---|---|---:|---|---:|---:|---:|---|")
@@ -210,6 +328,24 @@ def main() -> None:
             f"{r['plain_tps']:,.0f} | {r['ratio']:.3f} | "
             f"{r['first_loss_sdk']:.2f} / {r['first_loss_plain']:.2f} |"
         )
+    roles = ["trainer", "native", "server", "client loop", "caller", "other"]
+    print("\nCPU ms per step, by thread (SDK side; plain = the whole plain PyTorch step):")
+    print("| model | mode | depth | " + " | ".join(roles) + " | SDK total | plain |")
+    print("|---|---|---:|" + "---:|" * (len(roles) + 2))
+    for model, mode, depth, r in rows:
+        cells = [r.get(f"cpu_{role}", 0.0) for role in roles]
+        print(
+            f"| {model} | {mode} | {depth} | "
+            + " | ".join(f"{c:.1f}" for c in cells)
+            + f" | {sum(cells):.1f} | {r['cpu_plain']:.1f} |"
+        )
+
+
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 if __name__ == "__main__":

@@ -45,8 +45,18 @@ def run_bench(script: str, *args: str, tmp_path: Path) -> str:
 
 @pytest.mark.slow
 def test_trainer_throughput_runs(tmp_path: Path) -> None:
-    out = run_bench("trainer_throughput.py", "--modes", "full", tmp_path=tmp_path)
+    profiles = tmp_path / "profiles"
+    out = run_bench(
+        "trainer_throughput.py", "--modes", "full", "--profile", str(profiles), tmp_path=tmp_path
+    )
     assert re.search(r"tiny\s*\|\s*full", out), out
+    # The per-thread CPU table: trainer, native, server, client loop, caller, other, totals.
+    cpu_row = re.search(r"^\| tiny \| full \| 1 \|((?: [0-9.]+ \|){8})$", out, re.MULTILINE)
+    assert cpu_row is not None, out
+    # A profile of the SDK run, unless py-spy could not attach here (it says so).
+    written = sorted(p.name for p in profiles.iterdir())
+    assert written or "py-spy wrote no profile" in out, out
+    assert all(name.startswith("trainer-tiny-full-depth1") for name in written), written
 
 
 @pytest.mark.slow
