@@ -53,7 +53,7 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape(batch=16, seq_len=64, steps=5, rounds=3),
-    "smollm2-135m": Shape(batch=4, seq_len=256, steps=2, rounds=2),
+    "smollm2-135m": Shape(batch=2, seq_len=256, steps=1, rounds=3),
 }
 
 
