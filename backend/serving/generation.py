@@ -308,7 +308,8 @@ def _hit_stop_string(sequence: DecodingSequence, model: DecodingModel) -> bool:
 
 
 def _autocast(device: torch.device) -> AbstractContextManager[object]:
-    # The trainer's numerics (`batching._autocast`): bf16 matmuls on GPU, plain fp32 on CPU.
+    # The trainer's default numerics (its engine plan's `autocast`): bf16 matmuls on GPU,
+    # plain fp32 on CPU, so a hotloaded policy samples as it was trained.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
