@@ -29,19 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import cProfile
 import json
 import os
-import pstats
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +43,7 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a "Loading weights" bar per load
 
 import torch
+from profiling import profiled  # bench/profiling.py, beside this script
 from tinker import types
 
 from backend import LocalPlatform, PlatformTimings
@@ -274,55 +267,6 @@ def _median_max(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} / {max(values):.2f}"
 
 
-@contextlib.contextmanager
-def profiled(directory: Path | None, name: str) -> Iterator[None]:
-    """Profile the block into `directory`: py-spy (every thread of this process, native frames
-    off) when it is installed, else cProfile of this thread (the trainer and the loader run on
-    others, so that one shows the client side only)."""
-    if directory is None:
-        yield
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    py_spy = shutil.which("py-spy") or _venv_tool("py-spy")
-    if py_spy is None:
-        with _cprofiled(directory / f"{name}.prof"):
-            yield
-        return
-    out = directory / f"{name}.speedscope.json"
-    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads", "--idle"]
-    command += ["--format", "speedscope", "--output", str(out)]
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # let it attach before the timed work starts
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
-        _, stderr = recorder.communicate(timeout=120)
-        if not out.exists():
-            print(f"py-spy wrote no profile: {stderr.decode(errors='replace')[-500:]}")
-        else:
-            print(f"profile: {out}")
-
-
-@contextlib.contextmanager
-def _cprofiled(path: Path) -> Iterator[None]:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        profiler.dump_stats(path)
-        with path.with_suffix(".txt").open("w") as summary:
-            pstats.Stats(profiler, stream=summary).sort_stats("cumulative").print_stats(40)
-        print(f"profile: {path} (+ .txt summary)")
-
-
-def _venv_tool(name: str) -> str | None:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny", help="comma-separated: tiny,smollm2-135m")
@@ -353,7 +297,7 @@ def main() -> None:
             for model in args.models.split(","):
                 for mode in args.modes.split(","):
                     started = time.perf_counter()
-                    with profiled(args.profile, f"hotload-{model}-{mode}"):
+                    with profiled(args.profile, f"hotload-{model}-{mode}", idle=True):
                         runs.append(
                             measure(platform, model, mode, args.rounds, args.deltas, args.poll_s)
                         )

@@ -20,19 +20,13 @@ missing. Measures only; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import cProfile
 import os
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +37,7 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 import torch
 from peft import LoraConfig, get_peft_model
+from profiling import profiled  # bench/profiling.py, beside this script
 from tinker import types
 from transformers import AutoModelForCausalLM
 
@@ -207,48 +202,6 @@ def cpu_by_role(run: Callable[[], float]) -> tuple[float, Counter[str]]:
     return value, spent
 
 
-@contextlib.contextmanager
-def profiled(directory: Path | None, name: str) -> Iterator[None]:
-    """Profile the block into `directory`: py-spy of every thread of this process when it is
-    installed (the SDK path spans the caller, tinker's loop, the server and the trainer), else
-    cProfile of the calling thread only."""
-    if directory is None:
-        yield
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    py_spy = shutil.which("py-spy") or _venv_tool("py-spy")
-    if py_spy is None:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            yield
-        finally:
-            profiler.disable()
-            path = directory / f"{name}.prof"
-            profiler.dump_stats(path)
-            print(f"profile: {path} (cProfile of the calling thread; install py-spy for all)")
-        return
-    out = directory / f"{name}.speedscope.json"
-    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", "250", "--threads"]
-    command += ["--format", "speedscope", "--output", str(out)]
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # let it attach before the profiled work starts
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
-        _, stderr = recorder.communicate(timeout=120)
-        if out.exists():
-            print(f"profile: {out}")
-        else:
-            print(f"py-spy wrote no profile: {stderr.decode(errors='replace')[-500:]}")
-
-
-def _venv_tool(name: str) -> str | None:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else None
-
-
 def measure(
     model: str,
     lora_rank: int,
@@ -274,7 +227,7 @@ def measure(
         plain_s.append(timed(lambda: [plain_step() for _ in range(shape.steps)]))
     _, plain_cpu = cpu_by_role(lambda: timed(lambda: [plain_step() for _ in range(shape.steps)]))
     mode = f"lora{lora_rank}" if lora_rank else "full"
-    with profiled(profile_dir, f"trainer-{model}-{mode}-depth{depth}"):
+    with profiled(profile_dir, f"trainer-{model}-{mode}-depth{depth}", rate=250):
         sdk.run(shape.steps, depth)
     sdk.close()
     tokens = shape.batch * shape.seq_len * shape.steps
