@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,31 @@ def test_an_interrupt_that_library_code_swallows_is_delivered_again() -> None:
                     arrivals += 1  # swallowed, as such library code does
         assert interrupt_exit_code(second.value) == 143
     assert arrivals == 1
+
+
+def test_acting_on_an_interrupt_releases_prefects_task_timeout_watchers() -> None:
+    """A task cut short off the main thread never leaves its cancel scope; the scope's watcher
+    (not a daemon) would keep the exiting CLI alive for the rest of the task's timeout."""
+    from prefect._internal.concurrency.cancellation import WatcherThreadCancelScope
+
+    entered, stop = threading.Event(), threading.Event()
+
+    def interrupted_task() -> None:
+        WatcherThreadCancelScope(timeout=600).__enter__()  # never exited, as after an interrupt
+        entered.set()
+        stop.wait(30)
+
+    threading.Thread(target=interrupted_task).start()  # not a daemon, as Prefect's workers
+    assert entered.wait(10)
+    watchers = [t for t in threading.enumerate() if t.name.startswith("timeout-watcher")]
+    assert watchers and all(not t.daemon for t in watchers)
+    try:
+        assert interrupt_exit_code(KeyboardInterrupt()) == 130
+        for watcher in watchers:
+            watcher.join(5)
+            assert not watcher.is_alive(), "the watcher still waits out its 600 s"
+    finally:
+        stop.set()
 
 
 def _prefect_servers_of(pid: int) -> list[psutil.Process]:
