@@ -133,3 +133,16 @@ def assert_bitwise_equal(want: dict[str, Any], got: dict[str, Any]) -> None:
     for part, tensors in want.items():
         assert tensors.keys() == got[part].keys(), part
         assert all(torch.equal(tensors[name], got[part][name]) for name in tensors), part
+
+
+def sft_header(run_id: str) -> RunHeader:
+    """A ledger header of a tiny SFT run, for tests that drive the ledger and monitor by hand."""
+    return RunHeader(
+        run_id=run_id,
+        recipe="sft",
+        config_hash="sha256:x",
+        base_model="fireloop/tiny",
+        tokenizer_model="fireloop/tiny",
+        lora_rank=0,
+        dataset_fingerprint="sha256:y",
+    )

@@ -32,13 +32,13 @@ from flows.curves import (
     draw_curves,
     write_png,
 )
-from flows.ledger import EvaluationRow, Ledger, RunEndRow, RunHeader, read_ledger
+from flows.ledger import EvaluationRow, Ledger, RunEndRow, read_ledger
 from flows.monitoring import MetricsLog, RunMonitor
 from flows.rl import configured_rl_flow
 from flows.sft import configured_sft_flow
 from tasks.training import Segment, SegmentResult, StepRecord
 from tests.flows.conftest import FAST_WAITS, platform_config, sft_config
-from tests.flows.support import read_run
+from tests.flows.support import read_run, sft_header
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -257,15 +257,7 @@ def test_matplotlib_is_imported_only_to_draw_and_pyplot_never() -> None:
 def test_the_monitor_writes_one_artifact_key_in_versions(tmp_path: Path) -> None:
     """Each picture is a new version of the run's curves key, drawn only when there is news."""
     run_dir = str(tmp_path / "versions")
-    header = RunHeader(
-        run_id="versions",
-        recipe="sft",
-        config_hash="sha256:x",
-        base_model="fireloop/tiny",
-        tokenizer_model="fireloop/tiny",
-        lora_rank=0,
-        dataset_fingerprint="sha256:y",
-    )
+    header = sft_header("versions")
     ledger = Ledger.open(run_dir, header)
     monitor = RunMonitor(
         recipe="sft",

@@ -22,12 +22,12 @@ from prefect.settings import get_current_settings
 
 from backend import LocalPlatform
 from fireloop.run_cli import flow_heartbeats
-from flows.ledger import CheckpointRow, EvaluationRow, Ledger, RunEndRow, RunHeader, read_ledger
+from flows.ledger import CheckpointRow, EvaluationRow, Ledger, RunEndRow, read_ledger
 from flows.monitoring import MetricsLog, RunMonitor
 from flows.sft import configured_sft_flow
 from tasks.training import Segment, SegmentResult, StepRecord
 from tests.flows.conftest import sft_config
-from tests.flows.support import flow_run_id, read_run
+from tests.flows.support import flow_run_id, read_run, sft_header
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -82,15 +82,7 @@ def test_a_cadence_point_is_a_segment_a_hotload_and_an_evaluation(
 
 
 def _monitor(run_dir: str, interval_s: float) -> tuple[RunMonitor, Ledger]:
-    header = RunHeader(
-        run_id="throttle",
-        recipe="sft",
-        config_hash="sha256:x",
-        base_model="fireloop/tiny",
-        tokenizer_model="fireloop/tiny",
-        lora_rank=0,
-        dataset_fingerprint="sha256:y",
-    )
+    header = sft_header("throttle")
     monitor = RunMonitor(
         recipe="sft",
         run_name=f"throttle-{Path(run_dir).name}",
