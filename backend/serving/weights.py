@@ -5,16 +5,17 @@ attention implementation), so served logprobs match the trainer's `forward` at e
 Every snapshot is written into a standby model that no request uses (building a model costs
 more than its weights' copy): a full snapshot replaces every weight; a delta is XORed against
 the weights being served, in the snapshot's dtype, and its Adler-32 checksums prove it was
-applied to the right base (`export.apply_delta_tensors`); a LoRA snapshot is a PEFT adapter that
-PEFT merges, in place, into the base model's own weights (restored from its safetensors files
-first), so serving costs nothing extra per token. Imports torch: the runtime loads this module
-on its loader thread only.
+applied to the right base (`export.apply_delta_tensors`); a LoRA snapshot is a PEFT adapter
+merged, in place, into the base model's own weights (`W = base + scale * B @ A` for the adapted
+layers, restored from the base safetensors files first), so serving costs nothing extra per
+token. Imports torch: the runtime loads this module on its loader thread only.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedModel
 
 from backend.models.loading import model_construction
+from backend.serving import adapter_merge
 from backend.serving.generation import DecodingModel
 from backend.trainer import export, modeling
 from backend.trainer.errors import UserError
@@ -79,30 +81,59 @@ class ModelFactory:
         self.device = device
         self.context_length = context_length
         self._tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        # Per model built here: the weights (state-dict keys) that may differ from the base
+        # model's own, or None when any may (a full or delta load, or one that failed half-way).
+        # An adapter load then restores only those, not the whole model.
+        self._off_base: weakref.WeakKeyDictionary[torch.nn.Module, frozenset[str] | None] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def base(self) -> DecodingModel:
         """The base model's own weights."""
-        return self._wrap(modeling.load_hf_model(self.model_dir, self.device))
+        model = self._wrap(modeling.load_hf_model(self.model_dir, self.device))
+        self._off_base[model.module] = frozenset()
+        return model
 
     def full(self, tensors: export.Tensors, where: Path, into: DecodingModel) -> DecodingModel:
         """`into`, a model no request uses, with every weight replaced by `tensors` (any float
         dtype); `UserError` when they do not fit, leaving `into` partly written."""
+        self._off_base[into.module] = None
         _copy_weights(into.module, tensors, where)
         return into
 
     def adapter(self, adapter_dir: Path, into: DecodingModel) -> DecodingModel:
-        """`into`, a model no request uses, with the base model's own weights and the PEFT
-        adapter of `adapter_dir` merged into them. PEFT wraps `into`'s layers in LoRA layers,
-        adds each one's update to its base layer's weight and puts the base layer back: `into`
-        keeps its modules and weight tensors. A failure may leave LoRA layers in `into`, which
-        then fits no other load."""
+        """`into`, a model no request uses, with the base model's own weights and the LoRA
+        adapter of `adapter_dir` merged into them, in place (`into` keeps its modules and
+        weight tensors). A plain LoRA adapter is merged by `adapter_merge` after restoring only
+        the weights that may differ from the base; any other PEFT adapter by PEFT, after
+        restoring every weight. A failure may leave LoRA layers in `into` (the PEFT path),
+        which then fits no other load."""
+        plan = adapter_merge.plan_merge(adapter_dir)
+        off_base = self._off_base.get(into.module)
+        self._off_base[into.module] = None  # until the merge is complete
+        if plan is None:
+            self._peft_merge(adapter_dir, into)
+            return into
+        targets = _unique_weights(into.module)
+        adapter_merge.check_fits(plan, targets, adapter_dir)
+        # The previous adapter's layers and this one's go back to the base weights; a model
+        # whose other weights may be off the base (a full snapshot) is restored whole.
+        restore = None if off_base is None else off_base | plan.weight_names
+        _restore_base(into.module, self.model_dir, only=restore)
+        adapter_merge.merge(plan, targets)
+        self._off_base[into.module] = plan.weight_names
+        return into
+
+    def _peft_merge(self, adapter_dir: Path, into: DecodingModel) -> None:
+        """PEFT wraps `into`'s layers in LoRA layers, adds each one's update to its base
+        layer's weight and puts the base layer back."""
         _restore_base(into.module, self.model_dir)
         # Injecting the LoRA layers is model construction too (transformers' global init state).
         with model_construction():
             peft_model = PeftModel.from_pretrained(into.module, str(adapter_dir))
         if peft_model.merge_and_unload() is not into.module:
             raise RuntimeError("PEFT merged the adapter into a new module, not in place")
-        return into
+        self._off_base[into.module] = None  # which weights PEFT changed is its business
 
     def delta(
         self, current: DecodingModel, delta_dir: Path, info: SnapshotInfo, into: DecodingModel
@@ -110,6 +141,7 @@ class ModelFactory:
         """`into` with `current`'s weights XOR the delta, checksums verified (`UserError` if
         they fail). fp32 results are XORed straight into `into`'s weights."""
         served = _served_tensors(current.module, _dtype(info.dtype))
+        self._off_base[into.module] = None
         targets = _unique_weights(into.module)
         restored = export.apply_delta_tensors(served, delta_dir, info.meta, out=targets)
         return self.full(restored, delta_dir, into)
@@ -176,23 +208,32 @@ def _copy_weights(module: torch.nn.Module, tensors: export.Tensors, where: Path)
                 target.copy_(source)
 
 
-def _restore_base(module: torch.nn.Module, model_dir: Path) -> None:
+def _restore_base(
+    module: torch.nn.Module, model_dir: Path, *, only: frozenset[str] | None = None
+) -> None:
     """Copy the base model's own weights, from its safetensors files, into the module's weights
     one tensor at a time (no model-sized copy in memory; the files' dtype is converted as
-    `modeling.load_hf_model` converts it). Every weight must be there once, with its shape."""
+    `modeling.load_hf_model` converts it). Every weight must be there once, with its shape.
+    `only`: restore just these weights (the others already hold the base's)."""
     targets = _unique_weights(module)
+    wanted = targets.keys() if only is None else only
     restored: set[str] = set()
     with torch.no_grad():
         for path in sorted(model_dir.glob("*.safetensors")):
             with safe_open(path, framework="pt") as weights:
                 for name in weights.keys():  # noqa: SIM118 (a safe_open is not iterable)
-                    tensor, target = weights.get_tensor(name), targets.get(name)
-                    if target is None or name in restored or target.shape != tensor.shape:
+                    target = targets.get(name)
+                    if target is None or name in restored:
+                        raise RuntimeError(f"{path}: {name} does not fit the served model")
+                    if name not in wanted:
+                        continue
+                    tensor = weights.get_tensor(name)
+                    if target.shape != tensor.shape:
                         raise RuntimeError(f"{path}: {name} does not fit the served model")
                     target.copy_(tensor)
                     restored.add(name)
-    if restored != targets.keys():
-        missing = sorted(targets.keys() - restored)[:3]
+    if restored != wanted:
+        missing = sorted(wanted - restored)[:3]
         raise RuntimeError(f"{model_dir} holds no base weights for {missing}")
 
 
