@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
 
 
+class SequenceTooLongError(ValueError):
+    """A sequence asks for more tokens than the decoder holds per sequence (a bad request)."""
+
+
 @dataclass(frozen=True)
 class DecodingModel:
     """A causal LM ready to decode, with what stopping and text need."""
@@ -111,6 +115,8 @@ class BatchDecoder:
         """Prefill `sequences` together, draw their first tokens and add the unfinished ones."""
         if not sequences:
             return
+        for sequence in sequences:
+            self.check_fits(sequence.spec)
         lengths = [len(s.spec.prompt) for s in sequences]
         with torch.no_grad(), _autocast(self.model.device):
             logits_BV, kv = self._prefill(sequences, lengths)
@@ -124,28 +130,57 @@ class BatchDecoder:
         if joining:
             self._merge([sequences[b] for b in joining], kv, [lengths[b] for b in joining], joining)
 
+    @property
+    def sequence_limit(self) -> int | None:
+        """Prompt plus generated tokens one sequence may hold; None: only the context bounds it."""
+        return None
+
+    def check_fits(self, spec: SequenceSpec) -> None:
+        """`SequenceTooLongError` when `spec` cannot fit this decoder's per-sequence limit."""
+        limit = self.sequence_limit
+        if limit is not None and len(spec.prompt) + spec.max_tokens > limit:
+            raise SequenceTooLongError(
+                f"prompt ({len(spec.prompt)} tokens) + max_tokens ({spec.max_tokens}) exceed the "
+                f"static KV cache of {limit} tokens per sequence (serving engine setting "
+                "static_max_len)"
+            )
+
+    def serve(self, model: DecodingModel) -> None:
+        """Decode with `model` from now on (a weight swap: same architecture, empty batch;
+        cancelled sequences that have not left yet leave now)."""
+        self._drop_done()
+        if self.active:
+            raise RuntimeError("a decoder changes weights only with an empty batch")
+        self.model = model
+
     def step(self) -> None:
         """Feed every running sequence its last token and draw the next one."""
         self._drop_done()
         if not self.active:
             return
+        with torch.no_grad(), _autocast(self.model.device):
+            logits_BV = self._decode_logits()
+        self._append_draws(self.active, logits_BV)
+        self._drop_done()
+
+    def _decode_logits(self) -> torch.Tensor:
+        """One decode forward over the running batch: fp32 logits [B, V], row b = active[b]."""
         assert self._cache is not None and self._mask_BL is not None
         device = self.model.device
         tokens_B1 = torch.tensor([[s.tokens[-1]] for s in self.active], device=device)
         positions_B1 = torch.tensor([[s.next_position] for s in self.active], device=device)
         ones_B1 = torch.ones(len(self.active), 1, dtype=self._mask_BL.dtype, device=device)
         mask_BL = torch.cat([self._mask_BL, ones_B1], dim=1)
-        with torch.no_grad(), _autocast(self.model.device):
-            out = self.model.module(
-                input_ids=tokens_B1,
-                position_ids=positions_B1,
-                attention_mask=mask_BL,
-                use_cache=True,
-                **{self.model.cache_kwarg: self._cache},
-            )
+        out = self.model.module(
+            input_ids=tokens_B1,
+            position_ids=positions_B1,
+            attention_mask=mask_BL,
+            use_cache=True,
+            **{self.model.cache_kwarg: self._cache},
+        )
         self._mask_BL = mask_BL
-        self._append_draws(self.active, out.logits[:, -1].float())
-        self._drop_done()
+        logits_BV: torch.Tensor = out.logits[:, -1].float()
+        return logits_BV
 
     def cancel_all(self) -> list[DecodingSequence]:
         """Empty the batch (a swap or a shutdown); the sequences that were running."""

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from backend.serving.generation import BatchDecoder, DecodingModel, DecodingSequence, TokenLogprob
+from backend.serving.engine import ServingPlan
+from backend.serving.generation import DecodingModel, DecodingSequence, TokenLogprob
+from backend.serving.slots import new_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +117,14 @@ class Submission:
 
 
 class GenerationLoop:
-    """One thread decoding one model's batch; `submit`, `swap` and `stop` are thread-safe."""
+    """One thread decoding one model's batch; `submit`, `swap` and `stop` are thread-safe.
+    `plan` picks the KV cache (dynamic by default); a swap keeps it, and a static cache's
+    buffers with it."""
 
-    def __init__(self, name: str, model: DecodingModel, max_batch_size: int) -> None:
-        self._decoder = BatchDecoder(model)
+    def __init__(
+        self, name: str, model: DecodingModel, max_batch_size: int, plan: ServingPlan | None = None
+    ) -> None:
+        self._decoder = new_decoder(model, plan or ServingPlan())
         self._max_batch_size = max_batch_size
         self._cond = threading.Condition()
         self._pending: deque[Submission] = deque()
@@ -135,6 +141,10 @@ class GenerationLoop:
             return len(self._pending) + len(self._running)
 
     def submit(self, submission: Submission) -> None:
+        """Queue `submission`; `SequenceTooLongError` (nothing queued) when one of its
+        sequences cannot fit the decoder's per-sequence limit."""
+        for sequence in submission.sequences:
+            self._decoder.check_fits(sequence.spec)
         with self._cond:
             if self._stopping is not None:
                 submission.deliver(Progress([], done=True, error=self._stopping))
@@ -191,7 +201,7 @@ class GenerationLoop:
                 if swap is not None:
                     self._swap = None
             if swap is not None:
-                self._decoder = BatchDecoder(swap[0])
+                self._decoder.serve(swap[0])
                 swap[1].set_result(None)
                 continue
             self._iterate(admitted)

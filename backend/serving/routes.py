@@ -16,13 +16,19 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from backend.control import AccountCheck
 from backend.errors import ApiError, GrpcCode
 from backend.serving.completions import CompletionRequest
-from backend.serving.hotload import HotloadAccepted, HotloadRequest, HotloadService, HotloadStatus
+from backend.serving.hotload import (
+    MAX_STATUS_HOLD_S,
+    HotloadAccepted,
+    HotloadRequest,
+    HotloadService,
+    HotloadStatus,
+)
 from backend.serving.runtime import (
     Replica,
     ReplicaBusyError,
@@ -65,8 +71,15 @@ def serving_router(
     def hot_load_status(
         fireworks_deployment: Annotated[str | None, Header()] = None,
         fireworks_model: Annotated[str | None, Header()] = None,
+        wait_for_identity: Annotated[str | None, Query(max_length=256)] = None,
+        max_wait_s: Annotated[float, Query(ge=0)] = MAX_STATUS_HOLD_S,
     ) -> HotloadStatus:
-        return hotload.status(fireworks_deployment, fireworks_model)
+        # A local extension the published client never sends: held while a load of
+        # `wait_for_identity` runs (at most `max_wait_s`, capped), so a waiting client learns
+        # when it ends at once. A sync route: the hold blocks a worker thread, not the loop.
+        return hotload.status(
+            fireworks_deployment, fireworks_model, wait_for=wait_for_identity, wait_s=max_wait_s
+        )
 
     return router
 
@@ -113,6 +126,7 @@ async def _complete(
     replica: Replica, body: CompletionRequest, request_id: str | None
 ) -> JSONResponse | StreamingResponse:
     # Imported here: it pulls in torch, which only a replica that is up has loaded.
+    from backend.serving.generation import SequenceTooLongError
     from backend.serving.relay import CompletionRun
 
     model, factory = replica.model, replica.factory
@@ -125,6 +139,8 @@ async def _complete(
         raise _too_early(f"a hotload of {str(busy)!r} is in progress; retry shortly") from None
     except ReplicaStoppedError:
         raise ApiError.unavailable("the replica was stopped; retry shortly") from None
+    except SequenceTooLongError as too_long:
+        raise ApiError.invalid_argument(str(too_long)) from None
     headers = {"x-fireloop-weight-version": str(served.version)}
     # The base weights have no snapshot identity: the field and the header are left out.
     snapshot = served.snapshot_identity or None

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.control import Clock
 from backend.control.deployments import DeploymentService
+from backend.serving.engine import ServingEngineSettings, resolve_serving_engine
 
 if TYPE_CHECKING:
     from backend.serving.generation import DecodingModel
@@ -60,6 +61,8 @@ class ServingSettings(BaseModel):
     drain_timeout_s: float = Field(default=600.0, gt=0)
     # `auto`: CUDA when available, else CPU.
     device: str = "auto"
+    # The decoding engine (KV cache layout); default from $FIRELOOP_SERVING_ENGINE, else auto.
+    engine: ServingEngineSettings = Field(default_factory=ServingEngineSettings.from_env)
 
 
 @dataclass
@@ -116,6 +119,9 @@ class Replica:
         self.version = 0
         self.loading = LoadingState()
         self.load_active = False  # a hotload accepted and not yet finished
+        # Notified whenever a load ends (served, failed, or the replica stopped), for status
+        # requests held until then.
+        self._load_ended = threading.Condition(self.lock)
 
     @property
     def serving(self) -> bool:
@@ -206,6 +212,7 @@ class Replica:
             self.version = version
             self.loading = LoadingState("completed", identity)
             self.load_active = False
+            self._load_ended.notify_all()
             return True
 
     def fail_load(self, identity: str, message: str) -> None:
@@ -213,6 +220,16 @@ class Replica:
         with self.lock:
             self.loading = LoadingState("error", identity, message)
             self.load_active = False
+            self._load_ended.notify_all()
+
+    def wait_load_of(self, identity: str, timeout_s: float) -> None:
+        """Block while a load of `identity` is in progress, at most `timeout_s`: returns at
+        once when none is (done already, another identity's, or never asked)."""
+        with self.lock:
+            self._load_ended.wait_for(
+                lambda: self.stopped or not (self.load_active and self.loading.target == identity),
+                timeout_s,
+            )
 
     def stage(self, completed_hold_s: float) -> LoadingState:
         """The loading state as reported: `completed` turns `idle` after the hold time."""
@@ -227,6 +244,7 @@ class Replica:
         with self.lock:  # under the lock: a start finishing now sees it and stops its loop
             self.stopped = True
             loop, self.loop, self.model, self.standby = self.loop, None, None, None
+            self._load_ended.notify_all()
         self.mark_stopped()
         if loop is not None:
             loop.stop(reason)
@@ -390,7 +408,8 @@ def _load_base(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = ensure_model_dir(replica.base_model, models_dir)
     context_length = model_context_length(replica.base_model, models_dir)
+    plan = resolve_serving_engine(settings.engine, torch.device(device).type, context_length)
     factory = ModelFactory(model_dir, torch.device(device), context_length)
     model = factory.base()
-    loop = GenerationLoop(f"serve-{replica.name}", model, settings.max_batch_size)
+    loop = GenerationLoop(f"serve-{replica.name}", model, settings.max_batch_size, plan)
     return factory, model, loop
