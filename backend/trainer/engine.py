@@ -11,6 +11,7 @@ weights and optimizer state but drops the gradients (see `optim_step`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -192,33 +193,44 @@ class TrainableModel:
         Never leaves non-finite weights or optimizer state, by refusing (`UserError`) first:
         - non-finite gradients (an overflowing loss): weights and optimizer state unchanged,
           the accumulated gradients dropped (they cannot be used; the next step starts clean);
-        - a step that would overflow: each parameter's AdamW update is first computed into a
-          scratch copy of that one parameter and checked (`_step_stays_finite`); only if every
-          one is finite does the real step run. A copy of the whole model and optimizer state
-          would make any refused step reversible, but doubles memory on every step; the dry run
-          costs one parameter's scratch memory and one more elementwise pass. On a refusal the
+        - a step that would overflow: a scalar bound from the norms of weights, moments and
+          gradients (`_step_bounded`) proves the common step safe; when it cannot, each
+          parameter's AdamW update is first computed into a scratch copy of that one parameter
+          and checked (`_step_stays_finite`); only if every one is finite does the real step run.
+          A copy of the whole model and optimizer state would make any refused step reversible,
+          but doubles memory on every step; the dry run costs one parameter's scratch memory and
+          one more elementwise pass. On a refusal the
           weights and optimizer state are as before, the (already normalised) gradients dropped.
-        A cheap isfinite check of the weights after the real step catches any disagreement
-        between the dry run and torch's kernels: that is a `ServerError` (reload a checkpoint).
+        A cheap check of the weights after the real step (their norms, then per tensor only if
+        one is not finite) catches any disagreement between these checks and torch's kernels:
+        that is a `ServerError` (reload a checkpoint).
         """
         optimizer = self._require_optimizer("optim_step")
         params = [p for _, p in self._trainable]
         grads = [p.grad for p in params if p.grad is not None]
-        if not _all_finite(grads):
-            self._clear_gradients()
-            raise UserError(
-                "optim_step refused: the accumulated gradients are not finite (NaN or infinite; "
-                "check the loss and its weights); weights unchanged, gradients dropped"
-            )
         counts = {"num_loss_tokens": self._loss_tokens, "num_sequences": self._sequences}
         divisor = counts.get(normalization or "none", 0)
         if divisor > 0:  # a zero count leaves the gradient unchanged
             for grad in grads:
                 grad.div_(divisor)
-        grad_norm = _total_norm(grads)
+        # Dividing by a positive count keeps finite gradients finite, so checking after it
+        # refuses exactly the same steps; the norm (NaN or inf spread through its sum) proves
+        # every gradient finite in one reduction, and only a non-finite norm needs the
+        # per-tensor check to tell a non-finite gradient from a sum of squares that overflowed.
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        grad_norm_value = float(grad_norm)
+        if not math.isfinite(grad_norm_value) and not _all_finite(grads):
+            self._clear_gradients()
+            raise UserError(
+                "optim_step refused: the accumulated gradients are not finite (NaN or infinite; "
+                "check the loss and its weights); weights unchanged, gradients dropped"
+            )
         if adam.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm)
-        if not _step_stays_finite(optimizer, params, adam):
+            # clip_grad_norm_ is exactly this norm followed by this scaling.
+            torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, grad_norm)
+        if not _step_bounded(optimizer, params, adam, grad_norm_value) and not _step_stays_finite(
+            optimizer, params, adam
+        ):
             self._clear_gradients()
             raise UserError(
                 f"optim_step refused: learning_rate {adam.learning_rate:g} (weight_decay "
@@ -234,10 +246,10 @@ class TrainableModel:
                 weight_decay=adam.weight_decay,
             )
         optimizer.step()
-        if not _all_finite(params):
+        if not all(math.isfinite(n) for n in _norms(params)) and not _all_finite(params):
             raise ServerError("optim_step produced non-finite weights; reload the last checkpoint")
         metrics = {
-            "grad_norm:mean": float(grad_norm),
+            "grad_norm:mean": grad_norm_value,
             "learning_rate:mean": adam.learning_rate,
             "num_loss_tokens:sum": float(self._loss_tokens),
             "num_sequences:sum": float(self._sequences),
@@ -494,12 +506,67 @@ def _param_step_stays_finite(
     return _all_finite([new_p, exp_avg, exp_avg_sq])
 
 
-def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm over all gradients (the pre-clip `grad_norm`)."""
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
-    return cast(torch.Tensor, torch.linalg.vector_norm(norms))
+def _norms(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Each tensor's L2 norm, from one multi-tensor reduction and one device sync. NaN and inf
+    spread through the sum of squares, so a finite norm proves its tensor finite; a non-finite
+    one may also be a finite tensor whose sum of squares overflowed."""
+    if not tensors:
+        return []
+    norms = torch._foreach_norm(list(tensors))
+    return cast(list[float], torch.stack([n.float() for n in norms]).tolist())
+
+
+# The scalar bound below must stay this far under the dtype's largest value: room for the
+# rounding of the norms it starts from, so a bound that passes is a proof, not an estimate.
+_BOUND_MARGIN = 2.0**20
+
+
+def _step_bounded(
+    optimizer: torch.optim.AdamW,
+    params: Sequence[torch.nn.Parameter],
+    adam: AdamSettings,
+    grad_norm: float,
+) -> bool:
+    """Whether a scalar bound proves AdamW's next step keeps weights and moments finite.
+
+    From the norms (each >= its tensor's largest |value|) of weights P, first moments M and
+    second moments V, and G = the pre-clip gradient norm (clipping only shrinks gradients), in
+    float64, every intermediate of torch's AdamW is bounded: the new first moment by
+    max(M, G) =: M1 (a convex mix; the lerp's difference by 2*M1), the second by V + G^2, the
+    denominator sqrt(v / (1 - beta2^t)) + eps by sqrt((V + G^2) / (1 - beta2)) + eps, the
+    ratio m / denominator by M1 / eps, the update by |lr| / (1 - beta1) * M1 / eps (the bias
+    corrections are smallest at t = 1), and the new weights by P * |1 - lr * wd| + update.
+    False means "not proven" (the caller runs the exact per-parameter dry run), never "unsafe".
+    """
+    stepped = [p for p in params if p.grad is not None]
+    if not stepped:
+        return True
+    beta1, beta2, eps = adam.beta1, adam.beta2, adam.eps
+    lr, wd = adam.learning_rate, adam.weight_decay
+    dtypes = {p.dtype for p in stepped}
+    if len(dtypes) != 1 or not all(math.isfinite(x) for x in (lr, wd, eps, beta1, beta2)):
+        return False
+    finfo = torch.finfo(dtypes.pop())
+    # eps must survive rounding to the weights' dtype, or the denominator could be zero.
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= finfo.tiny):
+        return False
+    states = [optimizer.state.get(p, {}) for p in stepped]
+    exp_avgs = [s["exp_avg"] for s in states if "exp_avg" in s]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states if "exp_avg_sq" in s]
+    norms = _norms(stepped + exp_avgs + exp_avg_sqs)
+    n, k = len(stepped), len(exp_avgs)
+    weights = max(norms[:n])
+    first = max(norms[n : n + k], default=0.0)
+    second = max(norms[n + k :], default=0.0)
+    m1 = max(first, grad_norm)
+    v1 = second + grad_norm * grad_norm
+    denominator = math.sqrt(v1 / (1.0 - beta2)) + eps
+    ratio = m1 / eps
+    update = abs(lr) / (1.0 - beta1) * ratio
+    new_weights = weights * abs(1.0 - lr * wd) + update
+    limit = finfo.max / _BOUND_MARGIN
+    # NaN anywhere fails every comparison: not proven.
+    return all(x < limit for x in (2.0 * m1, v1, denominator, ratio, update, new_weights))
 
 
 def _metrics(
