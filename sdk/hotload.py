@@ -6,7 +6,10 @@
 serves the snapshot. Sampling before `verify` succeeds would evaluate stale weights. Both
 waits look again after 50 ms and back off to their poll interval, which caps the pauses: a load
 takes well under a second locally, and one pause of the whole default (5 s) would be most of a
-sync. The wire facts: docs/platform-contract.md, 'Hotload'.
+sync. Their status reads also ask the server to hold the answer while the load runs (a local
+platform extension, query `wait_for_identity`; a server without it answers at once, as before),
+so the end of a load is seen when it happens. The wire facts: docs/platform-contract.md,
+'Hotload'.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ HOTLOAD_PATH = "/hot_load/v1/models/hot_load"
 _SOURCE_URL_HEADER = "x-fireworks-hot-load-source-url"
 _RESET_FIELD = "reset_prompt_cache"
 _EXTRA_FORBIDDEN = "extra inputs are not permitted"
+# The longest the waits ask the server to hold a status answer while the load runs (the local
+# platform caps it there too); far below the GET timeout.
+STATUS_HOLD_S = 2.0
+# What a server that validates its query parameters answers to ones it does not know.
+_REFUSED_PARAMETERS = (400, 422)
 # Failures of one status read that a wait outlives: no answer, or a non-2xx after retries.
 _TRANSIENT = (APIStatusError, APIConnectionError)
 
@@ -98,6 +106,8 @@ class Hotloader:
         self.clock = clock
         # None: unknown yet. False once a server refused the field; True once one accepted it.
         self.reset_prompt_cache_supported: bool | None = None
+        # False once a server refused the held-status parameters (never sent to it again).
+        self.status_hold_supported: bool | None = None
         self.last_error_message: str | None = None
 
     def _headers(
@@ -163,17 +173,36 @@ class Hotloader:
         )
 
     def check_status(
-        self, deployment_id: str, base_model: str, *, retry: bool = True
+        self,
+        deployment_id: str,
+        base_model: str,
+        *,
+        retry: bool = True,
+        wait_for: str | None = None,
+        hold_s: float = 0.0,
     ) -> HotloadStatus:
-        """The hotload status: every replica's served snapshot, readiness and loading stage."""
+        """The hotload status: every replica's served snapshot, readiness and loading stage.
+        `wait_for` with `hold_s` > 0: the local platform answers once no load of that identity
+        is in progress any more, or after `hold_s` (a server without the extension at once)."""
         what = f"hotload status of {deployment_id}"
-        response = self._http.request(
-            "GET",
-            self._url,
-            headers=self._headers(deployment_id, base_model, None),
-            bearer=True,
-            retry=retry,
-        )
+        headers = self._headers(deployment_id, base_model, None)
+        if wait_for and hold_s > 0 and self.status_hold_supported is not False:
+            params = {"wait_for_identity": wait_for, "max_wait_s": f"{hold_s:.3f}"}
+            response = self._http.request(
+                "GET",
+                self._url,
+                params=params,
+                headers=headers,
+                bearer=True,
+                retry=retry,
+                ok_statuses=_REFUSED_PARAMETERS,
+            )
+            if response.is_success:
+                return _parse(HotloadStatus, response_json(response, what), what)
+            # A server that refuses the parameters: plain reads from now on.
+            logger.info("%s: the server refuses a held status; polling instead", what)
+            self.status_hold_supported = False
+        response = self._http.request("GET", self._url, headers=headers, bearer=True, retry=retry)
         return _parse(HotloadStatus, response_json(response, what), what)
 
     def wait(
@@ -196,7 +225,13 @@ class Hotloader:
         status: HotloadStatus | None = None
         while True:
             try:
-                status = self.check_status(deployment_id, base_model, retry=False)
+                status = self.check_status(
+                    deployment_id,
+                    base_model,
+                    retry=False,
+                    wait_for=expected_identity,
+                    hold_s=min(STATUS_HOLD_S, deadline.remaining),
+                )
             except _TRANSIENT as exc:
                 logger.warning("hotload status of %s: %s; polling on", deployment_id, exc)
             else:
@@ -242,10 +277,18 @@ class Hotloader:
         """
         lagging: tuple[int, str | None] = (0, None)
 
+        deadline = Deadline(timeout_s, self.clock)
+
         def check() -> Done[HotloadStatus] | Pending:
             nonlocal lagging
             try:
-                status = self.check_status(deployment_id, base_model, retry=False)
+                status = self.check_status(
+                    deployment_id,
+                    base_model,
+                    retry=False,
+                    wait_for=expected_identity,
+                    hold_s=min(STATUS_HOLD_S, deadline.remaining),
+                )
             except _TRANSIENT as exc:
                 return Pending(f"status read failed: {exc}")
             replicas = status.replicas or []

@@ -10,7 +10,9 @@ replica's standby model while another thread verifies every file's digest), then
 succeeded, the swap, `completed` and, a little later, `idle`. What can only be judged against
 the replica's current weights (a delta's base) fails as stage `error` naming both identities,
 and the previous weights keep serving. `GET` reports the replica, or an empty `replicas` list
-until one is up.
+until one is up; a local extension lets a client ask it to hold the answer while a load of a
+given identity runs (`status(wait_for=...)`), so a waiting client learns the end of a load when
+it happens instead of at its next poll.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ logger = logging.getLogger(__name__)
 COMPRESSION_FORMAT = "arc_v2"
 CHECKSUM_FORMAT = "alder32"  # sic: the real platform's literal
 _SNAPSHOT_META = "snapshot.json"
+# The longest a status request is held for a load to end: short enough for any HTTP timeout
+# and any client deadline (the client re-asks), long enough that most loads end within it.
+MAX_STATUS_HOLD_S = 2.0
 
 
 class IncrementalSnapshotMetadata(BaseModel):
@@ -116,7 +121,16 @@ class HotloadService:
         # is loaded again, not taken for the one already served.
         self._served_markers: dict[str, tuple[int, int]] = {}
 
-    def status(self, deployment: str | None, model: str | None) -> HotloadStatus:
+    def status(
+        self,
+        deployment: str | None,
+        model: str | None,
+        *,
+        wait_for: str | None = None,
+        wait_s: float = MAX_STATUS_HOLD_S,
+    ) -> HotloadStatus:
+        """The status; with `wait_for` (an identity), answered once no load of it is in
+        progress any more, or after `wait_s` (at most `MAX_STATUS_HOLD_S`) at the latest."""
         record = self._target(deployment, model)
         replica = self._runtime.replica(record.deployment_id)
         if replica is None and record.spec.max_replica_count > 0:
@@ -124,6 +138,8 @@ class HotloadService:
             self._runtime.ensure_replica(record.deployment_id, record.spec.base_model)
         if replica is None or not replica.serving:
             return HotloadStatus(replicas=[])
+        if wait_for:
+            replica.wait_load_of(wait_for, min(max(wait_s, 0.0), MAX_STATUS_HOLD_S))
         state = replica.stage(self._runtime.settings.completed_hold_s)
         wire_state = LoadingStateWire(
             stage=state.stage, target_snapshot_identity=state.target, message=state.message or None

@@ -16,13 +16,19 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from backend.control import AccountCheck
 from backend.errors import ApiError, GrpcCode
 from backend.serving.completions import CompletionRequest
-from backend.serving.hotload import HotloadAccepted, HotloadRequest, HotloadService, HotloadStatus
+from backend.serving.hotload import (
+    MAX_STATUS_HOLD_S,
+    HotloadAccepted,
+    HotloadRequest,
+    HotloadService,
+    HotloadStatus,
+)
 from backend.serving.runtime import (
     Replica,
     ReplicaBusyError,
@@ -65,8 +71,15 @@ def serving_router(
     def hot_load_status(
         fireworks_deployment: Annotated[str | None, Header()] = None,
         fireworks_model: Annotated[str | None, Header()] = None,
+        wait_for_identity: Annotated[str | None, Query(max_length=256)] = None,
+        max_wait_s: Annotated[float, Query(ge=0)] = MAX_STATUS_HOLD_S,
     ) -> HotloadStatus:
-        return hotload.status(fireworks_deployment, fireworks_model)
+        # A local extension the published client never sends: held while a load of
+        # `wait_for_identity` runs (at most `max_wait_s`, capped), so a waiting client learns
+        # when it ends at once. A sync route: the hold blocks a worker thread, not the loop.
+        return hotload.status(
+            fireworks_deployment, fireworks_model, wait_for=wait_for_identity, wait_s=max_wait_s
+        )
 
     return router
 

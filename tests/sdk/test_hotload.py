@@ -152,6 +152,37 @@ def test_wait_succeeds_once_replica_zero_is_ready_with_the_identity(
     assert manager.last_hotload_error_message is None
 
 
+def test_the_waits_ask_for_a_held_status_within_their_deadline_and_a_plain_read_does_not(
+    manager: DeploymentManager, serving: FakeServing, clock: FakeClock
+) -> None:
+    serving.load_ticks = 2
+    assert manager.hotload_and_wait(DEP, BASE_MODEL, "s1", timeout_seconds=1.5)
+    held = [dict(request.url.params) for request in serving.status_gets]
+    # The hold asked for is what is left of the deadline (1.5 s, then 1.45 s after a pause).
+    assert held == [
+        {"wait_for_identity": "s1", "max_wait_s": "1.500"},
+        {"wait_for_identity": "s1", "max_wait_s": "1.450"},
+    ]
+    serving.status_gets.clear()
+    manager.verify_hotload(DEP, BASE_MODEL, "s1", timeout_s=30, poll_interval_s=1)
+    (verified,) = serving.status_gets
+    assert dict(verified.url.params) == {"wait_for_identity": "s1", "max_wait_s": "2.000"}
+    # The published SDK's status read sends no such parameter, and neither does ours.
+    serving.status_gets.clear()
+    manager.hotload_check_status(DEP, BASE_MODEL)
+    assert [dict(r.url.params) for r in serving.status_gets] == [{}]
+
+
+def test_a_server_refusing_the_held_status_parameters_is_polled_plainly_from_then_on(
+    manager: DeploymentManager, serving: FakeServing
+) -> None:
+    serving.load_ticks = 3
+    serving.canned_status.append(rpc_error(422, "wait_for_identity: extra query parameter"))
+    assert manager.hotload_and_wait(DEP, BASE_MODEL, "s1", poll_interval=1)
+    sent = [set(request.url.params) for request in serving.status_gets]
+    assert sent == [{"wait_for_identity", "max_wait_s"}, set(), set(), set()]
+
+
 def test_wait_with_the_default_interval_backs_off_to_it_and_keeps_the_deadline(
     manager: DeploymentManager, serving: FakeServing, clock: FakeClock
 ) -> None:

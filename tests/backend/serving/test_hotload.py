@@ -5,6 +5,7 @@ client, loaded over raw HTTP, verified by comparing served logprobs with the tra
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -16,10 +17,12 @@ from backend.trainer.atomic import write_marker
 from backend.trainer.export import load_full_tensors
 from tests.backend.serving.conftest import (
     DEPLOYMENTS,
+    HOTLOAD,
     SEQUENCE,
     TOLERANCE,
     ServingHarness,
     delta_metadata,
+    model_name,
     save,
     train,
     trainer_logprobs,
@@ -310,6 +313,57 @@ def test_sampling_during_a_load_answers_425_then_serves_the_new_weights(
     # Loading what already serves is a no-op.
     assert harness.hotload("busy", after).status_code == 200
     assert harness.status("busy")[0]["weight_version"] == loaded["weight_version"]
+
+
+def _held_status(
+    harness: ServingHarness, deployment_id: str, identity: str, max_wait_s: float
+) -> tuple[dict[str, Any], float]:
+    """Replica 0 of a status held for the load of `identity` (the local extension), and how
+    long the answer took."""
+    started = time.monotonic()
+    response = harness.http.get(
+        HOTLOAD,
+        params={"wait_for_identity": identity, "max_wait_s": max_wait_s},
+        headers={
+            "Authorization": f"Bearer {harness.api_key}",
+            "fireworks-model": "tiny",
+            "fireworks-deployment": model_name(deployment_id),
+        },
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["replicas"][0], time.monotonic() - started
+
+
+def test_a_held_status_answers_when_the_load_ends_or_at_its_bound(
+    harness: ServingHarness, slow_loads: None
+) -> None:
+    client = harness.training_client("held-job")
+    harness.deploy("held", "held-job")
+    first = save(client, "first", "base")
+    # Held for `first`: answered when its load (1 s in `downloading`) ends, serving it, well
+    # before the 5 s asked for (capped at 2 s).
+    assert harness.hotload("held", first).status_code == 200
+    replica, took = _held_status(harness, "held", first, max_wait_s=5.0)
+    assert (replica["current_snapshot_identity"], replica["readiness"]) == (first, True)
+    assert replica["loading_state"]["stage"] == "completed"
+    assert 0.5 <= took < 1.9
+    # A load that outlasts the hold: the answer comes at the bound, the load still running.
+    train(client, 1)
+    second = save(client, "second", "base")
+    assert harness.hotload("held", second).status_code == 200
+    replica, took = _held_status(harness, "held", second, max_wait_s=0.2)
+    assert replica["loading_state"] == {
+        "stage": "downloading",
+        "target_snapshot_identity": second,
+        "message": None,
+    }
+    assert took >= 0.2
+    # Held for an identity that is not loading: answered at once (the load of `second`,
+    # 1 s long, is still running when it comes).
+    replica, _ = _held_status(harness, "held", first, max_wait_s=2.0)
+    assert replica["loading_state"]["stage"] == "downloading"
+    assert replica["current_snapshot_identity"] == first
+    harness.wait_loaded("held", second)
 
 
 def test_a_stale_error_for_another_target_leaves_the_status_usable(
