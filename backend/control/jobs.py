@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -55,6 +56,11 @@ RESUMABLE: frozenset[JobState] = frozenset(
 TERMINAL: frozenset[JobState] = RESUMABLE | {DELETED}
 
 DEFAULT_INACTIVITY_S = 3600.0
+# Every trainer request is activity; writing each one would cost a store transaction per
+# request. Activity is kept in memory and written at most this often per job. The state machine
+# reads the memory too, so the timeout is exact; a restart loses the unwritten seconds, but it
+# fails every RUNNING job anyway.
+ACTIVITY_WRITE_S = 5.0
 RESTART_MESSAGE = "trainer lost: the local platform restarted"
 _DURATION = re.compile(r"^-?\d+(\.\d{1,9})?s$")
 
@@ -226,6 +232,7 @@ class TrainerJobService:
         *,
         pending_s: float,
         creating_s: float,
+        activity_write_s: float = ACTIVITY_WRITE_S,
     ) -> None:
         self._store = store
         self._jobs = store.documents("trainer_jobs", JobRecord)
@@ -235,6 +242,10 @@ class TrainerJobService:
         self._creating_s = creating_s
         self._lost_hooks: list[JobLostHook] = []
         self.account_id = shapes.account_id
+        self._activity_write_s = activity_write_s
+        self._activity_lock = threading.Lock()
+        self._unwritten_activity: dict[str, float] = {}  # job id -> latest activity not stored
+        self._activity_written: dict[str, float] = {}  # job id -> when activity was last stored
 
     def job_name(self, job_id: str) -> str:
         return f"accounts/{self.account_id}/rlorTrainerJobs/{job_id}"
@@ -315,12 +326,24 @@ class TrainerJobService:
         return self.to_wire(record)
 
     def touch(self, job_id: str) -> None:
-        """Record trainer activity now (resets the inactivity timer of a RUNNING job)."""
+        """Record trainer activity now (resets the inactivity timer of a RUNNING job).
+
+        Stored at most every `activity_write_s` per job; in between it is remembered in memory,
+        where the inactivity check reads it, so a busy trainer costs no store transaction.
+        """
+        now = self._clock()
+        with self._activity_lock:
+            written = self._activity_written.get(job_id)
+            if written is not None and now - written < self._activity_write_s:
+                self._unwritten_activity[job_id] = now
+                return
+            self._activity_written[job_id] = now
+            self._unwritten_activity.pop(job_id, None)
         with self._session() as lost:
             record = self._current(job_id, lost)
             if record is not None and record.state == RUNNING:
-                now = self._clock()
-                self._save(record, record.model_copy(update={"last_activity": now}), lost)
+                latest = max(now, record.last_activity)
+                self._save(record, record.model_copy(update={"last_activity": latest}), lost)
 
     def fail_running(self, job_id: str, message: str) -> None:
         """RUNNING → FAILED (a lost trainer); ValueError for any other state."""
@@ -380,7 +403,19 @@ class TrainerJobService:
         record = self._jobs.get(job_id)
         if record is None:
             return None
-        return self._save(record, self._advance(record, self._clock()), lost)
+        current = self._with_unwritten_activity(record)
+        advanced = self._advance(current, self._clock())
+        if advanced.state == record.state:  # no timer expired: unwritten activity stays so
+            return current
+        return self._save(record, advanced, lost)
+
+    def _with_unwritten_activity(self, record: JobRecord) -> JobRecord:
+        """The record as the inactivity timer must see it: with activity not yet stored."""
+        with self._activity_lock:
+            seen = self._unwritten_activity.get(record.job_id)
+        if seen is None or record.state != RUNNING or seen <= record.last_activity:
+            return record
+        return record.model_copy(update={"last_activity": seen})
 
     def _current_or_404(self, job_id: str, lost: list[str]) -> JobRecord:
         record = self._current(job_id, lost)
@@ -393,6 +428,11 @@ class TrainerJobService:
     def _save(self, before: JobRecord, after: JobRecord, lost: list[str]) -> JobRecord:
         if after != before:
             self._jobs.replace(after.job_id, after)
+            if after.state != before.state:
+                # A new state starts its own activity (moved_to stamps it): forget the old.
+                with self._activity_lock:
+                    self._unwritten_activity.pop(after.job_id, None)
+                    self._activity_written.pop(after.job_id, None)
             if before.state == RUNNING and after.state != RUNNING:
                 lost.append(after.job_id)
         return after
