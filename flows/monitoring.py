@@ -8,8 +8,10 @@ the machine that may be training), so per-step data never goes there, and the ta
 ledger report are written together once per cadence point (`report_ledger`), at most every
 `report_interval_s`, and always at the end of the run and of a failed attempt. The curves
 picture (`flows/curves.py`) is redrawn at cadence points, at most every `curves_interval_s`
-and always at the end, into `run_dir/curves.png` and one artifact key. A caller in this process
-(the CLI) can watch every step through `progress_listener`.
+and always at the end, into `run_dir/curves.png` and one artifact key; matplotlib takes a tenth
+of a second or more per picture, so a point's picture is drawn on a helper thread while training
+goes on (one at a time), and only the end's is waited for. A caller in this process (the CLI)
+can watch every step through `progress_listener`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +38,7 @@ from prefect.artifacts import (
 from flows.curves import (
     CurveData,
     CurvesReport,
+    Panel,
     curve_panels,
     curves_markdown,
     draw_curves,
@@ -151,6 +155,7 @@ class RunMonitor:
     _pending: tuple[Ledger, str | None] | None = field(default=None, init=False)
     _listener: ProgressCallback | None = field(default=None, init=False)
     _curves: CurvesReport = field(init=False)
+    _drawing: threading.Thread | None = field(default=None, init=False)  # a point's picture
 
     def __post_init__(self) -> None:
         self._listener = _listener.get()  # captured in the flow's context, called from tasks
@@ -229,7 +234,7 @@ class RunMonitor:
         evaluations = [(r.step, r.metrics) for r in ledger.rows if isinstance(r, EvaluationRow)]
         self._curves.data.set_evaluations(evaluations)
         if self._curves.due(final=final):
-            self._draw_curves()
+            self._draw_curves(background=not final)
 
     def _write_reports(self) -> None:
         """The segment table and the ledger report, each only if it changed since written."""
@@ -251,16 +256,44 @@ class RunMonitor:
             )
         self._reported, self._last_report = (segments, rows), time.monotonic()
 
-    def _draw_curves(self) -> None:
-        """`curves.png` in the run directory and a new version of the curves artifact.
-        A picture that cannot be drawn or written is logged and skipped: it must not stop
-        the training it depicts."""
+    def _draw_curves(self, *, background: bool = False) -> None:
+        """`curves.png` in the run directory and a new version of the curves artifact, drawn
+        on a helper thread when `background` (after the previous picture is done, so the
+        versions keep their order). The data is taken here: training may go on meanwhile."""
+        self._wait_for_drawing()
+        self._curves.drawn()
+        try:
+            panels = curve_panels(self._curves.data)  # tuples: the thread's own copy
+        except Exception:  # a picture must never fail the run it shows
+            logger.warning("could not draw the curves of %s", self.run_name, exc_info=True)
+            return
+        last = self._curves.data.last_step
+        if not background:
+            self._publish_curves(panels, last)
+            return
+        # The copied context carries the flow run's, which the artifact is created under.
+        context = contextvars.copy_context()
+        self._drawing = threading.Thread(
+            target=context.run,
+            args=(self._publish_curves, panels, last),
+            name=f"curves-{self.run_name}",
+            daemon=True,
+        )
+        self._drawing.start()
+
+    def _wait_for_drawing(self) -> None:
+        drawing, self._drawing = self._drawing, None
+        if drawing is not None:
+            drawing.join()
+
+    def _publish_curves(self, panels: list[Panel], last: int | None) -> None:
+        """Draw and write one picture. A picture that cannot be drawn or written is logged
+        and skipped: it must not stop the training it depicts."""
         started = time.perf_counter()
         title = f"{self.recipe} {self.run_name}"
         try:
-            png = draw_curves(curve_panels(self._curves.data), title)
+            png = draw_curves(panels, title)
             path = write_png(self.metrics_log.run_dir, png)
-            last = self._curves.data.last_step
             note = f"After {0 if last is None else last + 1} steps; the same picture: `{path}`."
             create_markdown_artifact(
                 curves_markdown(png, title, note),
@@ -270,8 +303,6 @@ class RunMonitor:
         except Exception:  # a picture must never fail the run it shows
             logger.warning("could not draw the curves of %s", title, exc_info=True)
             return
-        finally:
-            self._curves.drawn()
         logger.debug(
             "curves of %s: %d bytes in %.0f ms",
             title,
@@ -283,6 +314,7 @@ class RunMonitor:
         """End the observers; first write what the artifacts do not show yet (`report`:
         False when a signal ends the attempt and there is no time for it)."""
         if report:
+            self._wait_for_drawing()  # a picture must not outlive its attempt
             try:
                 self._write_reports()
             except Exception:  # a report must not replace the attempt's own outcome

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import fsspec
@@ -27,6 +28,7 @@ from flows.curves import (
     MAX_POINTS,
     CurveData,
     CurvesReport,
+    Panel,
     curve_panels,
     curves_markdown,
     draw_curves,
@@ -295,6 +297,64 @@ def test_the_monitor_writes_one_artifact_key_in_versions(tmp_path: Path) -> None
     assert "After 4 steps" in str(latest.data)
     png = (tmp_path / "versions" / "curves.png").read_bytes()
     assert base64.b64encode(png).decode() in str(latest.data)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_points_picture_is_drawn_beside_training_and_the_ends_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cadence point's picture is drawn on a helper thread (report_ledger returns before it
+    is done); the end's picture waits for it, is drawn in the flow's thread and is the latest."""
+    import flows.monitoring as monitoring
+
+    release, drawn_in = threading.Event(), []
+    draw = monitoring.draw_curves
+
+    def slow_draw(panels: list[Panel], title: str) -> bytes:
+        drawn_in.append(threading.current_thread().name)
+        if len(drawn_in) == 1:
+            assert release.wait(30), "the test never released the first picture"
+        return draw(panels, title)
+
+    monkeypatch.setattr(monitoring, "draw_curves", slow_draw)
+    run_dir = str(tmp_path / "beside")
+    ledger = Ledger.open(run_dir, sft_header("beside"))
+    monitor = RunMonitor(
+        recipe="sft",
+        run_name=f"beside-{tmp_path.name}",
+        total_steps=2,
+        metrics_log=MetricsLog(run_dir),
+        headline_metric="train/ce_loss",
+        curves_interval_s=0.0,
+    )
+
+    @flow(name="curves-beside")
+    def a_point_then_the_end() -> bool:
+        monitor.start(0)
+        steps = [
+            StepRecord(step=s, epoch=0, data_cursor=s + 1, row_indices=[s], metrics=loss(s))
+            for s in (0, 1)
+        ]
+        segment = Segment(job_id="job", start=0, end=2, data_cursor=0)
+        monitor.record_segment(SegmentResult(segment=segment, steps=steps))
+        monitor.report_ledger(ledger, None)  # the point: returns with the picture unfinished
+        unfinished = not (tmp_path / "beside" / "curves.png").exists()
+        release.set()
+        ledger.append(EvaluationRow(step=2, metrics={"eval/loss": 0.5}))
+        ledger.append(RunEndRow(next_step=2, data_cursor=2))
+        monitor.report_ledger(ledger, None)
+        return unfinished
+
+    assert a_point_then_the_end()
+    assert drawn_in == [f"curves-{monitor.run_name}", threading.main_thread().name]
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[monitor.key("curves")]))
+        )
+    assert len(versions) == 2
+    latest = max(versions, key=lambda a: a.created or 0)
+    png = (tmp_path / "beside" / "curves.png").read_bytes()
+    assert base64.b64encode(png).decode() in str(latest.data)  # the end's picture is the last
 
 
 @pytest.mark.usefixtures("prefect_server")
