@@ -9,9 +9,11 @@ side is plain SDK calls in the same order (`Cadence` decides the points on both 
 equal losses prove both did the same work. Rounds are interleaved, alternating which side
 goes first, after one warm-up round of each. Prints wall seconds, the ratio flow/bare, and
 the task runs and artifacts the Prefect server recorded for the flow run (read back through the
-client; also per 100 steps). `--profile DIR` writes a cProfile of each timed flow side (the
-flow's own thread: tasks, artifacts, Prefect's engine; the in-process platform is not in it)
-as `.prof` and a text summary. Measures only; asserts nothing.
+client; also per 100 steps), and the CPU seconds per 100 steps of this process (flow or loop
+and the in-process platform, split by thread) and of the Prefect server, flow against bare:
+CPU time is what a loaded machine distorts least. `--profile DIR` writes a py-spy profile of
+every thread of each timed side (cProfile of the calling thread where py-spy is missing).
+Measures only; asserts nothing.
 
     .venv/bin/python bench/orchestration_overhead.py                   # 60 steps, 3 rounds
     .venv/bin/python bench/orchestration_overhead.py --steps 100 --rounds 5
@@ -26,13 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
-import io
 import os
-import pstats
+import re
 import statistics
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from profiling import profiled  # bench/profiling.py, beside this script
 from pydantic import SecretStr
 from transformers import AutoTokenizer
 
@@ -93,13 +97,69 @@ class Outcome:
     task_runs: int | None = None
     artifacts: int | None = None  # artifact versions created (progress updates not counted)
     server_cpu_s: float = 0.0  # CPU seconds the temporary Prefect server spent meanwhile
+    process_cpu_s: float = 0.0  # CPU seconds of this process (flow or loop, and the platform)
+    thread_cpu_s: Counter[str] | None = None  # of process_cpu_s, by thread group
+
+
+def thread_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) of every live thread of this process, by native id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[int, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def thread_group(name: str | None) -> str:
+    """A thread's name without its counter (`Thread-12 (worker)` → `Thread (worker)`);
+    `native`: threads Python did not start (torch's intra-op pool)."""
+    if name is None:
+        return "native"
+    return re.sub(r"[-_ ]?\d+", "", name)
+
+
+@dataclass
+class CpuMeter:
+    """Process, per-thread-group and Prefect-server CPU seconds over a block."""
+
+    process_s: float = 0.0
+    server_s: float = 0.0
+    threads: Counter[str] | None = None
+
+
+@contextlib.contextmanager
+def metered() -> Iterator[CpuMeter]:
+    meter = CpuMeter()
+    live = Path("/proc/self/task").is_dir()
+    before = thread_cpu_s() if live else {}
+    names_seen: dict[int, str] = {}
+    process_before, server_before = time.process_time(), children_cpu_s()
+    try:
+        yield meter
+    finally:
+        meter.process_s = time.process_time() - process_before
+        meter.server_s = children_cpu_s() - server_before
+        if live:
+            after = thread_cpu_s()
+            names_seen = {t.native_id or 0: t.name for t in threading.enumerate()}
+            spent: Counter[str] = Counter()
+            for tid, seconds in after.items():
+                spent[thread_group(names_seen.get(tid))] += seconds - before.get(tid, 0.0)
+            # Threads that ended inside the block (task watchers, short-lived pools).
+            spent["(ended threads)"] = max(0.0, meter.process_s - sum(spent.values()))
+            meter.threads = spent
 
 
 def children_cpu_s() -> float:
-    """CPU seconds of this process's children: the temporary Prefect server, if any."""
+    """CPU seconds of this process's children: the temporary Prefect server, if any (not
+    the py-spy recorder of `--profile`)."""
     total = 0.0
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
+            if "py-spy" in child.name():
+                continue
             times = child.cpu_times()
             total += times.user + times.system
     return total
@@ -122,20 +182,11 @@ def make_config(run_dir: Path, platform: LocalPlatform, steps: int) -> SFTConfig
 # -- the flow side ----------------------------------------------------------------------------
 
 
-def run_flow(config: SFTConfig, profile_to: Path | None = None) -> Outcome:
-    profiler = cProfile.Profile() if profile_to is not None else None
-    cpu_before, started = children_cpu_s(), time.perf_counter()
-    if profiler is not None:
-        profiler.enable()
-    try:
+def run_flow(config: SFTConfig, profile_dir: Path | None = None, name: str = "flow") -> Outcome:
+    with profiled(profile_dir, name), metered() as cpu:
+        started = time.perf_counter()
         state = configured_sft_flow(config)(config, return_state=True)
-    finally:
-        if profiler is not None:
-            profiler.disable()
-    wall_s = time.perf_counter() - started
-    server_cpu_s = children_cpu_s() - cpu_before
-    if profiler is not None and profile_to is not None:
-        write_profile(profiler, profile_to)
+        wall_s = time.perf_counter() - started
     result = state.result()
     flow_run_id = state.state_details.flow_run_id
     metrics = result.final_metrics
@@ -145,20 +196,10 @@ def run_flow(config: SFTConfig, profile_to: Path | None = None) -> Outcome:
         exact_match=metrics.get("eval/exact_match", float("nan")),
         task_runs=count_task_runs(flow_run_id) if flow_run_id else None,
         artifacts=count_artifacts(flow_run_id) if flow_run_id else None,
-        server_cpu_s=server_cpu_s,
+        server_cpu_s=cpu.server_s,
+        process_cpu_s=cpu.process_s,
+        thread_cpu_s=cpu.threads,
     )
-
-
-def write_profile(profiler: cProfile.Profile, path: Path) -> None:
-    """`path` (.prof, for snakeviz or pstats) and beside it the top functions as text."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profiler.dump_stats(path)
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(60)
-    stats.sort_stats("tottime").print_stats(40)
-    path.with_suffix(".txt").write_text(text.getvalue())
-    print(f"profile: {path} (summary {path.with_suffix('.txt')})")
 
 
 def count_task_runs(flow_run_id: UUID, settle_s: float = 10.0) -> int:
@@ -195,8 +236,25 @@ class BareRun:
     rendered: RenderedSFT
 
 
-def run_bare(config: SFTConfig, platform: LocalPlatform) -> Outcome:
-    cpu_before, started = children_cpu_s(), time.perf_counter()
+def run_bare(
+    config: SFTConfig, platform: LocalPlatform, profile_dir: Path | None = None, name: str = "bare"
+) -> Outcome:
+    with profiled(profile_dir, name), metered() as cpu:
+        started = time.perf_counter()
+        loss, exact = bare_run(config, platform)
+        wall_s = time.perf_counter() - started
+    return Outcome(
+        wall_s,
+        loss,
+        exact,
+        server_cpu_s=cpu.server_s,
+        process_cpu_s=cpu.process_s,
+        thread_cpu_s=cpu.threads,
+    )
+
+
+def bare_run(config: SFTConfig, platform: LocalPlatform) -> tuple[float, float]:
+    """Provision, train and evaluate with plain SDK calls, delete; the loss and exact match."""
     data = load_sft_data(config)
     key = platform.api_key
     job_id = f"{config.run_name}-trainer"
@@ -228,15 +286,13 @@ def run_bare(config: SFTConfig, platform: LocalPlatform) -> Outcome:
         endpoint = ready_job.result()
     service = FiretitanServiceClient(endpoint.base_url, key)
     try:
-        loss, exact = train_bare(config, service, deployments, deployment_id, data)
+        return train_bare(config, service, deployments, deployment_id, data)
     finally:
         service.close()
         trainers.delete(job_id)
         deployments.delete(deployment_id)
         trainers.close()
         deployments.close()
-    wall_s = time.perf_counter() - started
-    return Outcome(wall_s, loss, exact, server_cpu_s=children_cpu_s() - cpu_before)
 
 
 def train_bare(
@@ -333,12 +389,12 @@ def run_round(
 ) -> tuple[Outcome, Outcome]:
     flow_config = make_config(root / f"flow-{index}", platform, steps)
     bare_config = make_config(root / f"bare-{index}", platform, steps)
-    profile_to = profile_dir / f"flow-round-{index}.prof" if profile_dir is not None else None
+    flow_name, bare_name = f"flow-round-{index}", f"bare-round-{index}"
     if flow_first:
-        flow = run_flow(flow_config, profile_to)
-        return flow, run_bare(bare_config, platform)
-    bare = run_bare(bare_config, platform)
-    return run_flow(flow_config, profile_to), bare
+        flow = run_flow(flow_config, profile_dir, flow_name)
+        return flow, run_bare(bare_config, platform, profile_dir, bare_name)
+    bare = run_bare(bare_config, platform, profile_dir, bare_name)
+    return run_flow(flow_config, profile_dir, flow_name), bare
 
 
 def report(rounds: list[tuple[Outcome, Outcome]], steps: int) -> None:
@@ -372,6 +428,31 @@ def report(rounds: list[tuple[Outcome, Outcome]], steps: int) -> None:
         f"{100 * (flow_s / bare_s - 1):+.1f} % (ratio of medians {flow_s / bare_s:.3f}; "
         f"per-round ratios {min(ratios):.3f}–{max(ratios):.3f})"
     )
+    print_cpu(rounds, steps)
+
+
+def print_cpu(rounds: list[tuple[Outcome, Outcome]], steps: int) -> None:
+    """CPU seconds per 100 steps (medians of rounds): this process, each thread group, and the
+    Prefect server; the flow's extra CPU is what a loaded machine distorts least."""
+    per_100 = 100 / steps
+
+    def median(values: Callable[[Outcome], float], side: int) -> float:
+        return per_100 * statistics.median(values(pair[side]) for pair in rounds)
+
+    print(f"\nCPU s per 100 steps (median of rounds; load {os.getloadavg()[0]:.2f}):")
+    print(f"{'':>28} {'flow':>8} {'bare':>8} {'extra':>8}")
+    rows: list[tuple[str, Callable[[Outcome], float]]] = [
+        ("process (flow/loop+platform)", lambda o: o.process_cpu_s),
+        ("Prefect server", lambda o: o.server_cpu_s),
+    ]
+    groups = sorted(
+        {g for pair in rounds for o in pair for g in (o.thread_cpu_s or {})},
+        key=lambda g: -median(lambda o: (o.thread_cpu_s or Counter())[g], 0),
+    )
+    rows += [(f"  {g}", lambda o, g=g: (o.thread_cpu_s or Counter())[g]) for g in groups]
+    for label, value in rows:
+        flow, bare = median(value, 0), median(value, 1)
+        print(f"{label[:28]:>28} {flow:>8.2f} {bare:>8.2f} {flow - bare:>+8.2f}")
 
 
 def main() -> None:
@@ -395,7 +476,7 @@ def main() -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write a cProfile of each timed flow side to DIR (.prof and a .txt summary)",
+        help="write a py-spy profile (every thread) of each timed side to DIR",
     )
     args = parser.parse_args()
     watched = bool(os.environ.get("PREFECT_API_URL"))

@@ -13,6 +13,10 @@ curve to a JSON file. Measures only; asserts nothing.
 
     .venv/bin/python bench/rl_throughput.py --rounds 3 --steps 40                  # tiny
     .venv/bin/python bench/rl_throughput.py --model smollm2-135m --lora-rank 16 --steps 16
+    .venv/bin/python bench/rl_throughput.py --rounds 1 --modes sync --profile /tmp/rl-prof
+
+`--profile DIR` writes a py-spy profile of every thread of each RL run (speedscope JSON; the
+flow's provisioning and teardown included; cProfile of the calling thread without py-spy).
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
 from prefect.settings import PREFECT_API_URL
+from profiling import profiled  # bench/profiling.py, beside this script
 from pydantic import BaseModel
 
+from fireloop.run_cli import flow_heartbeats
 from flows.config import PlatformConfig, RLConfig, SFTConfig
 from flows.embedded import embedded_endpoint
 from flows.monitoring import Progress
@@ -147,7 +153,13 @@ def run_sft(sft: SFTConfig) -> str:
 
 
 def run_mode(
-    base: RLConfig, root: Path, mode: str, round_index: int, seed: int, steps: int
+    base: RLConfig,
+    root: Path,
+    mode: str,
+    round_index: int,
+    seed: int,
+    steps: int,
+    profile_dir: Path | None = None,
 ) -> RunOutcome:
     name = f"rl-{MODES[mode]}-{round_index}"
     config = revalidated(
@@ -164,7 +176,7 @@ def run_mode(
         stamps.append(time.monotonic())
 
     started = time.monotonic()
-    with RetryCounter() as retries:
+    with RetryCounter() as retries, profiled(profile_dir, f"{mode}-round-{round_index}"):
         result = run_rl(config, on_progress=on_progress)
     total_wall_s = time.monotonic() - started
     rows = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines()]
@@ -312,6 +324,13 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", type=Path, help="the platform's data (default: a temp dir)")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a py-spy profile (every thread) of each RL run to DIR",
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("runs/bench/rl_throughput.json"), help="results file"
     )
     args = parser.parse_args()
@@ -321,7 +340,12 @@ def main() -> None:
     unknown = [m for m in modes if m not in MODES]
     if unknown or "sync" not in modes:
         parser.error(f"--modes: {unknown or modes} (sync is required, the ratios are against it)")
-    with tempfile.TemporaryDirectory(prefix="fl-bench-rl-") as tmp:
+    # Heartbeats as `fireloop run` sets them: off under the temporary server (a sync flow
+    # joins their thread, up to a second, at its end), Prefect's default with PREFECT_API_URL.
+    with (
+        tempfile.TemporaryDirectory(prefix="fl-bench-rl-") as tmp,
+        flow_heartbeats(watched=bool(os.environ.get("PREFECT_API_URL"))),
+    ):
         root = Path(tmp)
         endpoint = embedded_endpoint((args.data_dir or root / "platform").absolute())
         platform = PlatformConfig(base_url=endpoint.base_url, api_key=endpoint.api_key)
@@ -335,7 +359,8 @@ def main() -> None:
         runs: list[RunOutcome] = []
         for round_index in range(args.rounds):
             for mode in modes:
-                run = run_mode(rl, root, mode, round_index, args.seed + round_index, args.steps)
+                seed = args.seed + round_index
+                run = run_mode(rl, root, mode, round_index, seed, args.steps, args.profile)
                 runs.append(run)
                 print(
                     f"round {round_index} {mode}: {run.steps_per_s:.2f} steps/s, "
