@@ -467,3 +467,5 @@ def _attempt(config: RecipeConfig, dataset_fingerprint: str, owner: str) -> Iter
                     deployment_id=None if user_deployment else run.deployment_id,
                 )
                 _teardown(endpoint, plan)
+            if outcome != "crashed":
+                monitor.wait_for_pictures()  # the last one was drawn beside the teardown

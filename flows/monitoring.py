@@ -9,9 +9,9 @@ ledger report are written together once per cadence point (`report_ledger`), at 
 `report_interval_s`, and always at the end of the run and of a failed attempt. The curves
 picture (`flows/curves.py`) is redrawn at cadence points, at most every `curves_interval_s`
 and always at the end, into `run_dir/curves.png` and one artifact key; matplotlib takes a tenth
-of a second or more per picture, so a point's picture is drawn on a helper thread while training
-goes on (one at a time), and only the end's is waited for. A caller in this process (the CLI)
-can watch every step through `progress_listener`.
+of a second or more per picture, so each is drawn on a helper thread while training goes on (one
+at a time), the end's beside the teardown (`wait_for_pictures`). A caller in this process (the
+CLI) can watch every step through `progress_listener`.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class RunMonitor:
         evaluations = [(r.step, r.metrics) for r in ledger.rows if isinstance(r, EvaluationRow)]
         self._curves.data.set_evaluations(evaluations)
         if self._curves.due(final=final):
-            self._draw_curves(background=not final)
+            self._draw_curves()
 
     def _write_reports(self) -> None:
         """The segment table and the ledger report, each only if it changed since written."""
@@ -256,11 +256,11 @@ class RunMonitor:
             )
         self._reported, self._last_report = (segments, rows), time.monotonic()
 
-    def _draw_curves(self, *, background: bool = False) -> None:
+    def _draw_curves(self) -> None:
         """`curves.png` in the run directory and a new version of the curves artifact, drawn
-        on a helper thread when `background` (after the previous picture is done, so the
-        versions keep their order). The data is taken here: training may go on meanwhile."""
-        self._wait_for_drawing()
+        on a helper thread after the previous picture is done (the versions keep their order).
+        The data is taken here: training goes on meanwhile."""
+        self.wait_for_pictures()
         self._curves.drawn()
         try:
             panels = curve_panels(self._curves.data)  # tuples: the thread's own copy
@@ -268,9 +268,6 @@ class RunMonitor:
             logger.warning("could not draw the curves of %s", self.run_name, exc_info=True)
             return
         last = self._curves.data.last_step
-        if not background:
-            self._publish_curves(panels, last)
-            return
         # The copied context carries the flow run's, which the artifact is created under.
         context = contextvars.copy_context()
         self._drawing = threading.Thread(
@@ -281,7 +278,8 @@ class RunMonitor:
         )
         self._drawing.start()
 
-    def _wait_for_drawing(self) -> None:
+    def wait_for_pictures(self) -> None:
+        """Until the picture being drawn, if any, is written (the attempt's end waits)."""
         drawing, self._drawing = self._drawing, None
         if drawing is not None:
             drawing.join()
@@ -314,7 +312,6 @@ class RunMonitor:
         """End the observers; first write what the artifacts do not show yet (`report`:
         False when a signal ends the attempt and there is no time for it)."""
         if report:
-            self._wait_for_drawing()  # a picture must not outlive its attempt
             try:
                 self._write_reports()
             except Exception:  # a report must not replace the attempt's own outcome

@@ -285,6 +285,7 @@ def test_the_monitor_writes_one_artifact_key_in_versions(tmp_path: Path) -> None
         ledger.append(EvaluationRow(step=4, metrics={"eval/loss": 0.5}))
         ledger.append(RunEndRow(next_step=4, data_cursor=4))
         monitor.report_ledger(ledger, None)
+        monitor.wait_for_pictures()
 
     two_segments_and_the_end()
 
@@ -300,11 +301,12 @@ def test_the_monitor_writes_one_artifact_key_in_versions(tmp_path: Path) -> None
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_a_points_picture_is_drawn_beside_training_and_the_ends_is_waited_for(
+def test_pictures_are_drawn_beside_training_one_at_a_time_and_the_last_is_awaited(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A cadence point's picture is drawn on a helper thread (report_ledger returns before it
-    is done); the end's picture waits for it, is drawn in the flow's thread and is the latest."""
+    is done); the end's picture starts after it and `wait_for_pictures` waits for the end's,
+    which is the latest version."""
     import flows.monitoring as monitoring
 
     release, drawn_in = threading.Event(), []
@@ -343,10 +345,11 @@ def test_a_points_picture_is_drawn_beside_training_and_the_ends_is_waited_for(
         ledger.append(EvaluationRow(step=2, metrics={"eval/loss": 0.5}))
         ledger.append(RunEndRow(next_step=2, data_cursor=2))
         monitor.report_ledger(ledger, None)
+        monitor.wait_for_pictures()
         return unfinished
 
     assert a_point_then_the_end()
-    assert drawn_in == [f"curves-{monitor.run_name}", threading.main_thread().name]
+    assert drawn_in == [f"curves-{monitor.run_name}"] * 2
     with get_client(sync_client=True) as client:
         versions = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[monitor.key("curves")]))
