@@ -27,21 +27,31 @@ ATTACH_S = 1.0  # py-spy needs about this long to attach before the measured wor
 
 @contextlib.contextmanager
 def profiled(
-    directory: Path | None, name: str, *, rate: int = 200, idle: bool = False
+    directory: Path | None,
+    name: str,
+    *,
+    rate: int = 200,
+    idle: bool = False,
+    pid: int | None = None,
 ) -> Iterator[None]:
     """Profile the block into `directory/<name>.*` (nothing when `directory` is None).
-    `idle=True` keeps the samples of waiting threads: a latency profile must show its waits."""
+    `idle=True` keeps the samples of waiting threads: a latency profile must show its waits.
+    `pid`: py-spy another process (a server the benchmark started) instead of this one."""
     if directory is None:
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
     py_spy = shutil.which("py-spy") or _venv_tool("py-spy")
+    if py_spy is None and pid is not None:
+        print(f"py-spy is not installed: no profile of process {pid}")
+        yield
+        return
     if py_spy is None:
         with _cprofiled(directory / f"{name}.prof"):
             yield
         return
     out = directory / f"{name}.speedscope.json"
-    command = [py_spy, "record", "--pid", str(os.getpid()), "--rate", str(rate), "--threads"]
+    command = [py_spy, "record", "--pid", str(pid or os.getpid()), "--rate", str(rate), "--threads"]
     command += ["--idle"] if idle else []
     command += ["--format", "speedscope", "--output", str(out)]
     recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

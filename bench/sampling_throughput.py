@@ -12,6 +12,12 @@ top_p 1, top_k off) on both sides. Prints a table per model; measures only, asse
     .venv/bin/python bench/sampling_throughput.py --data-dir /tmp/fl-bench  # keep built models
     .venv/bin/python bench/sampling_throughput.py --models smollm2-135m \\
         --max-tokens 128 --baseline-batch 64                             # the GPU baseline
+    .venv/bin/python bench/sampling_throughput.py --kv-cache dynamic,static  # both engines
+    .venv/bin/python bench/sampling_throughput.py --profile /tmp/sampling-prof  # py-spy, server
+
+`--kv-cache` picks the server's KV cache (`ServingEngineSettings.kv_cache`, passed to the server
+as `$FIRELOOP_SERVING_ENGINE`); with several, each gets its own server, run one after another.
+`--profile DIR` writes a py-spy profile of the server process (every thread) per level.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import cast
@@ -41,10 +47,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a "Loading weights
 
 import httpx
 import torch
+from profiling import profiled  # bench/profiling.py, beside this script
 
 from backend.models.registry import canonical_model_name
 from backend.models.store import ensure_model_dir, resolve_models_dir
 from backend.platform import generate_api_key
+from backend.serving.engine import ENGINE_ENV, ServingEngineSettings
 from backend.trainer.modeling import load_hf_model
 from sdk import DeploymentConfig, DeploymentManager, DeploymentSampler, FixedConcurrencyController
 
@@ -108,18 +116,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def platform_server(data_dir: Path, api_key: str, threads: int, log_path: Path) -> Iterator[str]:
-    """`fireloop backend` on a free loopback port; yields its base URL, stops it on exit."""
+def platform_server(
+    data_dir: Path, api_key: str, threads: int, log_path: Path, engine: ServingEngineSettings
+) -> Iterator[tuple[str, int]]:
+    """`fireloop backend` on a free loopback port serving with `engine`; yields its base URL
+    and process id, stops it on exit."""
     port = free_port()
     command = [sys.executable, "-m", "fireloop.cli", "backend", "--port", str(port)]
     command += ["--data-dir", str(data_dir), "--api-key", api_key]
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env[ENGINE_ENV] = engine.model_dump_json()
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(server, base_url, api_key, log_path)
-        yield base_url
+        yield base_url, server.pid
     finally:
         stop(server)
 
@@ -221,19 +233,35 @@ async def measure_level(
         await sampler.aclose()
 
 
+@dataclass(frozen=True)
+class ServerRun:
+    """How the platform side runs: its threads, KV cache engine, log and profile directory."""
+
+    threads: int
+    engine: ServingEngineSettings
+    log_path: Path
+    profile: Path | None
+
+
 def measure_platform(
-    model: str, load: Load, concurrencies: list[int], data_dir: Path, threads: int, log_path: Path
+    model: str, load: Load, concurrencies: list[int], data_dir: Path, run: ServerRun
 ) -> list[Measurement]:
     api_key = generate_api_key()
     results: list[Measurement] = []
+    kv = run.engine.kv_cache
     with (
-        platform_server(data_dir, api_key, threads, log_path) as base_url,
-        deployment(base_url, api_key, model) as deployments,
+        platform_server(data_dir, api_key, run.threads, run.log_path, run.engine) as (url, pid),
+        deployment(url, api_key, model) as deployments,
     ):
         for concurrency in concurrencies:
-            result = asyncio.run(measure_level(deployments, model, load, concurrency))
+            name = f"sampling-{model}-{kv}-c{concurrency}"
+            with profiled(run.profile, name, rate=100, pid=pid):
+                result = asyncio.run(measure_level(deployments, model, load, concurrency))
+            result = replace(result, side=f"platform via SDK, {kv} KV")
             results.append(result)
-            print(f"{model}: concurrency {concurrency}: {result.tokens_per_s:,.1f} tokens/s")
+            print(
+                f"{model}: {kv} KV, concurrency {concurrency}: {result.tokens_per_s:,.1f} tokens/s"
+            )
     return results
 
 
@@ -318,8 +346,12 @@ def run_model(model: str, args: argparse.Namespace, data_dir: Path, log_dir: Pat
         seconds=args.seconds,
     )
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    log_path = log_dir / f"server-{model}.log"
-    rows = measure_platform(model, load, concurrencies, data_dir, args.threads, log_path)
+    rows = []
+    for kv_cache in args.kv_cache.split(","):
+        engine = ServingEngineSettings(kv_cache=kv_cache, static_max_len=args.static_max_len)
+        log_path = log_dir / f"server-{model}-{kv_cache}.log"
+        run = ServerRun(args.threads, engine, log_path, args.profile)
+        rows += measure_platform(model, load, concurrencies, data_dir, run)
     # Only now, with the server stopped, so the baseline has the cores to itself.
     baseline = measure_generate(model_dir, load, args.baseline_batch)
     print(f"{model}: {baseline.side}: {baseline.tokens_per_s:,.1f} tokens/s")
@@ -336,6 +368,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-batch", type=int, default=1, help="prompts per generate")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--data-dir", type=Path, help="reuse built models (default: a temp dir)")
+    parser.add_argument(
+        "--kv-cache", default="auto", help="server KV cache(s): auto, dynamic, static (comma list)"
+    )
+    parser.add_argument(
+        "--static-max-len",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="tokens per slot of the static cache (default: the context, at most 2048)",
+    )
+    parser.add_argument("--profile", type=Path, help="write a py-spy profile per level into DIR")
     return parser.parse_args()
 
 

@@ -33,9 +33,11 @@ class SlotCache(Cache):
     """Per-layer key/value buffers [slots, H, max_len, D]; `update` writes each row's new
     key/value at its own column and returns the window the step attends over."""
 
-    def __init__(self, max_len: int) -> None:
+    def __init__(self, max_len: int, *, static_addresses: bool = False) -> None:
         super().__init__(layers=[])
         self.max_len = max_len
+        # Compiled steps with CUDA graphs replay on fixed addresses: mark the buffers so.
+        self.static_addresses = static_addresses
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows = 0  # slots the current step computes (a prefix)
@@ -59,6 +61,8 @@ class SlotCache(Cache):
                 if old:
                     kept = old[index][0 if buffers is self.keys else 1]
                     buffer[: kept.shape[0]].copy_(kept)
+                if self.static_addresses:
+                    torch._dynamo.mark_static_address(buffer)
                 buffers.append(buffer)
 
     def write_prefill(
@@ -108,7 +112,7 @@ class StaticBatchDecoder(BatchDecoder):
         super().__init__(model)
         self.plan = plan
         self.slots: list[int] = []  # slots[i] is the slot of active[i]
-        self._slot_cache = SlotCache(plan.static_max_len)
+        self._slot_cache = SlotCache(plan.static_max_len, static_addresses=plan.compile_decode)
         self._forwards: dict[int, Callable[..., Any]] = {}
         self._check_attention(model)
 

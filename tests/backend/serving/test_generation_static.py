@@ -220,3 +220,32 @@ def test_engine_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPat
         ServingEngineSettings.from_env()
     monkeypatch.delenv(ENGINE_ENV)
     assert ServingEngineSettings.from_env() == ServingEngineSettings()
+
+
+def test_the_compiled_decode_step_traces_whole_and_decodes_alike(
+    model: DecodingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA-only compiled step, traced by dynamo on CPU with its eager backend (no
+    inductor): the slot cache's update compiles without graph breaks, into few graphs, and
+    the tokens are the dynamic path's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    compile_ = torch.compile
+    modes: list[object] = []
+
+    def eager_compile(module: torch.nn.Module, **options: object) -> object:
+        modes.append(options.get("mode"))
+        return compile_(module, backend="eager", dynamic=False)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    reference = _sequences(SamplingParams(temperature=0), count=6)
+    compiled = _sequences(SamplingParams(temperature=0), count=6)
+    _decode_with_arrivals(BatchDecoder(model), reference)
+    plan = ServingPlan(static_max_len=MAX_LEN, compile_decode=True)
+    _decode_with_arrivals(StaticBatchDecoder(model, plan), compiled)
+    _assert_same(reference, compiled)
+    assert modes == ["reduce-overhead"]
+    assert not dynamo_utils.counters["graph_break"]
+    assert 1 <= dynamo_utils.counters["stats"]["unique_graphs"] <= 4
