@@ -114,6 +114,9 @@ class TrainableModel:
         self._loss_tokens = 0
         self._sequences = 0
         self._last_export: tuple[Path, export.Tensors] | None = None
+        # The memory of the export before the last one: the next save copies the weights into
+        # it (two buffer sets swap roles; a save allocates nothing once they exist).
+        self._spare_export: export.Tensors | None = None
         logger.info(
             "loaded %s from %s on %s: %s, %d trainable parameters; engine: %s",
             base_model,
@@ -349,7 +352,12 @@ class TrainableModel:
         if checkpoint_type == "delta" and previous is None:
             raise UserError("checkpoint_type 'delta' needs the previous sampler snapshot")
         merge_lora = checkpoint_type == "merged_base"
-        tensors = modeling.full_tensors(self._model, dtype, merge_lora=merge_lora)
+        # Taken, not borrowed: after a failure below it may hold half a copy or a delta.
+        spare, self._spare_export = self._spare_export, None
+        replaced = self._last_export
+        tensors = modeling.full_tensors(
+            self._model, dtype, merge_lora=merge_lora, into=None if merge_lora else spare
+        )
         config_json = modeling.config_json(self._hf_model, dtype)
         if previous is not None and checkpoint_type == "delta":
             delta = self._delta_against(previous, tensors)
@@ -362,8 +370,13 @@ class TrainableModel:
             write_weights, weights=weights, config_json=config_json, model_dir=self._model_dir
         )
         export.write_snapshot(directory, meta, write, overwrite=overwrite)
-        if checkpoint_type != "merged_base":
+        if checkpoint_type == "merged_base":
+            self._spare_export = spare
+        else:
             self._last_export = (directory.resolve(), tensors)
+            # The replaced export's memory (now its weights or this delta's bits) is written
+            # and no longer read: the next save copies into it.
+            self._spare_export = replaced[1] if replaced is not None else None
         return directory
 
     def _run(

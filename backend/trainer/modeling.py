@@ -65,22 +65,46 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
         return cast(torch.nn.Module, get_peft_model(model, config))
 
 
-def full_tensors(module: torch.nn.Module, dtype: torch.dtype, *, merge_lora: bool) -> Tensors:
+def full_tensors(
+    module: torch.nn.Module,
+    dtype: torch.dtype,
+    *,
+    merge_lora: bool,
+    into: Mapping[str, torch.Tensor] | None = None,
+) -> Tensors:
     """Full HF weights of `module` in `dtype` on the CPU, copied; tied tensors stored once.
 
     With `merge_lora`, a copy of the PEFT model has its adapter folded into the base weights
     (the live model keeps training unmerged: merge then unmerge is not bit-exact).
+    `into` offers CPU tensors (an earlier result, whatever they hold now) to copy into where
+    a name's dtype and shape match: writing over memory already touched is much cheaper
+    than faulting in a fresh model-sized allocation at every save.
     """
     if merge_lora:
         module = cast(PeftModel, copy.deepcopy(module)).merge_and_unload()
+    spare = into or {}
     tensors: Tensors = {}
     seen: set[int] = set()
     for name, tensor in module.state_dict().items():
         if tensor.data_ptr() in seen:
             continue  # a tied weight (lm_head = embed_tokens): HF re-ties it on load
         seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().to("cpu", dtype, copy=True).contiguous()
+        out = spare.get(name)
+        if out is not None and _reusable(out, tensor, dtype):
+            tensors[name] = out.copy_(tensor.detach())
+        else:
+            tensors[name] = tensor.detach().to("cpu", dtype, copy=True).contiguous()
     return tensors
+
+
+def _reusable(out: torch.Tensor, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (
+        out.dtype == dtype
+        and out.shape == tensor.shape
+        and out.device.type == "cpu"
+        and out.is_contiguous()
+        and out.data_ptr() != tensor.data_ptr()
+    )
 
 
 def config_json(model: PreTrainedModel, dtype: torch.dtype) -> str:
