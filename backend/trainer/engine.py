@@ -545,9 +545,9 @@ def _step_bounded(
     From the norms (each >= its tensor's largest |value|) of weights P, first moments M and
     second moments V, and G = the pre-clip gradient norm (clipping only shrinks gradients), in
     float64, every intermediate of torch's AdamW is bounded: the new first moment by
-    max(M, G) =: M1 (a convex mix; the lerp's difference by 2*M1), the second by V + G^2, the
+    max(M, G) =: Mx (a convex mix; the lerp's difference by 2*Mx), the second by V + G^2, the
     denominator sqrt(v / (1 - beta2^t)) + eps by sqrt((V + G^2) / (1 - beta2)) + eps, the
-    ratio m / denominator by M1 / eps, the update by |lr| / (1 - beta1) * M1 / eps (the bias
+    ratio m / denominator by Mx / eps, the update by |lr| / (1 - beta1) * Mx / eps (the bias
     corrections are smallest at t = 1), and the new weights by P * |1 - lr * wd| + update.
     False means "not proven" (the caller runs the exact per-parameter dry run), never "unsafe".
     """
