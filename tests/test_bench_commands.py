@@ -115,3 +115,32 @@ def test_rl_throughput_runs_every_mode_within_its_staleness_bound(tmp_path: Path
     for run in runs:
         offsets = run["loop_metrics"]["async/version_offset_max"]
         assert len(offsets) == 2 and max(offsets) <= bounds[run["mode"]], run
+
+
+def test_profile_summary_ranks_a_threads_frames_by_sampled_seconds(tmp_path: Path) -> None:
+    # py-spy's speedscope shape: stacks from the thread's root to the sampled line, in seconds.
+    frames = [
+        {"name": "thread (1): MainThread", "file": "", "line": 0},
+        {"name": "step", "file": "/x/backend/trainer/engine.py", "line": 10},
+        {"name": "matmul", "file": "/x/torch/functional.py", "line": 5},
+        {"name": "post", "file": "/x/sdk/_http.py", "line": 7},
+    ]
+    profile = {
+        "type": "sampled",
+        "name": 'Thread 1 "MainThread"',
+        "unit": "seconds",
+        "samples": [[0, 1, 2], [0, 1, 2], [0, 1], [0, 3]],
+        "weights": [0.5, 0.5, 0.25, 0.25],
+    }
+    document = {"shared": {"frames": frames}, "profiles": [profile]}
+    path = tmp_path / "run.speedscope.json"
+    path.write_text(json.dumps(document))
+    out = run_bench("profile_summary.py", "--top", "2", str(path), tmp_path=tmp_path)
+    lines = out.splitlines()
+    assert 'Thread 1 "MainThread": 1.50 seconds, 4 samples' in lines, out
+    inclusive = lines[lines.index("  inclusive:") + 1 : lines.index("  self:")]
+    own = lines[lines.index("  self:") + 1 :]
+    # The root frame is in every sample and says nothing, so it is left out.
+    assert [line.split()[0] for line in inclusive] == ["1.25", "1.00"], out
+    assert "step (trainer/engine.py:10)" in inclusive[0] and "matmul" in inclusive[1], out
+    assert "matmul" in own[0] and "1.00" in own[0], out
