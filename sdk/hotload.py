@@ -205,6 +205,23 @@ class Hotloader:
         response = self._http.request("GET", self._url, headers=headers, bearer=True, retry=retry)
         return _parse(HotloadStatus, response_json(response, what), what)
 
+    def _held_status(
+        self,
+        deployment_id: str,
+        base_model: str,
+        expected_identity: str | None,
+        deadline: Deadline,
+    ) -> HotloadStatus:
+        """One status read of a wait: held by the server while `expected_identity` loads, for
+        at most what is left of the wait's deadline (and never more than `STATUS_HOLD_S`)."""
+        return self.check_status(
+            deployment_id,
+            base_model,
+            retry=False,
+            wait_for=expected_identity,
+            hold_s=min(STATUS_HOLD_S, deadline.remaining),
+        )
+
     def wait(
         self,
         deployment_id: str,
@@ -225,13 +242,7 @@ class Hotloader:
         status: HotloadStatus | None = None
         while True:
             try:
-                status = self.check_status(
-                    deployment_id,
-                    base_model,
-                    retry=False,
-                    wait_for=expected_identity,
-                    hold_s=min(STATUS_HOLD_S, deadline.remaining),
-                )
+                status = self._held_status(deployment_id, base_model, expected_identity, deadline)
             except _TRANSIENT as exc:
                 logger.warning("hotload status of %s: %s; polling on", deployment_id, exc)
             else:
@@ -282,13 +293,7 @@ class Hotloader:
         def check() -> Done[HotloadStatus] | Pending:
             nonlocal lagging
             try:
-                status = self.check_status(
-                    deployment_id,
-                    base_model,
-                    retry=False,
-                    wait_for=expected_identity,
-                    hold_s=min(STATUS_HOLD_S, deadline.remaining),
-                )
+                status = self._held_status(deployment_id, base_model, expected_identity, deadline)
             except _TRANSIENT as exc:
                 return Pending(f"status read failed: {exc}")
             replicas = status.replicas or []
