@@ -46,6 +46,7 @@ POOL = "fireloop-crash"
 RUN_TIMEOUT_S = 300.0
 STEPS = 16
 CHECKPOINT_EVERY = 8
+CANCELLED_BATCH_SIZE = 128
 # Two segments of eight steps, no deployment: the second segment is where the runs stop.
 RUN: dict[str, Any] = {
     "max_steps": STEPS,
@@ -87,12 +88,13 @@ def _wait_for_checkpoint(run_dir: Path, next_step: int, worker: Subprocess) -> N
     raise AssertionError(f"no step-{next_step} checkpoint in {run_dir}:\n{worker.log_tail()}")
 
 
-def _config(platform: PlatformProcess, run_dir: Path) -> dict[str, Any]:
+def _config(platform: PlatformProcess, run_dir: Path, **overrides: Any) -> dict[str, Any]:
     return {
         "run_name": run_dir.name,
         "run_dir": str(run_dir),
         "platform": {"base_url": platform.base_url},  # its key: the worker's environment
         **RUN,
+        **overrides,
     }
 
 
@@ -134,7 +136,10 @@ def test_sigterm_and_cancel_defer_teardown_and_a_new_run_resumes(
         "cancelled",
         POOL,
         work,
-        {"config": _config(platform, cancelled_dir)},
+        # A cancel reaches the flow process through the worker's next poll (about a second
+        # or two); larger batches keep the second segment (eight `tiny` steps) longer than that,
+        # so the cancel lands before its save, as the assertions below expect.
+        {"config": _config(platform, cancelled_dir, batch_size=CANCELLED_BATCH_SIZE)},
     )
 
     # Both at once: the worker runs them side by side, each in a process of its own.
