@@ -46,7 +46,7 @@ POOL = "fireloop-crash"
 RUN_TIMEOUT_S = 300.0
 STEPS = 16
 CHECKPOINT_EVERY = 8
-CANCELLED_BATCH_SIZE = 128
+CANCELLED_BATCH_SIZE = 256
 # Two segments of eight steps, no deployment: the second segment is where the runs stop.
 RUN: dict[str, Any] = {
     "max_steps": STEPS,
